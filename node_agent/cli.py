@@ -1,0 +1,72 @@
+"""``node-agent``: run one media node's agent in the foreground until SIGTERM or Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from werkzeug.serving import make_server
+
+from node_agent.agent import Agent
+from node_agent.config import AGENT_OPTIONS, AgentSettings
+from node_agent.hooks import create_hooks_app
+from streammanager import logs
+from streammanager.config import ConfigError, add_options
+
+log = logging.getLogger("node_agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="node-agent",
+        description="Registers a media node in the streammanager registry, reports its load, and "
+                    "answers its media server's hooks. Every option is also an AGENT_ environment variable.",
+    )
+    add_options(parser, AGENT_OPTIONS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = AgentSettings.from_env(args=args)
+    except ConfigError as exc:
+        print(f"node-agent: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.media == "nginx":
+        print("node-agent: --media nginx is not available in this build yet; run with --media none "
+              "(a simulated node)", file=sys.stderr)
+        return 2
+
+    agent = Agent(settings)
+    try:
+        server = make_server(settings.http_host, settings.http_port, create_hooks_app(agent), threaded=True)
+    except OSError as exc:
+        print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port}: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent.start()
+    except Exception as exc:
+        server.server_close()
+        print(f"node-agent: cannot register in ZooKeeper at {settings.zk_hosts}: {exc}", file=sys.stderr)
+        return 1
+    serving = threading.Thread(target=server.serve_forever, name="agent-http", daemon=True)
+    serving.start()
+    log.info("agent serving hooks on %s", settings.agent_url,
+             extra={"node_id": settings.node_id, "role": settings.role, "region": settings.region})
+    stop.wait()
+    log.info("stopping", extra={"node_id": settings.node_id})
+    agent.stop()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

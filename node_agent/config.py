@@ -1,0 +1,86 @@
+"""Agent settings: every option is an ``AGENT_`` environment variable and a command-line flag."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from streammanager.config import ConfigError, Option, positive, resolve
+from streammanager.models import ROLES, RecordError, validate_name
+
+
+def address(text: str) -> str:
+    ipaddress.ip_address(text)
+    return text
+
+
+AGENT_OPTIONS: tuple[Option, ...] = (
+    Option("role", "AGENT_ROLE", None, "origin or edge (required)", str.lower, ROLES),
+    Option("region", "AGENT_REGION", None, "the node's region, e.g. us-east-1 (required)"),
+    Option("group", "AGENT_GROUP", "default", "node group"),
+    Option("host", "AGENT_HOST", "127.0.0.1", "address clients reach the media server on (serverAddress)",
+           address),
+    Option("http_port", "AGENT_HTTP_PORT", 8090, "port of the agent's hook endpoints", positive(int)),
+    Option("http_host", "AGENT_HTTP_HOST", None, "address of the hook endpoints (default: --host)", address),
+    Option("rtmp_port", "AGENT_RTMP_PORT", 1935, "RTMP port of the media server", positive(int)),
+    Option("capacity", "AGENT_CAPACITY", None,
+           "capacity: publishers on an origin (default 50), viewers on an edge (default 200)", positive(int)),
+    Option("media", "AGENT_MEDIA", "nginx", "media server to run; none simulates a node", str.lower,
+           ("nginx", "none")),
+    Option("node_id", "AGENT_NODE_ID", None, "node id (default: ROLE-HOST-HTTPPORT)"),
+    Option("zk_hosts", "AGENT_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string"),
+    Option("zk_root", "AGENT_ZK_ROOT", "/streammanager", "root znode of the cluster"),
+    Option("zk_timeout_s", "AGENT_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
+    Option("report_interval_s", "AGENT_REPORT_INTERVAL_S", 1.0, "seconds between load reports",
+           positive(float)),
+    Option("work_dir", "AGENT_WORK_DIR", None, "directory for the agent's files (default: a temp dir)"),
+    Option("log_level", "AGENT_LOG_LEVEL", "INFO", "log level", str.upper, ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("log_format", "AGENT_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
+)
+
+DEFAULT_CAPACITY = {"origin": 50, "edge": 200}
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    role: str
+    region: str
+    group: str = "default"
+    host: str = "127.0.0.1"
+    http_port: int = 8090
+    http_host: str = "127.0.0.1"
+    rtmp_port: int = 1935
+    capacity: int = 50
+    media: str = "nginx"
+    node_id: str = ""
+    zk_hosts: str = "127.0.0.1:2181"
+    zk_root: str = "/streammanager"
+    zk_timeout_s: float = 4.0
+    report_interval_s: float = 1.0
+    work_dir: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None
+                 ) -> "AgentSettings":
+        values = resolve(AGENT_OPTIONS, args or argparse.Namespace(), os.environ if env is None else env)
+        if not values["role"]:
+            raise ConfigError("--role (AGENT_ROLE) is required: origin or edge")
+        if not values["region"]:
+            raise ConfigError("--region (AGENT_REGION) is required")
+        values["http_host"] = values["http_host"] or values["host"]
+        values["capacity"] = values["capacity"] or DEFAULT_CAPACITY[values["role"]]
+        values["node_id"] = values["node_id"] or f"{values['role']}-{values['host']}-{values['http_port']}"
+        for kind in ("region", "group", "node_id"):
+            try:
+                validate_name(kind, values[kind])
+            except RecordError as exc:
+                raise ConfigError(str(exc)) from None
+        return cls(**values)

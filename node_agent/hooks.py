@@ -1,0 +1,137 @@
+"""The agent's HTTP endpoints: nginx-rtmp hooks (form-encoded) and SRS callbacks (JSON).
+
+A malformed body is answered 400 and changes nothing. nginx-rtmp reads only the first digit of the
+status (2xx allows); SRS wants HTTP 200 with a body of exactly ``0`` to allow.
+"""
+from __future__ import annotations
+
+import logging
+from urllib.parse import parse_qsl
+
+from flask import Flask, Response, jsonify, request
+
+from node_agent.agent import Agent, Decision
+from streammanager.models import RecordError, StreamKey
+
+log = logging.getLogger(__name__)
+
+NGINX_RELAY_FLASHVER = "ngx-local-relay"
+MAX_CLIENT_ID_LENGTH = 64
+
+
+class MalformedHook(ValueError):
+    pass
+
+
+def _client_id(raw) -> str:
+    if isinstance(raw, bool) or raw is None:
+        raise MalformedHook("clientid is missing")
+    text = str(raw)
+    if not text or len(text) > MAX_CLIENT_ID_LENGTH or not text.isprintable():
+        raise MalformedHook("clientid is not a short printable value")
+    return text
+
+
+def _key(app: str | None, name: str | None) -> StreamKey:
+    try:
+        return StreamKey.validated(app, name)
+    except RecordError as exc:
+        raise MalformedHook(str(exc)) from None
+
+
+def create_hooks_app(agent: Agent) -> Flask:
+    app = Flask("node_agent")
+
+    @app.errorhandler(MalformedHook)
+    def malformed(exc: MalformedHook):
+        return Response(f"malformed hook: {exc}\n", status=400, mimetype="text/plain")
+
+    @app.errorhandler(404)
+    def not_found(exc):
+        return Response("no such endpoint\n", status=404, mimetype="text/plain")
+
+    @app.errorhandler(405)
+    def not_allowed(exc):
+        return Response("method not allowed\n", status=405, mimetype="text/plain")
+
+    @app.post("/hooks/nginx")
+    def nginx_hook():
+        if request.mimetype != "application/x-www-form-urlencoded":
+            raise MalformedHook("expected an application/x-www-form-urlencoded body")
+        form = request.form
+        call = form.get("call")
+        if call not in NGINX_CALLS:
+            raise MalformedHook(f"unknown call {str(call)[:40]!r}")
+        if call in ("connect", "update_publish", "update_play"):
+            return _nginx_answer(Decision.allow())
+        key = _key(form.get("app"), form.get("name"))
+        clientid = _client_id(form.get("clientid"))
+        args = {k: v for k, v in form.items()}
+        relay = form.get("flashver", "") == NGINX_RELAY_FLASHVER or "relay" in args
+        return _nginx_answer(dispatch(agent, call, key, clientid, args, relay))
+
+    @app.post("/hooks/srs")
+    def srs_hook():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise MalformedHook("expected a JSON object")
+        action = body.get("action")
+        if action not in SRS_ACTIONS:
+            raise MalformedHook(f"unknown action {str(action)[:40]!r}")
+        if action == "on_connect":
+            return _srs_answer(Decision.allow())
+        clientid = _client_id(body.get("client_id"))
+        if action == "on_close":
+            # on_close has no stream: the client leaves whatever it held
+            for key in agent_streams_of(agent):
+                agent.on_done(key, clientid)
+            return _srs_answer(Decision.allow())
+        key = _key(body.get("app"), body.get("stream"))
+        param = body.get("param") or ""
+        if not isinstance(param, str):
+            raise MalformedHook("param must be a string")
+        args = dict(parse_qsl(param.lstrip("?")))
+        relay = "relay" in args
+        return _srs_answer(dispatch(agent, SRS_ACTIONS[action], key, clientid, args, relay))
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok", "nodeId": agent.settings.node_id, "role": agent.settings.role,
+                        "zookeeper": "connected" if agent.client.connected else "disconnected"})
+
+    return app
+
+
+NGINX_CALLS = ("connect", "publish", "play", "publish_done", "play_done", "done", "update_publish",
+               "update_play")
+SRS_ACTIONS = {"on_connect": "connect", "on_close": "done", "on_publish": "publish",
+               "on_unpublish": "publish_done", "on_play": "play", "on_stop": "play_done"}
+
+
+def dispatch(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[str, str],
+             relay: bool) -> Decision:
+    if call == "publish":
+        return agent.on_publish(key, clientid, args)
+    if call == "play":
+        return agent.on_play(key, clientid, relay)
+    if call == "publish_done":
+        agent.on_publish_done(key, clientid)
+    elif call == "play_done":
+        agent.on_play_done(key, clientid)
+    elif call == "done":
+        agent.on_done(key, clientid)
+    return Decision.allow()
+
+
+def agent_streams_of(agent: Agent) -> list[StreamKey]:
+    return [StreamKey.parse(k) for k in agent.table.loads()]
+
+
+def _nginx_answer(decision: Decision) -> Response:
+    return Response(decision.message + "\n", status=decision.status, mimetype="text/plain")
+
+
+def _srs_answer(decision: Decision) -> Response:
+    if decision.allowed:
+        return Response("0", status=200, mimetype="text/plain")
+    return Response(str(decision.status), status=decision.status, mimetype="text/plain")

@@ -1,0 +1,331 @@
+"""The HTTP API: Red5 Pro Stream Manager 2.0 routes (``1.0`` as an alias), admin reads, health, metrics.
+
+``create_app`` is the application factory. Every error is answered by one handler in the documented
+shape ``{"errorMessage": "...", "timestamp": <ms>}``.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from streammanager.config import ServerSettings
+from streammanager.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from streammanager.models import NodeRecord, RecordError, StreamKey, validate_name
+from streammanager.placement import Housekeeper, Placement
+from streammanager.registry import (
+    LiveStream,
+    RegistryView,
+    ZkPaths,
+    delete_children_twice_deep,
+    make_client,
+    now_ms,
+)
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = '/streammanager/api/<any("2.0","1.0"):version>'
+RESERVED_SCOPES = ("list",)
+MAX_REGION_LENGTH = 64
+
+LOOKUPS = Counter("sm_lookups_total", "Broadcast and subscribe lookups", ["action", "outcome"])
+LOOKUP_SECONDS = Histogram("sm_lookup_seconds", "Time to answer a lookup", ["action"],
+                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
+VIEW_NODES = Gauge("sm_view_nodes", "Nodes in this worker's registry view", multiprocess_mode="max")
+VIEW_STREAMS = Gauge("sm_view_live_streams", "Live streams in this worker's registry view",
+                     multiprocess_mode="max")
+VIEW_AGE = Gauge("sm_view_age_seconds", "Age of this worker's registry view (0 while connected)",
+                 multiprocess_mode="max")
+
+api = Blueprint("api", __name__, url_prefix=API_PREFIX)
+ops = Blueprint("ops", __name__)
+
+
+class Services:
+    """What the routes need, built once per process by the factory."""
+
+    def __init__(self, settings: ServerSettings, client, view: RegistryView, placement: Placement,
+                 paths: ZkPaths, housekeeper: Housekeeper | None):
+        self.settings = settings
+        self.client = client
+        self.view = view
+        self.placement = placement
+        self.paths = paths
+        self.housekeeper = housekeeper
+
+    def close(self) -> None:
+        if self.housekeeper is not None:
+            self.housekeeper.stop()
+        self.view.close()
+        self.client.stop()
+        self.client.close()
+
+
+def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Flask:
+    """Build the app: connect to ZooKeeper and load the registry view (waiting up to
+    ``init_timeout_s``; the client keeps reconnecting in the background after that)."""
+    paths = ZkPaths(settings.zk_root)
+    client = make_client(settings.zk_hosts, settings.zk_timeout_s)
+    view = RegistryView(client, paths)
+    view.start()
+    if not view.wait_initialized(init_timeout_s):
+        log.warning("registry view not loaded after %.0f s (ZooKeeper %s): lookups answer 503 until it is",
+                    init_timeout_s, settings.zk_hosts)
+    placement = Placement(
+        view, client, paths,
+        heartbeat_max_age_s=settings.heartbeat_max_age_s,
+        reservation_ttl_s=settings.reservation_ttl_s,
+        assignment_ttl_s=settings.assignment_ttl_s,
+        best_few=settings.best_few,
+    )
+    housekeeper = Housekeeper(placement)
+    housekeeper.start()
+
+    app = Flask("streammanager")
+    app.json.sort_keys = False
+    app.extensions["sm"] = Services(settings, client, view, placement, paths, housekeeper)
+    app.register_blueprint(api)
+    app.register_blueprint(ops)
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def services() -> Services:
+    return current_app.extensions["sm"]
+
+
+# -- errors -----------------------------------------------------------------------------------------
+def error_response(status: int, message: str) -> Response:
+    response = jsonify({"errorMessage": message, "timestamp": now_ms()})
+    response.status_code = status
+    return response
+
+
+def _api_error(exc: ApiError) -> Response:
+    return error_response(exc.status, exc.message)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    if exc.code == 404:
+        return error_response(404, f"no such resource: {request.method} {request.path[:200]}")
+    if exc.code == 405:
+        return error_response(405, f"method {request.method} is not allowed on {request.path[:200]}")
+    return error_response(exc.code or 400, exc.description or exc.name)
+
+
+def _unexpected_error(exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return error_response(500, "internal error; see the server log")
+
+
+# -- request helpers --------------------------------------------------------------------------------
+def stream_key(scope: str, stream: str) -> StreamKey:
+    try:
+        key = StreamKey.validated(scope, stream)
+    except RecordError as exc:
+        raise BadRequest(str(exc)) from None
+    if key.scope in RESERVED_SCOPES:
+        raise BadRequest(f"scope name {key.scope!r} is reserved")
+    return key
+
+
+def region_arg() -> str | None:
+    region = request.args.get("region")
+    if region is None or region == "":
+        return None
+    if len(region) > MAX_REGION_LENGTH:
+        raise BadRequest(f"region is longer than {MAX_REGION_LENGTH} characters")
+    return region
+
+
+def strict_arg() -> bool:
+    raw = request.args.get("strict", "false").strip().lower()
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no", ""):
+        return False
+    raise BadRequest("strict must be true or false")
+
+
+def require_admin() -> None:
+    expected = services().settings.access_token
+    if not expected:
+        raise Forbidden("the admin API is disabled: set SM_ACCESS_TOKEN on the stream manager")
+    given = request.args.get("accessToken")
+    if given is None:
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[len("Bearer "):]
+    if not given:
+        raise Unauthorized("missing accessToken")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("invalid accessToken")
+
+
+def require_view() -> None:
+    if not services().view.initialized:
+        raise ServiceUnavailable("the registry view is not loaded yet (ZooKeeper unreachable?)")
+
+
+def stats_json(stream: LiveStream) -> dict:
+    return {
+        "name": stream.key.name,
+        "scope": stream.key.scope_path,
+        "serverAddress": stream.origin.host,
+        "region": stream.origin.region,
+        "currentSubscribers": stream.subscribers,
+        "startTime": stream.start_ms,
+    }
+
+
+def listing_json(stream: LiveStream) -> dict:
+    return {
+        "name": stream.key.name,
+        "scope": stream.key.scope_path,
+        "serverAddress": stream.origin.host,
+        "region": stream.origin.region,
+    }
+
+
+def node_json(node: NodeRecord) -> dict:
+    streams = []
+    for key, load in sorted(node.streams.items()):
+        scope, _, name = key.partition("/")
+        streams.append({"name": name, "scope": "/" + scope, "subscribers": load.subscribers,
+                        "relays": load.relays, "publishing": load.publishing, "startTime": load.start_ms})
+    return {
+        "id": node.id,
+        "group": node.group,
+        "role": node.role,
+        "region": node.region,
+        "state": node.state,
+        "serverAddress": node.host,
+        "rtmpPort": node.rtmp_port,
+        "agentUrl": node.agent_url,
+        "capacity": node.capacity,
+        "load": round(node.used / node.capacity, 4) if node.capacity else 1.0,
+        "publishers": node.publishers,
+        "subscribers": node.subscribers,
+        "cpu": node.cpu,
+        "startedMs": node.started_ms,
+        "updatedMs": node.updated_ms,
+        "streams": streams,
+    }
+
+
+# -- the 2.0 API ------------------------------------------------------------------------------------
+@api.get("/event/list")
+def list_streams(version: str):
+    require_view()
+    return jsonify([listing_json(s) for s in services().view.live_streams()])
+
+
+@api.get("/event/list/stats")
+def list_streams_with_stats(version: str):
+    require_view()
+    return jsonify([stats_json(s) for s in services().view.live_streams()])
+
+
+@api.get("/event/<scope>/<stream>")
+def lookup(version: str, scope: str, stream: str):
+    action = request.args.get("action")
+    if action not in ("broadcast", "subscribe"):
+        LOOKUPS.labels("invalid", "bad_request").inc()
+        if action is None or action == "":
+            raise BadRequest("missing action: use action=broadcast or action=subscribe")
+        raise BadRequest(f"unknown action {action[:40]!r}: use broadcast or subscribe")
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        key = stream_key(scope, stream)
+        region, strict = region_arg(), strict_arg()
+        require_view()
+        placement = services().placement
+        answer = (placement.broadcast if action == "broadcast" else placement.subscribe)(key, region, strict)
+        return jsonify(answer.to_json())
+    except ApiError as exc:
+        outcome = {400: "bad_request", 404: "not_found"}.get(exc.status, "error")
+        raise
+    finally:
+        LOOKUPS.labels(action, outcome).inc()
+        LOOKUP_SECONDS.labels(action).observe(time.perf_counter() - started)
+
+
+@api.get("/event/<scope>/<path:rest>")
+def lookup_nested(version: str, scope: str, rest: str):
+    raise BadRequest("scope and stream names must each be one path segment "
+                     f"(got {scope[:40]}/{rest[:80]}; '/' cannot be part of a name)")
+
+
+@api.get("/event/<scope>/<stream>/stats")
+def stream_stats(version: str, scope: str, stream: str):
+    key = stream_key(scope, stream)
+    require_view()
+    live = services().view.live_stream(key)
+    if live is None:
+        raise NotFound(f"stream {key.scope_path}/{key.name} is not live")
+    return jsonify(stats_json(live))
+
+
+@api.delete("/admin/event")
+def clear_streams(version: str):
+    """Clear stream ownership records and broadcast reservations. Publishing is not touched: agents
+    that still carry a stream claim it again on their next report."""
+    require_admin()
+    svc = services()
+    count = delete_children_twice_deep(svc.client, svc.paths.streams)
+    reservations = delete_children_twice_deep(svc.client, svc.paths.reservations)
+    log.info("admin cleared %d stream records and %d reservations", count, reservations)
+    return jsonify({"count": count, "timestamp": now_ms()})
+
+
+@api.get("/admin/node")
+def list_nodes(version: str):
+    require_admin()
+    require_view()
+    return jsonify([node_json(n) for n in sorted(services().view.nodes(), key=lambda n: n.id)])
+
+
+@api.get("/admin/node/<node_id>")
+def get_node(version: str, node_id: str):
+    require_admin()
+    try:
+        validate_name("node", node_id)
+    except RecordError as exc:
+        raise BadRequest(str(exc)) from None
+    node = services().view.node(node_id)
+    if node is None:
+        raise NotFound(f"no node {node_id!r}")
+    return jsonify(node_json(node))
+
+
+# -- operations -------------------------------------------------------------------------------------
+@ops.get("/healthz")
+def healthz():
+    view = services().view
+    age_ms = view.age_ms()
+    body = {
+        "status": "ok" if view.connected and view.initialized else ("degraded" if view.initialized else "starting"),
+        "zookeeper": "connected" if view.connected else "disconnected",
+        "viewAgeMs": age_ms,
+        "nodes": view.node_count(),
+        "liveStreams": view.stream_count(),
+    }
+    return jsonify(body), (200 if view.initialized else 503)
+
+
+@ops.get("/metrics")
+def metrics():
+    view = services().view
+    VIEW_NODES.set(view.node_count())
+    VIEW_STREAMS.set(view.stream_count())
+    VIEW_AGE.set(view.age_ms() / 1000)
+    registry = current_app.config.get("PROMETHEUS_REGISTRY")
+    payload = generate_latest(registry) if registry is not None else generate_latest()
+    return Response(payload, mimetype=CONTENT_TYPE_LATEST)

@@ -1,0 +1,100 @@
+"""``streammanager``: serve the API, run a local ZooKeeper, run a demo cluster."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from streammanager.config import SERVER_OPTIONS, ConfigError, ServerSettings, add_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streammanager",
+        description="Geo-distributed stream manager for live video: answers where to publish and where "
+                    "to play from a live ZooKeeper registry of origin and edge media nodes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP API (gunicorn, gthread workers)",
+                           description="Run the Stream Manager 2.0 API. Every option is also an SM_ "
+                                       "environment variable.")
+    add_options(serve, SERVER_OPTIONS)
+
+    zk = sub.add_parser("zookeeper", help="run a standalone ZooKeeper on 127.0.0.1 in the foreground",
+                        description="Run ZooKeeper from the Debian package on 127.0.0.1 (admin server off, "
+                                    "heap capped) until SIGTERM or Ctrl-C.")
+    zk.add_argument("--port", type=int, default=2181, help="client port [default 2181]")
+    zk.add_argument("--data-dir", type=Path, default=None,
+                    help="data directory [default $XDG_STATE_HOME/streammanager/zookeeper]")
+    zk.add_argument("--heap-mb", type=int, default=256, help="JVM heap cap in MB [default 256]")
+    zk.add_argument("--tick-ms", type=int, default=500,
+                    help="tickTime in ms; small means fast failure detection [default 500]")
+
+    demo = sub.add_parser("demo", help="run a whole local cluster until Ctrl-C",
+                          description="Start ZooKeeper, the API server and an origin and an edge in two "
+                                      "regions on loopback addresses, print how to use them, and stop "
+                                      "everything on Ctrl-C.")
+    demo.add_argument("--api-port", type=int, default=5080, help="API port on 127.0.0.1 [default 5080]")
+    demo.add_argument("--zk-port", type=int, default=2181, help="ZooKeeper port [default 2181]")
+    demo.add_argument("--regions", default="us-east-1,eu-west-1",
+                      help="comma-separated regions [default us-east-1,eu-west-1]")
+    demo.add_argument("--media", choices=("none", "nginx"), default="none",
+                      help="media server of the nodes [default none: simulated nodes]")
+    demo.add_argument("--work-dir", type=Path, default=Path("var/demo"), help="state and logs [default var/demo]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = ServerSettings.from_env(args=args)
+        except ConfigError as exc:
+            print(f"streammanager serve: {exc}", file=sys.stderr)
+            return 2
+        from streammanager.server import serve
+
+        return serve(settings)
+    if args.command == "zookeeper":
+        return run_zookeeper(args)
+    if args.command == "demo":
+        from streammanager.demo import run_demo
+
+        return run_demo(args)
+    return 2
+
+
+def run_zookeeper(args: argparse.Namespace) -> int:
+    from streammanager import logs
+    from streammanager.zookeeper import (
+        ZooKeeperConfig,
+        ZooKeeperError,
+        ZooKeeperServer,
+        default_data_dir,
+    )
+
+    logs.configure("INFO", "text")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = ZooKeeperServer(ZooKeeperConfig(data_dir=args.data_dir or default_data_dir(), port=args.port,
+                                             heap_mb=args.heap_mb, tick_ms=args.tick_ms))
+    try:
+        server.start()
+    except ZooKeeperError as exc:
+        server.stop()
+        print(f"streammanager zookeeper: {exc}", file=sys.stderr)
+        return 1
+    print(f"zookeeper serving on {server.hosts} (pid {server.pid}); Ctrl-C stops it", flush=True)
+    watcher = threading.Thread(target=lambda: (server.wait(), stop.set()), daemon=True)
+    watcher.start()
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

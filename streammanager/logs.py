@@ -1,0 +1,47 @@
+"""Structured logging: one JSON object per line with fixed field names, or plain text for humans."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+# Fields a log call may pass with ``extra=``; they are emitted under these names.
+FIELDS = ("node_id", "region", "role", "scope", "stream", "action", "group", "pid", "status")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = [f"{n}={getattr(record, n)}" for n in FIELDS if getattr(record, n, None) is not None]
+        return f"{line} {' '.join(extras)}" if extras else line
+
+
+def configure(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("kazoo.client").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)

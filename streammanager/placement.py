@@ -1,0 +1,232 @@
+"""Answering broadcast and subscribe lookups from the registry view.
+
+The one ZooKeeper call on this path is the reservation write for a stream that is not live yet, so
+that concurrent broadcast lookups on different API servers answer the same origin.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+
+from streammanager import regions
+from streammanager.errors import BadRequest, NotFound
+from streammanager.models import (
+    ROLE_EDGE,
+    ROLE_ORIGIN,
+    STATE_INSERVICE,
+    NodeRecord,
+    RecordError,
+    Reservation,
+    StreamKey,
+)
+from streammanager.registry import RegistryView, ZkPaths, now_ms
+from streammanager.selection import LookupRequest, select
+
+log = logging.getLogger(__name__)
+
+RESERVATION_WRITE_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    key: StreamKey
+    node: NodeRecord
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.key.name,
+            "scope": self.key.scope_path,
+            "serverAddress": self.node.host,
+            "region": self.node.region,
+            "rtmpUrl": rtmp_url(self.node, self.key),
+        }
+
+
+def rtmp_url(node: NodeRecord, key: StreamKey) -> str:
+    port = "" if node.rtmp_port == 1935 else f":{node.rtmp_port}"
+    return f"rtmp://{node.host}{port}/{key.scope}/{key.name}"
+
+
+class Assignments:
+    """Answers given by this process that load reports may not show yet, per node.
+
+    Each answer counts against its node for ``ttl_ms``: long enough for the client to connect and the
+    node's next report to include it.
+    """
+
+    def __init__(self, ttl_ms: int):
+        self._ttl_ms = ttl_ms
+        self._times: dict[str, deque[int]] = {}
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._next_prune_ms = 0
+
+    def add(self, node_id: str, now: int) -> None:
+        with self._lock:
+            self._times.setdefault(node_id, deque()).append(now)
+            self._counts[node_id] = self._counts.get(node_id, 0) + 1
+
+    def snapshot(self, now: int) -> dict[str, int]:
+        if now >= self._next_prune_ms:
+            self._prune(now)
+        return self._counts
+
+    def _prune(self, now: int) -> None:
+        with self._lock:
+            self._next_prune_ms = now + 100
+            oldest = now - self._ttl_ms
+            counts = {}
+            for node_id, times in list(self._times.items()):
+                while times and times[0] < oldest:
+                    times.popleft()
+                if times:
+                    counts[node_id] = len(times)
+                else:
+                    del self._times[node_id]
+            self._counts = counts  # readers hold the old dict: replace, never mutate in place
+
+
+class Placement:
+    def __init__(self, view: RegistryView, client: KazooClient, paths: ZkPaths, *,
+                 heartbeat_max_age_s: float = 10.0, reservation_ttl_s: float = 30.0,
+                 assignment_ttl_s: float = 3.0, best_few: int = 2, rng: random.Random | None = None):
+        self.view = view
+        self._client = client
+        self._paths = paths
+        self._max_age_ms = int(heartbeat_max_age_s * 1000)
+        self._reservation_ttl_ms = int(reservation_ttl_s * 1000)
+        self._best_few = best_few
+        self._rng = rng or random.Random()
+        self.assignments = Assignments(int(assignment_ttl_s * 1000))
+        self._own_reservations: dict[str, int] = {}  # path -> expires_ms, for housekeeping
+        self._own_lock = threading.Lock()
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def broadcast(self, key: StreamKey, region: str | None, strict: bool) -> Answer:
+        self._check_region(region)
+        origin = self.view.origin_of(key)
+        if origin is not None:
+            return Answer(key, origin)  # live already: the broadcaster reconnects to its origin
+        now = now_ms()
+        chosen = self._select(ROLE_ORIGIN, key, region, strict, None, None, now)
+        node = self._reserve(key, chosen, now)
+        self.assignments.add(node.id, now)
+        return Answer(key, node)
+
+    def subscribe(self, key: StreamKey, region: str | None, strict: bool) -> Answer:
+        self._check_region(region)
+        origin = self.view.origin_of(key)
+        if origin is None:
+            raise NotFound(f"stream {key.scope_path}/{key.name} is not live")
+        now = now_ms()
+        chosen = self._select(ROLE_EDGE, key, region, strict, origin.group, origin.region, now)
+        self.assignments.add(chosen.id, now)
+        return Answer(key, chosen)
+
+    def _check_region(self, region: str | None) -> None:
+        if region is not None and not regions.is_known(region) and region not in self.view.all_regions():
+            raise BadRequest(f"unknown region {region[:64]!r}: not a known AWS or GCE region "
+                             "and no node runs there")
+
+    def _select(self, role, key, region, strict, group, near_region, now) -> NodeRecord:
+        req = LookupRequest(
+            role=role, stream_key=str(key), region=region, strict=strict, near_region=near_region,
+            group=group, now_ms=now, max_heartbeat_age_ms=self._max_age_ms,
+            pending=self.assignments.snapshot(now),
+        )
+        result = select(req, lambda r: self.view.candidates(role, r), self.view.regions(role), self._rng)
+        if result.node is None:
+            log.info("no node for lookup: %s", result.reason,
+                     extra={"scope": key.scope, "stream": key.name, "role": role, "region": region})
+            raise BadRequest(result.reason)
+        return result.node
+
+    # -- reservations ----------------------------------------------------------------------------
+    def _usable(self, node: NodeRecord | None, now: int) -> bool:
+        return (node is not None and node.state == STATE_INSERVICE
+                and node.updated_ms >= now - self._max_age_ms and node.used < node.capacity)
+
+    def _reserve(self, key: StreamKey, chosen: NodeRecord, now: int) -> NodeRecord:
+        """Record ``chosen`` as the stream's origin unless another lookup did first; return the
+        origin every lookup for this stream must answer. Without ZooKeeper, answer ``chosen``."""
+        if not self._client.connected:
+            return chosen
+        path = self._paths.reservation(key)
+        mine = Reservation(chosen.id, now + self._reservation_ttl_ms)
+        try:
+            for _ in range(3):
+                try:
+                    self._client.create_async(path, mine.to_json(), ephemeral=True, makepath=True
+                                              ).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+                    with self._own_lock:
+                        self._own_reservations[path] = mine.expires_ms
+                    return chosen
+                except NodeExistsError:
+                    pass
+                try:
+                    data, stat = self._client.get_async(path).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+                except NoNodeError:
+                    continue
+                try:
+                    theirs = Reservation.from_json(data)
+                except RecordError:
+                    theirs = None
+                if theirs is not None and theirs.expires_ms > now:
+                    node = self.view.node(theirs.node_id)
+                    if self._usable(node, now):
+                        return node
+                try:  # expired, unreadable, or its node is gone: replace it
+                    self._client.delete_async(path, version=stat.version).get(
+                        timeout=RESERVATION_WRITE_TIMEOUT_S)
+                except (NoNodeError, BadVersionError):
+                    pass
+        except (KazooException, TimeoutError, OSError) as exc:
+            log.warning("reservation write failed (%s): answering without one", exc,
+                        extra={"scope": key.scope, "stream": key.name})
+        return chosen
+
+    def expire_reservations(self, now: int | None = None) -> int:
+        """Delete this process's expired reservations; return how many went."""
+        now = now if now is not None else now_ms()
+        with self._own_lock:
+            due = [p for p, exp in self._own_reservations.items() if exp <= now]
+            for path in due:
+                del self._own_reservations[path]
+        removed = 0
+        for path in due:
+            try:
+                data, stat = self._client.get(path)
+                if Reservation.from_json(data).expires_ms <= now:
+                    self._client.delete(path, version=stat.version)
+                    removed += 1
+            except (NoNodeError, BadVersionError, RecordError):
+                pass
+            except KazooException as exc:
+                log.warning("could not expire reservation %s: %s", path, exc)
+        return removed
+
+
+class Housekeeper(threading.Thread):
+    """Expires this process's reservations in the background."""
+
+    def __init__(self, placement: Placement, interval_s: float = 2.0):
+        super().__init__(name="sm-housekeeper", daemon=True)
+        self._placement = placement
+        self._interval_s = interval_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval_s):
+            try:
+                self._placement.expire_reservations()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()

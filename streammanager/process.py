@@ -1,0 +1,94 @@
+"""Child processes that are always stopped: argument lists (never a shell), output into our logs,
+death with the parent (PR_SET_PDEATHSIG), and stop = signal, deadline, SIGKILL."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import threading
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class Supervised:
+    """One child process whose output lines are logged under ``log_name``."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_name: str | None = None,
+                 env: dict[str, str] | None = None, cwd: str | None = None,
+                 stop_signal: int = signal.SIGTERM):
+        self.name = name
+        self.argv = list(argv)
+        self._log = logging.getLogger(log_name or f"streammanager.child.{name}")
+        self._env = env
+        self._cwd = cwd
+        self._stop_signal = stop_signal
+        self._popen: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._popen = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=self._env, cwd=self._cwd, preexec_fn=_die_with_parent, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._pump, name=f"{self.name}-output", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self._popen is not None and self._popen.stdout is not None
+        for raw in self._popen.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self._log.info("%s", line, extra={"pid": self._popen.pid})
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    @property
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode if self._popen else None
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        assert self._popen is not None
+        return self._popen.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Signal, wait up to ``timeout_s``, then SIGKILL. Returns the exit code."""
+        if self._popen is None:
+            return None
+        if self._popen.poll() is None:
+            try:
+                self._popen.send_signal(self._stop_signal)
+                self._popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %s) ignored stop signal for %.0f s: killing it", self.name,
+                            self._popen.pid, timeout_s)
+                self.kill()
+            except ProcessLookupError:
+                pass
+        if self._reader is not None:
+            self._reader.join(2.0)
+        return self._popen.returncode
+
+    def kill(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            try:
+                self._popen.kill()
+            except ProcessLookupError:
+                pass
+            self._popen.wait()

@@ -1,0 +1,406 @@
+"""The ZooKeeper registry: znode paths, the watch-driven view the API answers from, and the writes.
+
+Layout (root configurable, default ``/streammanager``)::
+
+    <root>/v1/nodes/<node_id>                ephemeral node record (NodeRecord)
+    <root>/v1/streams/<scope>/<stream>       ephemeral stream ownership (StreamRecord), origin's session
+    <root>/v1/reservations/<scope>/<stream>  ephemeral broadcast reservation (Reservation)
+
+The view caches node records only (a ``TreeCache`` over ``nodes``) and derives the stream index from
+them in memory: per-stream znodes exist for ownership, never for lookups (see FACTS.md for why).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import quote, unquote
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError, NotEmptyError
+from kazoo.recipe.cache import TreeCache, TreeEvent
+from kazoo.retry import KazooRetry
+
+from streammanager.models import (
+    ROLE_ORIGIN,
+    NodeRecord,
+    RecordError,
+    StreamKey,
+    StreamRecord,
+)
+from streammanager.selection import Candidate
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ZkPaths:
+    """Every znode path is built here."""
+
+    def __init__(self, root: str = "/streammanager"):
+        root = "/" + root.strip("/")
+        self.base = f"{root}/v1"
+        self.nodes = f"{self.base}/nodes"
+        self.streams = f"{self.base}/streams"
+        self.reservations = f"{self.base}/reservations"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes}/{quote(node_id, safe='')}"
+
+    def stream(self, key: StreamKey) -> str:
+        return f"{self.streams}/{quote(key.scope, safe='')}/{quote(key.name, safe='')}"
+
+    def reservation(self, key: StreamKey) -> str:
+        return f"{self.reservations}/{quote(key.scope, safe='')}/{quote(key.name, safe='')}"
+
+    @staticmethod
+    def decode(segment: str) -> str:
+        return unquote(segment)
+
+
+def make_client(hosts: str, timeout_s: float = 4.0) -> KazooClient:
+    """A client that reconnects forever and retries each command a few times."""
+    return KazooClient(
+        hosts=hosts,
+        timeout=timeout_s,
+        connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=2.0),
+        command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=1.0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveStream:
+    """A live stream as the API reports it: its origin and its audience on every carrying node."""
+
+    key: StreamKey
+    origin: NodeRecord
+    start_ms: int
+    subscribers: int
+
+
+class RegistryView:
+    """An in-memory, watch-driven view of every node record, with the stream index derived from it.
+
+    Start it once per process (after any fork). Reads never touch ZooKeeper. The cache is written by
+    the TreeCache's single event thread; readers get immutable tuples and records, so they need no lock.
+    When the connection is lost the view keeps its last content; :meth:`age_ms` says how old it is, and
+    the TreeCache refreshes everything when the client reconnects.
+    """
+
+    def __init__(self, client: KazooClient, paths: ZkPaths):
+        self._client = client
+        self._paths = paths
+        self._cache: TreeCache | None = None
+        self._nodes: dict[str, Candidate] = {}
+        self._by_role_region: dict[tuple[str, str], tuple[Candidate, ...]] = {}
+        self._by_role: dict[str, tuple[Candidate, ...]] = {}
+        self._regions: dict[str, tuple[str, ...]] = {}
+        self._origin_of: dict[str, str] = {}  # "scope/name" -> origin node id publishing it
+        self._carriers: dict[str, frozenset[str]] = {}  # "scope/name" -> node ids carrying it
+        self._initialized = threading.Event()
+        self._closed = threading.Event()
+        self._starter: threading.Thread | None = None
+        self._connected = False
+        self._disconnected_since_ms: int | None = now_ms()
+        self._last_change_ms = 0
+        self.decode_errors = 0
+        self._listeners: list[Callable[[str, NodeRecord | None], None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect (retrying until ZooKeeper answers) and load the view, in the background."""
+        self._client.add_listener(self._on_state)
+        self._starter = threading.Thread(target=self._connect_and_load, name="registry-start", daemon=True)
+        self._starter.start()
+
+    def _connect_and_load(self) -> None:
+        while not self._closed.is_set():
+            try:
+                if not self._client.connected:
+                    self._client.start(timeout=5.0)
+                self._on_state(KazooState.CONNECTED)
+                cache = TreeCache(self._client, self._paths.nodes)
+                cache.listen(self._on_event)
+                cache.listen_fault(lambda exc: log.error("registry cache fault: %s", exc))
+                cache.start()
+                self._cache = cache
+                return
+            except Exception as exc:  # kazoo raises its own timeout types, not all KazooException
+                log.warning("registry not reachable yet (%s): retrying", exc)
+                self._closed.wait(1.0)
+
+    def wait_initialized(self, timeout_s: float) -> bool:
+        return self._initialized.wait(timeout_s)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._cache is not None:
+            self._cache.close()
+        self._client.remove_listener(self._on_state)
+
+    def add_listener(self, listener: Callable[[str, NodeRecord | None], None]) -> None:
+        """``listener(node_id, record_or_None)`` after each change, on the cache's thread."""
+        self._listeners.append(listener)
+
+    # -- connection state ------------------------------------------------------------------------
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.CONNECTED:
+            self._connected = True
+            self._disconnected_since_ms = None
+        else:
+            self._connected = False
+            if self._disconnected_since_ms is None:
+                self._disconnected_since_ms = now_ms()
+            log.warning("registry connection %s: answering from the last view", state.lower())
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def initialized(self) -> bool:
+        return self._initialized.is_set()
+
+    def age_ms(self, now: int | None = None) -> int:
+        """How stale the view may be: 0 while connected, else the time since the connection went."""
+        since = self._disconnected_since_ms
+        if since is None:
+            return 0
+        return max(0, (now if now is not None else now_ms()) - since)
+
+    # -- cache events (single thread) ------------------------------------------------------------
+    def _on_event(self, event: TreeEvent) -> None:
+        if event.event_type == TreeEvent.INITIALIZED:
+            self._initialized.set()
+            log.info("registry view initialised: %d nodes, %d live streams",
+                     len(self._nodes), len(self._origin_of))
+            return
+        if event.event_type not in (TreeEvent.NODE_ADDED, TreeEvent.NODE_UPDATED, TreeEvent.NODE_REMOVED):
+            return
+        path = event.event_data.path
+        if path == self._paths.nodes or not path.startswith(self._paths.nodes + "/"):
+            return
+        node_id = ZkPaths.decode(path.rsplit("/", 1)[1])
+        if event.event_type == TreeEvent.NODE_REMOVED:
+            self._apply(node_id, None)
+            return
+        try:
+            record = NodeRecord.from_json(event.event_data.data)
+        except RecordError as exc:
+            self.decode_errors += 1
+            log.warning("ignoring node record %s: %s", node_id, exc)
+            self._apply(node_id, None)
+            return
+        if record.id != node_id:
+            self.decode_errors += 1
+            log.warning("ignoring node record %s: it names itself %s", node_id, record.id)
+            return
+        self._apply(node_id, record)
+
+    def _apply(self, node_id: str, record: NodeRecord | None) -> None:
+        old = self._nodes.get(node_id)
+        old_keys = set(old.node.streams) if old else set()
+        new_keys = set(record.streams) if record else set()
+        if record is None:
+            self._nodes.pop(node_id, None)
+        else:
+            self._nodes[node_id] = Candidate.of(record)
+        # indexes by role and region, rebuilt only for the slices that changed
+        slices = set()
+        if old:
+            slices.add((old.node.role, old.node.region))
+        if record:
+            slices.add((record.role, record.region))
+        for role, region in slices:
+            members = tuple(c for c in self._nodes.values() if c.node.role == role and c.node.region == region)
+            if members:
+                self._by_role_region[(role, region)] = members
+            else:
+                self._by_role_region.pop((role, region), None)
+        for role in {r for r, _ in slices}:
+            self._by_role[role] = tuple(c for c in self._nodes.values() if c.node.role == role)
+            self._regions[role] = tuple(sorted({c.node.region for c in self._by_role[role]}))
+        # the stream index
+        for key in old_keys | new_keys:
+            carriers = set(self._carriers.get(key, ()))
+            if key in new_keys:
+                carriers.add(node_id)
+            else:
+                carriers.discard(node_id)
+            if carriers:
+                self._carriers[key] = frozenset(carriers)
+            else:
+                self._carriers.pop(key, None)
+            self._reindex_origin(key)
+        self._last_change_ms = now_ms()
+        for listener in self._listeners:
+            try:
+                listener(node_id, record)
+            except Exception:  # a listener must not break the cache thread
+                log.exception("registry listener failed")
+
+    def _reindex_origin(self, key: str) -> None:
+        best: tuple[int, str] | None = None
+        for node_id in self._carriers.get(key, ()):
+            cand = self._nodes.get(node_id)
+            if cand is None or cand.node.role != ROLE_ORIGIN:
+                continue
+            load = cand.node.streams.get(key)
+            if load is not None and load.publishing:
+                rank = (load.start_ms, node_id)
+                if best is None or rank < best:
+                    best = rank
+        if best is None:
+            self._origin_of.pop(key, None)
+        else:
+            self._origin_of[key] = best[1]
+
+    # -- reads (any thread, no ZooKeeper) --------------------------------------------------------
+    def node(self, node_id: str) -> NodeRecord | None:
+        cand = self._nodes.get(node_id)
+        return cand.node if cand else None
+
+    def nodes(self) -> list[NodeRecord]:
+        return [c.node for c in list(self._nodes.values())]
+
+    def candidates(self, role: str, region: str | None) -> list[Candidate]:
+        if region is None:
+            return list(self._by_role.get(role, ()))
+        return list(self._by_role_region.get((role, region), ()))
+
+    def regions(self, role: str) -> tuple[str, ...]:
+        return self._regions.get(role, ())
+
+    def all_regions(self) -> set[str]:
+        return {c.node.region for c in list(self._nodes.values())}
+
+    def origin_of(self, key: StreamKey) -> NodeRecord | None:
+        node_id = self._origin_of.get(str(key))
+        return self.node(node_id) if node_id else None
+
+    def live_stream(self, key: StreamKey) -> LiveStream | None:
+        skey = str(key)
+        origin = self.origin_of(key)
+        if origin is None:
+            return None
+        load = origin.streams.get(skey)
+        subscribers = 0
+        for node_id in self._carriers.get(skey, ()):
+            cand = self._nodes.get(node_id)
+            if cand is not None:
+                carried = cand.node.streams.get(skey)
+                if carried is not None:
+                    subscribers += carried.subscribers
+        return LiveStream(key, origin, load.start_ms if load else 0, subscribers)
+
+    def live_streams(self) -> list[LiveStream]:
+        out = []
+        for skey in sorted(list(self._origin_of)):
+            try:
+                stream = self.live_stream(StreamKey.parse(skey))
+            except RecordError:
+                continue
+            if stream is not None:
+                out.append(stream)
+        return out
+
+    def node_count(self) -> int:
+        return len(self._nodes)
+
+    def stream_count(self) -> int:
+        return len(self._origin_of)
+
+
+class StreamClaims:
+    """Ownership of live streams by an origin's agent: one ephemeral znode per stream.
+
+    ``claim`` is idempotent for the same session and refuses a stream owned by anyone else. Every call
+    is bounded by ``timeout_s`` (a hook must never hang on an unreachable ZooKeeper): a call that does
+    not complete in time raises ``ConnectionLoss``.
+    """
+
+    def __init__(self, client: KazooClient, paths: ZkPaths, timeout_s: float = 2.0):
+        self._client = client
+        self._paths = paths
+        self._timeout_s = timeout_s
+
+    def _call(self, method: str, *args, **kwargs):
+        if not self._client.connected:
+            raise ConnectionLoss("not connected to ZooKeeper")
+        try:
+            return getattr(self._client, method + "_async")(*args, **kwargs).get(timeout=self._timeout_s)
+        except self._client.handler.timeout_exception:
+            raise ConnectionLoss(f"ZooKeeper did not answer {method} within {self._timeout_s} s") from None
+
+    def claim(self, key: StreamKey, record: StreamRecord) -> StreamRecord:
+        """Create the stream's record; return the owner's record (ours, or the one already there)."""
+        path = self._paths.stream(key)
+        for _ in range(3):
+            try:
+                self._call("create", path, record.to_json(), ephemeral=True, makepath=True)
+                return record
+            except NodeExistsError:
+                pass
+            try:
+                data, _ = self._call("get", path)
+            except NoNodeError:  # released meanwhile: try again
+                continue
+            try:
+                return StreamRecord.from_json(data)
+            except RecordError:
+                return StreamRecord("unknown", "unreadable", 0)
+        raise ConnectionLoss(f"could not settle the claim on {key}")
+
+    def release(self, key: StreamKey, session_id: str) -> bool:
+        """Delete the stream's record if this session owns it."""
+        path = self._paths.stream(key)
+        try:
+            data, stat = self._call("get", path)
+            if StreamRecord.from_json(data).session_id != session_id:
+                return False
+            self._call("delete", path, version=stat.version)
+            return True
+        except (NoNodeError, BadVersionError, RecordError):
+            return False
+
+    def owner(self, key: StreamKey) -> StreamRecord | None:
+        try:
+            data, _ = self._call("get", self._paths.stream(key))
+            return StreamRecord.from_json(data)
+        except (NoNodeError, RecordError):
+            return None
+
+
+def delete_children_twice_deep(client: KazooClient, parent: str) -> int:
+    """Delete every ``parent/<a>/<b>`` leaf (and emptied ``<a>``); return how many leaves went."""
+    count = 0
+    try:
+        scopes = client.retry(client.get_children, parent)
+    except NoNodeError:
+        return 0
+    for scope in scopes:
+        try:
+            names = client.retry(client.get_children, f"{parent}/{scope}")
+        except NoNodeError:
+            continue
+        for name in names:
+            try:
+                client.retry(client.delete, f"{parent}/{scope}/{name}")
+                count += 1
+            except NoNodeError:
+                pass
+        try:
+            client.retry(client.delete, f"{parent}/{scope}")
+        except (NoNodeError, NotEmptyError):
+            pass
+    return count
+
+
+def ensure_layout(client: KazooClient, paths: ZkPaths) -> None:
+    for path in (paths.nodes, paths.streams, paths.reservations):
+        client.retry(client.ensure_path, path)

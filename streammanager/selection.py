@@ -1,0 +1,225 @@
+"""Choosing a node for a lookup: filters, then weighers, then a random pick among the best few.
+
+Pure functions of (request, candidates, rng): no Flask, kazoo or clock here. Filters each decide one
+thing and work on whole lists (a lookup must cost microseconds even with hundreds of candidates);
+weighers score survivors, scores are normalised to [0, 1], multiplied and summed. When nothing
+survives, the result says how many candidates each filter removed, so the error can say why.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+from streammanager.models import ROLE_EDGE, STATE_INSERVICE, NodeRecord
+from streammanager.regions import distance_km
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A node as selection sees it; ``used`` is precomputed when the record changes."""
+
+    node: NodeRecord
+    used: int
+
+    @classmethod
+    def of(cls, node: NodeRecord) -> "Candidate":
+        return cls(node, node.used)
+
+
+@dataclass(frozen=True)
+class LookupRequest:
+    role: str
+    stream_key: str
+    region: str | None = None  # requested region, None for any
+    strict: bool = False  # refuse other regions
+    near_region: str | None = None  # where to measure distance from when no region is requested
+    group: str | None = None  # only nodes of this group (subscribe: the origin's group)
+    now_ms: int = 0
+    max_heartbeat_age_ms: int = 10_000
+    pending: Mapping[str, int] = field(default_factory=dict)  # answers not yet seen in load reports
+
+
+@dataclass(frozen=True)
+class Selection:
+    node: NodeRecord | None
+    removed: dict[str, int]  # filter name -> candidates it removed
+    reason: str = ""
+
+
+class Filter:
+    name = "filter"
+    # A filter removes candidates; describe() explains a removal in an error message.
+    description = ""
+
+    def filter_all(self, candidates: list[Candidate], req: LookupRequest) -> list[Candidate]:
+        raise NotImplementedError
+
+
+class GroupFilter(Filter):
+    name = "group"
+    description = "in another node group"
+
+    def filter_all(self, candidates, req):
+        if req.group is None:
+            return candidates
+        return [c for c in candidates if c.node.group == req.group]
+
+
+class StateFilter(Filter):
+    name = "state"
+    description = "not in service (starting or draining)"
+
+    def filter_all(self, candidates, req):
+        return [c for c in candidates if c.node.state == STATE_INSERVICE]
+
+
+class HeartbeatFilter(Filter):
+    name = "heartbeat"
+    description = "without a fresh load report"
+
+    def filter_all(self, candidates, req):
+        oldest = req.now_ms - req.max_heartbeat_age_ms
+        return [c for c in candidates if c.node.updated_ms >= oldest]
+
+
+class CapacityFilter(Filter):
+    name = "capacity"
+    description = "at capacity"
+
+    def filter_all(self, candidates, req):
+        pending = req.pending
+        if not pending:
+            return [c for c in candidates if c.used < c.node.capacity]
+        return [c for c in candidates if c.used + pending.get(c.node.id, 0) < c.node.capacity]
+
+
+DEFAULT_FILTERS: tuple[Filter, ...] = (GroupFilter(), StateFilter(), HeartbeatFilter(), CapacityFilter())
+
+
+class Weigher:
+    name = "weigher"
+    multiplier = 1.0
+
+    def weigh_all(self, candidates: Sequence[Candidate], req: LookupRequest) -> list[float]:
+        """Raw scores, higher is better; normalised by the pipeline."""
+        raise NotImplementedError
+
+
+class LoadWeigher(Weigher):
+    """Prefers the node with the most free capacity, counting answers not yet reported."""
+
+    name = "load"
+
+    def weigh_all(self, candidates, req):
+        pending = req.pending
+        return [
+            -((c.used + pending.get(c.node.id, 0)) / c.node.capacity) if c.node.capacity else -1.0
+            for c in candidates
+        ]
+
+
+class StreamAffinityWeigher(Weigher):
+    """Prefers edges that already carry the stream: no new relay, faster first frame."""
+
+    name = "stream_affinity"
+    multiplier = 2.0
+
+    def weigh_all(self, candidates, req):
+        key = req.stream_key
+        return [1.0 if key in c.node.streams else 0.0 for c in candidates]
+
+
+def weighers_for(role: str) -> tuple[Weigher, ...]:
+    if role == ROLE_EDGE:
+        return (LoadWeigher(), StreamAffinityWeigher())
+    return (LoadWeigher(),)
+
+
+def normalize(values: Sequence[float]) -> list[float]:
+    """Min-max normalisation to [0, 1]; all equal gives all zero."""
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return [0.0] * len(values)
+    span = hi - lo
+    return [(v - lo) / span for v in values]
+
+
+def weigh(candidates: Sequence[Candidate], req: LookupRequest, weighers: Iterable[Weigher]) -> list[float]:
+    totals = [0.0] * len(candidates)
+    for weigher in weighers:
+        for i, score in enumerate(normalize(weigher.weigh_all(candidates, req))):
+            totals[i] += weigher.multiplier * score
+    return totals
+
+
+def pick(candidates: Sequence[Candidate], weights: Sequence[float], rng: random.Random,
+         best_few: int = 2, tolerance: float = 0.25) -> Candidate:
+    """A random choice among the best ``best_few`` whose weight is within ``tolerance`` of the best,
+    so that a burst of lookups between two load reports does not all land on one node."""
+    if len(candidates) == 1:
+        return candidates[0]
+    order = sorted(range(len(candidates)), key=weights.__getitem__, reverse=True)[:best_few]
+    top = weights[order[0]]
+    eligible = [i for i in order if top - weights[i] <= tolerance]
+    return candidates[rng.choice(eligible)]
+
+
+def run_filters(candidates: list[Candidate], req: LookupRequest, filters: Sequence[Filter],
+                removed: dict[str, int]) -> list[Candidate]:
+    for f in filters:
+        if not candidates:
+            break
+        before = len(candidates)
+        candidates = f.filter_all(candidates, req)
+        removed[f.name] = removed.get(f.name, 0) + before - len(candidates)
+    return candidates
+
+
+def select(req: LookupRequest, candidates_in: Callable[[str | None], list[Candidate]],
+           regions: Iterable[str], rng: random.Random,
+           filters: Sequence[Filter] = DEFAULT_FILTERS) -> Selection:
+    """Choose a node for ``req``.
+
+    ``candidates_in(region)`` gives the nodes of ``req.role`` in one region (``None``: every region);
+    ``regions`` lists the regions that have nodes of that role. The requested region is tried first;
+    unless ``strict``, the nearest region with a surviving node is taken when it has none.
+    """
+    removed: dict[str, int] = {}
+    weighers = weighers_for(req.role)
+    reference = req.region or req.near_region
+
+    if req.region is not None:
+        survivors = run_filters(candidates_in(req.region), req, filters, removed)
+        if survivors:
+            return _choose(survivors, req, weighers, rng, removed)
+        if req.strict:
+            return Selection(None, removed, _explain(req, removed, f"in region {req.region} (strict)"))
+
+    if reference is None:
+        survivors = run_filters(candidates_in(None), req, filters, removed)
+        if survivors:
+            return _choose(survivors, req, weighers, rng, removed)
+        return Selection(None, removed, _explain(req, removed, "in any region"))
+
+    # Nearest region first: walk the other regions by distance until one has a survivor.
+    others = sorted((r for r in regions if r != req.region), key=lambda r: (distance_km(reference, r), r))
+    for region in others:
+        survivors = run_filters(candidates_in(region), req, filters, removed)
+        if survivors:
+            return _choose(survivors, req, weighers, rng, removed)
+    return Selection(None, removed, _explain(req, removed, "in any region"))
+
+
+def _choose(survivors, req, weighers, rng, removed) -> Selection:
+    if len(survivors) == 1:
+        return Selection(survivors[0].node, removed)
+    weights = weigh(survivors, req, weighers)
+    return Selection(pick(survivors, weights, rng).node, removed)
+
+
+def _explain(req: LookupRequest, removed: Mapping[str, int], where: str) -> str:
+    by_name = {f.name: f.description for f in DEFAULT_FILTERS}
+    parts = [f"{count} {by_name.get(name, name)}" for name, count in removed.items() if count]
+    why = "; ".join(parts) if parts else f"there is no {req.role} node"
+    return f"no {req.role} can take this request {where}: {why}"

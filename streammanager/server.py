@@ -1,0 +1,75 @@
+"""``streammanager serve``: the API under gunicorn, gthread workers.
+
+Each worker builds its own app (and so its own ZooKeeper client and registry view) after the fork:
+a KazooClient started before a fork hangs in the child, so nothing is preloaded. Prometheus metrics
+are aggregated across workers through prometheus-client's multiprocess mode.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from gunicorn.app.base import BaseApplication
+
+from streammanager.config import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class ApiServer(BaseApplication):
+    def __init__(self, settings: ServerSettings, metrics_dir: str):
+        self.settings = settings
+        self.metrics_dir = metrics_dir
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        for key, value in {
+            "bind": [s.bind],
+            "workers": s.workers,
+            "threads": s.threads,
+            "worker_class": "gthread",
+            "preload_app": False,
+            "keepalive": 30,
+            "backlog": 2048,
+            "graceful_timeout": 10,
+            "timeout": 30,
+            "accesslog": None,
+            "loglevel": s.log_level.lower(),
+            "proc_name": "streammanager-api",
+            "child_exit": _child_exit,
+        }.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from streammanager import logs
+        from streammanager.api import create_app
+
+        logs.configure(self.settings.log_level, self.settings.log_format)
+        app = create_app(self.settings)
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        app.config["PROMETHEUS_REGISTRY"] = registry
+        return app
+
+
+def _child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def serve(settings: ServerSettings) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="sm-metrics-")
+    # must be set before prometheus_client is imported anywhere in this process tree
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        ApiServer(settings, metrics_dir).run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from streammanager.models import (
+    NodeRecord,
+    RecordError,
+    Reservation,
+    StreamKey,
+    StreamLoad,
+    StreamRecord,
+    validate_name,
+)
+
+
+def node(**kw):
+    base = dict(id="o1", group="g", region="us-east-1", role="origin", host="127.0.1.1", rtmp_port=1935,
+                agent_url="http://127.0.1.1:8090", capacity=10)
+    base.update(kw)
+    return NodeRecord(**base)
+
+
+def test_a_node_record_survives_its_json_codec_unchanged():
+    record = node(streams={"live/a": StreamLoad(3, 1, True, 1700000000000), "live/b": StreamLoad(2, 0, False, 0)},
+                  cpu=0.25, updated_ms=5, started_ms=1)
+    assert NodeRecord.from_json(record.to_json()) == record
+
+
+def test_a_record_of_another_schema_version_is_refused_with_the_version_named():
+    doc = json.loads(node().to_json())
+    doc["schema"] = 99
+    with pytest.raises(RecordError, match="schema 99"):
+        NodeRecord.from_json(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("data", [b"", b"not json", b"[1,2]", b'{"schema":1}',
+                                  b'{"schema":1,"id":"x","group":"g","region":"r","role":"king","host":"h",'
+                                  b'"rtmp_port":1935,"capacity":1}'])
+def test_garbage_records_raise_record_error_not_anything_else(data):
+    with pytest.raises(RecordError):
+        NodeRecord.from_json(data)
+
+
+def test_a_stream_load_with_negative_counts_is_refused():
+    doc = json.loads(node().to_json())
+    doc["streams"] = {"live/a": [-1, 0, 1, 0]}
+    with pytest.raises(RecordError):
+        NodeRecord.from_json(json.dumps(doc).encode())
+
+
+def test_load_counts_publishers_on_an_origin_and_viewers_on_an_edge():
+    streams = {"live/a": StreamLoad(5, 2, True, 1), "live/b": StreamLoad(7, 0, True, 1)}
+    assert node(streams=streams).used == 2
+    assert node(role="edge", streams=streams).used == 12
+
+
+def test_stream_and_reservation_records_round_trip():
+    assert StreamRecord.from_json(StreamRecord("o1", "abc", 42).to_json()) == StreamRecord("o1", "abc", 42)
+    assert Reservation.from_json(Reservation("o1", 99).to_json()) == Reservation("o1", 99)
+
+
+@pytest.mark.parametrize("name", ["demo", "stream_1", "a.b-c~d", "cam:1@site", "x" * 128])
+def test_names_that_fit_one_path_segment_are_accepted(name):
+    assert validate_name("stream", name) == name
+
+
+@pytest.mark.parametrize("name,why", [("", "empty"), (None, "empty"), ("x" * 129, "longer"),
+                                      ("a/b", "path segment"), ("a b", "path segment"), (".", "path segment"),
+                                      ("..", "path segment"), ("a?b", "path segment"), ("a%2F", "path segment"),
+                                      ("caf\u00e9", "path segment"), ("a\nb", "path segment")])
+def test_names_that_cannot_be_one_path_segment_are_refused_with_the_reason(name, why):
+    with pytest.raises(RecordError, match=why):
+        validate_name("stream", name)
+
+
+def test_a_stream_key_answers_its_scope_with_a_leading_slash():
+    key = StreamKey.parse("live/demo")
+    assert (key.scope_path, key.name, str(key)) == ("/live", "demo", "live/demo")

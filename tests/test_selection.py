@@ -1,0 +1,123 @@
+"""Selection is a pure function: these tests replay it with fixed clocks and seeded randomness."""
+import random
+from collections import Counter
+
+from streammanager.models import NodeRecord, StreamLoad
+from streammanager.regions import distance_km
+from streammanager.selection import Candidate, LookupRequest, normalize, select
+
+NOW = 1_800_000_000_000
+
+
+def make(node_id, role="edge", region="us-east-1", capacity=100, viewers=0, streams=None, state="inservice",
+         updated_ms=NOW, group="g"):
+    streams = dict(streams or {})
+    if viewers:
+        streams["live/other"] = StreamLoad(viewers, 0, role == "origin", 1)
+    return NodeRecord(id=node_id, group=group, region=region, role=role, host=f"h-{node_id}", rtmp_port=1935,
+                      agent_url="", capacity=capacity, state=state, streams=streams, updated_ms=updated_ms)
+
+
+def choose(nodes, rng=None, **req):
+    cands = [Candidate.of(n) for n in nodes]
+    req.setdefault("role", "edge")
+    req.setdefault("stream_key", "live/demo")
+    req.setdefault("now_ms", NOW)
+
+    def candidates_in(region):
+        return [c for c in cands if c.node.role == req["role"] and (region is None or c.node.region == region)]
+
+    regions = sorted({c.node.region for c in cands if c.node.role == req["role"]})
+    return select(LookupRequest(**req), candidates_in, regions, rng or random.Random(7))
+
+
+def test_the_least_loaded_edge_wins():
+    nodes = [make("busy", viewers=90), make("idle", viewers=5), make("half", viewers=50)]
+    picks = Counter(choose(nodes, random.Random(i)).node.id for i in range(50))
+    assert set(picks) == {"idle"}
+
+
+def test_subscribe_prefers_an_edge_already_relaying_the_stream():
+    carrying = make("carrying", viewers=40, streams={"live/demo": StreamLoad(10, 0, True, 1)})
+    fresh = make("fresh", viewers=0)
+    picks = Counter(choose([carrying, fresh], random.Random(i)).node.id for i in range(50))
+    assert picks["carrying"] == 50
+
+
+def test_a_node_at_capacity_is_never_answered_and_the_error_says_so():
+    nodes = [make("full1", capacity=10, viewers=10), make("full2", capacity=5, viewers=5)]
+    result = choose(nodes, region="us-east-1")
+    assert result.node is None
+    assert result.removed["capacity"] == 2
+    assert "2 at capacity" in result.reason
+
+
+def test_answers_not_yet_reported_count_against_their_node():
+    nodes = [make("a", capacity=10), make("b", capacity=10)]
+    assert choose(nodes, pending={"a": 10}).node.id == "b"
+    assert choose(nodes, pending={"a": 10, "b": 10}).node is None
+
+
+def test_draining_and_starting_nodes_are_skipped():
+    nodes = [make("draining", state="draining"), make("starting", state="starting"), make("ok", viewers=99)]
+    assert choose(nodes).node.id == "ok"
+    result = choose(nodes[:2])
+    assert result.node is None and "not in service" in result.reason
+
+
+def test_a_node_with_a_stale_heartbeat_is_skipped():
+    nodes = [make("stale", updated_ms=NOW - 60_000), make("fresh", viewers=80)]
+    assert choose(nodes, max_heartbeat_age_ms=10_000).node.id == "fresh"
+
+
+def test_the_requested_region_wins_over_a_less_loaded_one():
+    nodes = [make("eu", region="eu-west-1", viewers=80), make("us", region="us-east-1", viewers=0)]
+    assert choose(nodes, region="eu-west-1").node.id == "eu"
+
+
+def test_a_full_region_falls_back_to_the_nearest_region_with_room():
+    nodes = [make("dublin", region="eu-west-1", capacity=1, viewers=1),
+             make("london", region="eu-west-2", viewers=90),
+             make("tokyo", region="ap-northeast-1"),
+             make("virginia", region="us-east-1")]
+    assert choose(nodes, region="eu-west-1").node.id == "london"
+
+
+def test_strict_refuses_other_regions():
+    nodes = [make("dublin", region="eu-west-1", capacity=1, viewers=1), make("london", region="eu-west-2")]
+    result = choose(nodes, region="eu-west-1", strict=True)
+    assert result.node is None
+    assert "eu-west-1 (strict)" in result.reason
+
+
+def test_a_subscriber_without_region_is_sent_near_the_origin():
+    nodes = [make("tokyo", region="ap-northeast-1"), make("frankfurt", region="eu-central-1", viewers=50)]
+    assert choose(nodes, near_region="eu-west-1").node.id == "frankfurt"
+
+
+def test_only_the_origins_group_serves_its_subscribers():
+    nodes = [make("other", group="other"), make("mine", group="g", viewers=90)]
+    assert choose(nodes, group="g").node.id == "mine"
+
+
+def test_a_burst_spreads_over_equally_loaded_nodes():
+    nodes = [make(f"e{i}") for i in range(4)]
+    picks = Counter(choose(nodes, random.Random(i)).node.id for i in range(200))
+    assert len(picks) >= 2  # random among the best few, not always the first
+
+
+def test_origins_are_chosen_for_broadcast_by_publishers_over_capacity():
+    nodes = [make("o1", role="origin", capacity=2, viewers=1), make("o2", role="origin", capacity=50)]
+    assert choose(nodes, role="origin").node.id == "o2"
+
+
+def test_normalize_maps_to_the_unit_interval():
+    assert normalize([2.0, 4.0, 3.0]) == [0.0, 1.0, 0.5]
+    assert normalize([1.0, 1.0]) == [0.0, 0.0]
+
+
+def test_distances_rank_neighbours_first():
+    assert distance_km("eu-west-1", "eu-west-1") == 0
+    assert distance_km("eu-west-1", "eu-west-2") < distance_km("eu-west-1", "us-east-1")
+    assert 5000 < distance_km("us-east-1", "eu-west-1") < 6500
+    assert distance_km("us-east-1", "unknown-zone") > 40000
