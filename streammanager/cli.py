@@ -89,9 +89,13 @@ def run_zookeeper(args: argparse.Namespace) -> int:
         print(f"streammanager zookeeper: {exc}", file=sys.stderr)
         return 1
     print(f"zookeeper serving on {server.hosts} (pid {server.pid}); Ctrl-C stops it", flush=True)
-    watcher = threading.Thread(target=lambda: (server.wait(), stop.set()), daemon=True)
+    died = threading.Event()
+    watcher = threading.Thread(target=lambda: (server.wait(), died.set(), stop.set()), daemon=True)
     watcher.start()
     stop.wait()
+    if died.is_set():
+        print(f"streammanager zookeeper: zookeeper exited by itself with code {server.wait()}", file=sys.stderr)
+        return 1
     server.stop()
     return 0
 

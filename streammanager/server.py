@@ -40,6 +40,7 @@ class ApiServer(BaseApplication):
             "loglevel": s.log_level.lower(),
             "proc_name": "streammanager-api",
             "child_exit": _child_exit,
+            "control_socket_disable": True,
         }.items():
             self.cfg.set(key, value)
 
@@ -47,6 +48,7 @@ class ApiServer(BaseApplication):
         from streammanager import logs
         from streammanager.api import create_app
 
+        os.makedirs(self.metrics_dir, exist_ok=True)
         logs.configure(self.settings.log_level, self.settings.log_format)
         app = create_app(self.settings)
         from prometheus_client import CollectorRegistry
@@ -68,6 +70,10 @@ def serve(settings: ServerSettings) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="sm-metrics-")
     # must be set before prometheus_client is imported anywhere in this process tree
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Import (not start) the app's modules in the master so that workers boot in milliseconds; the
+    # ZooKeeper client is created per worker, after the fork.
+    import streammanager.api  # noqa: F401
+
     try:
         ApiServer(settings, metrics_dir).run()
     finally:

@@ -100,7 +100,7 @@ class ZooKeeperServer:
             classpath.append(str(SLF4J_SIMPLE_JAR))
         return [
             "java", f"-Xmx{self.config.heap_mb}m", f"-Xms{min(64, self.config.heap_mb)}m",
-            "-XX:+UseSerialGC", "-Djute.maxbuffer=8388608",
+            "-XX:+UseSerialGC", "-Djute.maxbuffer=8388608", "-Djava.net.preferIPv4Stack=true",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
             "-cp", ":".join(classpath),
             "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg_path),
@@ -108,6 +108,9 @@ class ZooKeeperServer:
 
     def start(self, wait_s: float = 20.0) -> "ZooKeeperServer":
         check_installed()
+        if not port_is_free(self.config.port):
+            raise ZooKeeperError(f"port 127.0.0.1:{self.config.port} is already in use "
+                                 "(another ZooKeeper?): choose another with --port")
         data_dir = Path(self.config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         if self.config.server_id is not None:
@@ -162,6 +165,16 @@ def ensemble(base_dir: Path, client_ports: list[int], quorum_base: int = 22880,
 
 def hosts_of(servers: list[ZooKeeperServer]) -> str:
     return ",".join(s.hosts for s in servers)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:

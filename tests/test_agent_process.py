@@ -1,0 +1,143 @@
+"""``node-agent --media none`` as a real process: hooks over HTTP, deregistration, crash detection."""
+import signal
+import subprocess
+import time
+
+import requests
+
+from tests.conftest import BIN, wait_for_nodes, wait_until
+
+P = "/streammanager/api/2.0"
+NGINX_PUBLISH = {"call": "publish", "app": "live", "name": "cam", "clientid": "7", "addr": "127.0.0.1",
+                 "flashver": "FMLE/3.0 (compatible; FMSc/1.0)", "tcurl": "rtmp://127.0.1.9:1935/live",
+                 "type": "live", "key": "k-123"}
+
+
+def post_form(host, port, form):
+    return requests.post(f"http://{host}:{port}/hooks/nginx", data=form, timeout=5)
+
+
+def post_json(host, port, body):
+    return requests.post(f"http://{host}:{port}/hooks/srs", json=body, timeout=5)
+
+
+def live(api, name):
+    return api.get(f"{P}/event/live/{name}/stats").status_code == 200
+
+
+def test_an_agent_process_registers_and_its_hooks_drive_the_api(api, spawn_agent):
+    _, o_host, o_port, _ = spawn_agent("origin", "us-east-1")
+    _, e_host, e_port, _ = spawn_agent("edge", "us-east-1")
+    wait_for_nodes(api, 2)
+    assert post_form(o_host, o_port, NGINX_PUBLISH).status_code == 200
+    wait_until(lambda: live(api, "cam"), 3, what="published stream in the API")
+    play = {"call": "play", "app": "live", "name": "cam", "clientid": "21", "addr": "127.0.0.1",
+            "flashver": "LNX 9,0,124,2", "start": "-2", "duration": "0", "reset": "0"}
+    assert post_form(e_host, e_port, play).status_code == 200
+    wait_until(lambda: api.get(f"{P}/event/live/cam/stats").get_json()["currentSubscribers"] == 1, 2,
+               what="the player counted within 2 s")
+    post_form(e_host, e_port, {**play, "call": "play_done"})
+    wait_until(lambda: api.get(f"{P}/event/live/cam/stats").get_json()["currentSubscribers"] == 0, 2,
+               what="the player gone within 2 s")
+    post_form(o_host, o_port, {**NGINX_PUBLISH, "call": "publish_done"})
+    wait_until(lambda: not live(api, "cam"), 2, what="unpublished stream gone")
+
+
+def test_malformed_hook_bodies_get_400_and_change_nothing(api, spawn_agent):
+    _, host, port, node_id = spawn_agent("origin", "us-east-1")
+    wait_for_nodes(api, 1)
+    bad_forms = [
+        {},
+        {"call": "publish"},
+        {"call": "explode", "app": "live", "name": "x", "clientid": "1"},
+        {**NGINX_PUBLISH, "name": ""},
+        {**NGINX_PUBLISH, "name": "a/b"},
+        {**NGINX_PUBLISH, "app": ""},
+        {**NGINX_PUBLISH, "clientid": ""},
+    ]
+    for form in bad_forms:
+        response = post_form(host, port, form)
+        assert response.status_code == 400, (form, response.text)
+    url = f"http://{host}:{port}"
+    assert requests.post(f"{url}/hooks/nginx", data="{}", headers={"Content-Type": "application/json"},
+                         timeout=5).status_code == 400
+    for body in (b"not json", b"[]", b'{"action": "on_publish"}', b'{"action": "on_fly", "client_id": "1"}',
+                 b'{"action": "on_publish", "client_id": "1", "app": "live", "stream": "../x"}'):
+        response = requests.post(f"{url}/hooks/srs", data=body, headers={"Content-Type": "application/json"},
+                                 timeout=5)
+        assert response.status_code == 400, (body, response.text)
+    time.sleep(1.2)
+    assert api.get(f"{P}/event/list").get_json() == []
+    node = api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").get_json()
+    assert node["streams"] == [] and node["publishers"] == 0
+
+
+def test_srs_callbacks_answer_zero_and_drive_the_registry(api, spawn_agent):
+    _, o_host, o_port, _ = spawn_agent("origin", "eu-west-1")
+    _, e_host, e_port, _ = spawn_agent("edge", "eu-west-1")
+    wait_for_nodes(api, 2)
+    base = {"ip": "192.0.2.10", "vhost": "__defaultVhost__", "app": "live", "stream": "srs1",
+            "tcUrl": "rtmp://127.0.0.1/live", "server_id": "vid-1", "service_id": "svc"}
+    connect = post_json(o_host, o_port, {**base, "action": "on_connect", "client_id": 3, "pageUrl": ""})
+    assert (connect.status_code, connect.text) == (200, "0")
+    publish = post_json(o_host, o_port, {**base, "action": "on_publish", "client_id": "3", "param": "?key=abc"})
+    assert (publish.status_code, publish.text) == (200, "0")
+    wait_until(lambda: live(api, "srs1"), 3, what="SRS-published stream live")
+    duplicate = post_json(o_host, o_port, {**base, "action": "on_publish", "client_id": "4", "param": ""})
+    assert duplicate.status_code != 200 and duplicate.text != "0"
+    assert post_json(e_host, e_port, {**base, "action": "on_play", "client_id": 9, "param": "",
+                                      "pageUrl": ""}).text == "0"
+    wait_until(lambda: api.get(f"{P}/event/live/srs1/stats").get_json()["currentSubscribers"] == 1, 2,
+               what="SRS player counted")
+    assert post_json(e_host, e_port, {**base, "action": "on_stop", "client_id": 9}).text == "0"
+    assert post_json(o_host, o_port, {**base, "action": "on_unpublish", "client_id": "3"}).text == "0"
+    assert post_json(o_host, o_port, {**base, "action": "on_close", "client_id": "3", "send_bytes": 1,
+                                      "recv_bytes": 2}).text == "0"
+    wait_until(lambda: not live(api, "srs1"), 2, what="SRS stream gone")
+
+
+def test_sigterm_deregisters_the_node_at_once(api, spawn_agent):
+    proc, host, port, node_id = spawn_agent("origin", "us-east-1")
+    wait_for_nodes(api, 1)
+    post_form(host, port, {**NGINX_PUBLISH, "name": "bye"})
+    wait_until(lambda: live(api, "bye"), 3, what="live")
+    proc.signal(signal.SIGTERM)
+    assert proc.popen.wait(10) == 0
+    wait_until(lambda: api.get("/healthz").get_json()["nodes"] == 0, 1.0, what="node gone within 1 s")
+    assert not live(api, "bye")
+
+
+def test_a_sigkilled_agent_leaves_every_lookup_within_the_session_timeout(api, spawn_agent, zk, zk_root):
+    proc, host, port, node_id = spawn_agent("origin", "us-east-1")
+    spawn_agent("edge", "us-east-1")
+    wait_for_nodes(api, 2)
+    post_form(host, port, {**NGINX_PUBLISH, "name": "doomed"})
+    wait_until(lambda: live(api, "doomed"), 3, what="live")
+    assert api.get(f"{P}/event/live/doomed?action=subscribe").status_code == 200
+    killed_at = time.monotonic()
+    proc.signal(signal.SIGKILL)
+    proc.popen.wait(5)
+    wait_until(lambda: not live(api, "doomed"), 8, what="stream gone after SIGKILL")
+    gone_after = time.monotonic() - killed_at
+    assert api.get(f"{P}/event/live/doomed?action=subscribe").status_code == 404
+    assert api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").status_code == 404
+    assert zk.get_children(f"{zk_root}/v1/streams/live") == []
+    # session timeout 4 s plus at most one tickTime (500 ms) and our polling
+    assert gone_after < 6.0, f"took {gone_after:.1f} s"
+
+
+def test_agent_refuses_bad_configuration_with_a_clear_message():
+    result = subprocess.run([str(BIN / "node-agent"), "--role", "origin", "--media", "none"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--region" in result.stderr
+    result = subprocess.run([str(BIN / "node-agent"), "--role", "origin", "--region", "r", "--host", "not-an-ip",
+                             "--media", "none"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--host" in result.stderr
+    assert "AGENT_ZK_HOSTS" in subprocess.run([str(BIN / "node-agent"), "--help"], capture_output=True,
+                                              text=True, timeout=30).stdout
+
+
+def test_agent_health_endpoint_names_the_node(spawn_agent):
+    _, host, port, node_id = spawn_agent("edge", "us-east-1")
+    body = requests.get(f"http://{host}:{port}/healthz", timeout=5).json()
+    assert body == {"status": "ok", "nodeId": node_id, "role": "edge", "zookeeper": "connected"}

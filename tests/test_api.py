@@ -1,0 +1,245 @@
+"""The 2.0 API against a real ZooKeeper with simulated nodes (in-process agents, ``--media none``)."""
+import time
+
+import pytest
+
+from tests.conftest import wait_for_nodes, wait_until
+
+P = "/streammanager/api/2.0"
+
+
+@pytest.fixture
+def cluster(api, make_node):
+    """An origin and an edge in each of two regions."""
+    nodes = {
+        "us_origin": make_node("origin", "us-east-1"),
+        "us_edge": make_node("edge", "us-east-1"),
+        "eu_origin": make_node("origin", "eu-west-1"),
+        "eu_edge": make_node("edge", "eu-west-1"),
+    }
+    wait_for_nodes(api, 4)
+    return nodes
+
+
+def lookup(api, name, action, **params):
+    query = "&".join([f"action={action}"] + [f"{k}={v}" for k, v in params.items()])
+    return api.get(f"{P}/event/live/{name}?{query}")
+
+
+def assert_error(response, status, fragment=""):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"errorMessage", "timestamp"}
+    assert isinstance(body["timestamp"], int) and body["timestamp"] > 1_600_000_000_000
+    assert fragment in body["errorMessage"]
+
+
+def test_broadcast_answers_an_origin_in_the_requested_region(api, cluster):
+    response = lookup(api, "demo", "broadcast", region="eu-west-1")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["name"] == "demo" and body["scope"] == "/live" and body["region"] == "eu-west-1"
+    assert body["serverAddress"] == cluster["eu_origin"].host
+    assert body["rtmpUrl"] == f"rtmp://{cluster['eu_origin'].host}/live/demo"
+
+
+def test_subscribe_finds_the_edge_in_the_viewers_region_for_a_stream_published_elsewhere(api, cluster):
+    assert cluster["us_origin"].publish("show").status_code == 200
+    wait_until(lambda: api.get(f"{P}/event/live/show/stats").status_code == 200, what="stream live")
+    body = lookup(api, "show", "subscribe", region="eu-west-1").get_json()
+    assert (body["serverAddress"], body["region"], body["scope"]) == (cluster["eu_edge"].host, "eu-west-1", "/live")
+
+
+def test_the_1_0_prefix_is_an_alias(api, cluster):
+    assert api.get("/streammanager/api/1.0/event/live/demo?action=broadcast").status_code == 200
+    assert api.get("/streammanager/api/1.0/event/list").status_code == 200
+
+
+def test_stats_count_players_on_every_edge_and_follow_play_and_stop(api, cluster):
+    cluster["us_origin"].publish("match")
+    wait_until(lambda: api.get(f"{P}/event/live/match/stats").status_code == 200, what="stream live")
+    before = time.time() * 1000
+    for edge, viewer in (("us_edge", "v1"), ("eu_edge", "v2"), ("eu_edge", "v3")):
+        assert cluster[edge].play("match", clientid=viewer).status_code == 200
+
+    def subscribers():
+        return api.get(f"{P}/event/live/match/stats").get_json()["currentSubscribers"]
+
+    wait_until(lambda: subscribers() == 3, timeout_s=2.0, what="3 subscribers within 2 s")
+    stats = api.get(f"{P}/event/live/match/stats").get_json()
+    assert stats["serverAddress"] == cluster["us_origin"].host and stats["region"] == "us-east-1"
+    assert stats["startTime"] <= before and stats["startTime"] > before - 60_000
+    cluster["eu_edge"].hook("play_done", "match", clientid="v2")
+    wait_until(lambda: subscribers() == 2, timeout_s=2.0, what="2 subscribers after a stop")
+
+
+def test_list_and_list_stats_show_live_streams_only(api, cluster):
+    assert api.get(f"{P}/event/list").get_json() == []
+    cluster["us_origin"].publish("a")
+    cluster["eu_origin"].publish("b", clientid="pub-b")
+    wait_until(lambda: len(api.get(f"{P}/event/list").get_json()) == 2, what="two streams listed")
+    listed = api.get(f"{P}/event/list").get_json()
+    assert {(s["name"], s["scope"], s["region"]) for s in listed} == {("a", "/live", "us-east-1"),
+                                                                      ("b", "/live", "eu-west-1")}
+    assert all(set(s) == {"name", "scope", "serverAddress", "region"} for s in listed)
+    with_stats = api.get(f"{P}/event/list/stats").get_json()
+    assert all(s["currentSubscribers"] == 0 and s["startTime"] > 0 for s in with_stats)
+
+
+def test_unpublish_removes_the_stream_from_every_lookup(api, cluster):
+    cluster["us_origin"].publish("brief", clientid="p")
+    wait_until(lambda: api.get(f"{P}/event/live/brief/stats").status_code == 200, what="live")
+    cluster["us_origin"].hook("publish_done", "brief", clientid="p")
+    wait_until(lambda: api.get(f"{P}/event/live/brief/stats").status_code == 404, what="gone")
+    assert_error(lookup(api, "brief", "subscribe"), 404, "not live")
+
+
+def test_a_second_publisher_of_a_live_stream_is_refused_and_its_exit_ends_nothing(api, cluster):
+    assert cluster["us_origin"].publish("solo", clientid="first").status_code == 200
+    assert cluster["us_origin"].publish("solo", clientid="second").status_code == 403
+    refused = cluster["eu_origin"].publish("solo", clientid="elsewhere")
+    assert refused.status_code == 403 and b"already live" in refused.data
+    cluster["us_origin"].hook("publish_done", "solo", clientid="second")
+    cluster["eu_origin"].hook("publish_done", "solo", clientid="elsewhere")
+    time.sleep(0.7)
+    assert api.get(f"{P}/event/live/solo/stats").status_code == 200
+
+
+def test_broadcast_of_a_live_stream_answers_its_origin(api, cluster):
+    cluster["eu_origin"].publish("here")
+    wait_until(lambda: api.get(f"{P}/event/live/here/stats").status_code == 200, what="live")
+    body = lookup(api, "here", "broadcast", region="us-east-1").get_json()
+    assert body["serverAddress"] == cluster["eu_origin"].host
+
+
+def test_repeated_broadcast_lookups_for_a_new_stream_agree_on_one_origin(make_app, make_node):
+    a, b = make_app().test_client(), make_app().test_client()  # two API servers, two sessions
+    for _ in range(4):
+        make_node("origin", "us-east-1")
+    wait_for_nodes(a, 4)
+    wait_for_nodes(b, 4)
+    answers = {lookup(client, "new-show", "broadcast").get_json()["serverAddress"]
+               for client in (a, b, a, b, a, b)}
+    assert len(answers) == 1
+
+
+def test_a_burst_of_subscribers_spreads_over_edges_before_any_load_report(api, make_node):
+    origin = make_node("origin", "us-east-1")
+    edges = [make_node("edge", "us-east-1", capacity=5, report_interval_s=30) for _ in range(3)]
+    origin.publish("popular")
+    wait_for_nodes(api, 4)
+    wait_until(lambda: api.get(f"{P}/event/live/popular/stats").status_code == 200, what="live")
+    answers = [lookup(api, "popular", "subscribe", region="us-east-1") for _ in range(15)]
+    assert all(r.status_code == 200 for r in answers)
+    counts = {e.host: sum(r.get_json()["serverAddress"] == e.host for r in answers) for e in edges}
+    assert sorted(counts.values()) == [5, 5, 5]
+    assert_error(lookup(api, "popular", "subscribe", region="us-east-1"), 400, "at capacity")
+
+
+def test_a_region_without_nodes_falls_back_to_the_nearest_one_unless_strict(api, cluster):
+    cluster["us_origin"].publish("far")
+    wait_until(lambda: api.get(f"{P}/event/live/far/stats").status_code == 200, what="live")
+    near = lookup(api, "far", "subscribe", region="eu-west-2").get_json()
+    assert near["region"] == "eu-west-1"  # London's nearest region with an edge is Ireland
+    assert_error(lookup(api, "far", "subscribe", region="eu-west-2", strict="true"), 400, "strict")
+    assert lookup(api, "x", "broadcast", region="us-east-2").get_json()["region"] == "us-east-1"
+
+
+def test_a_draining_node_gets_no_new_subscribers(api, make_node):
+    origin = make_node("origin", "us-east-1")
+    draining = make_node("edge", "us-east-1")
+    open_edge = make_node("edge", "us-east-1")
+    draining.agent.state = "draining"
+    draining.agent.changed()
+    origin.publish("s")
+    wait_for_nodes(api, 3)
+    wait_until(lambda: api.get(f"{P}/admin/node/{draining.id}?accessToken=s3cret-token").get_json()["state"]
+               == "draining", what="draining state in the view")
+    wait_until(lambda: api.get(f"{P}/event/live/s/stats").status_code == 200, what="live")
+    hosts = {lookup(api, "s", "subscribe").get_json()["serverAddress"] for _ in range(10)}
+    assert hosts == {open_edge.host}
+
+
+# -- bad input --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,status,fragment", [
+    (f"{P}/event/live/demo", 400, "missing action"),
+    (f"{P}/event/live/demo?action=", 400, "missing action"),
+    (f"{P}/event/live/demo?action=delete", 400, "unknown action"),
+    (f"{P}/event/live/{'x' * 200}?action=broadcast", 400, "longer than"),
+    (f"{P}/event/live/a%20b?action=broadcast", 400, "path segment"),
+    (f"{P}/event/live/a%2Fb?action=broadcast", 400, "one path segment"),
+    (f"{P}/event/li%3Fve/demo?action=broadcast", 400, "path segment"),
+    (f"{P}/event/live/demo?action=broadcast&region=atlantis-9", 400, "unknown region"),
+    (f"{P}/event/live/demo?action=broadcast&strict=maybe", 400, "strict"),
+    (f"{P}/event/live/nobody?action=subscribe", 404, "not live"),
+    (f"{P}/event/live/nobody/stats", 404, "not live"),
+    (f"{P}/nothing/here", 404, "no such resource"),
+    ("/streammanager/api/3.0/event/list", 404, "no such resource"),
+])
+def test_bad_input_gets_a_clear_error_in_the_documented_shape(api, cluster, path, status, fragment):
+    assert_error(api.get(path), status, fragment)
+
+
+def test_no_node_able_to_take_the_request_says_why(api, make_node):
+    make_node("origin", "us-east-1", capacity=1).publish("only")
+    wait_for_nodes(api, 1)
+    wait_until(lambda: api.get(f"{P}/event/live/only/stats").status_code == 200, what="live")
+    assert_error(lookup(api, "other", "broadcast"), 400, "at capacity")
+    assert_error(lookup(api, "only", "subscribe"), 400, "no edge")
+
+
+# -- admin ------------------------------------------------------------------------------------------
+def test_admin_node_lists_every_node_with_role_region_state_capacity_load_and_streams(api, cluster):
+    cluster["us_origin"].publish("n1")
+    cluster["us_edge"].play("n1", clientid="v")
+    def edge_doc():
+        return api.get(f"{P}/admin/node/{cluster['us_edge'].id}?accessToken=s3cret-token").get_json()
+    wait_until(lambda: edge_doc()["subscribers"] == 1, what="edge load in the view")
+    nodes = api.get(f"{P}/admin/node?accessToken=s3cret-token").get_json()
+    assert {n["id"] for n in nodes} == {n.id for n in cluster.values()}
+    edge = edge_doc()
+    assert (edge["role"], edge["region"], edge["state"], edge["capacity"]) == ("edge", "us-east-1", "inservice", 200)
+    assert edge["load"] == pytest.approx(1 / 200)
+    assert edge["streams"] == [{"name": "n1", "scope": "/live", "subscribers": 1, "relays": 0,
+                                "publishing": False, "startTime": 0}]
+    assert edge["agentUrl"].startswith("http://127.0.1.")
+    assert_error(api.get(f"{P}/admin/node/nope?accessToken=s3cret-token"), 404, "no node")
+
+
+@pytest.mark.parametrize("query", ["", "?accessToken=", "?accessToken=wrong", "?accessToken=s3cret-token-x"])
+def test_admin_calls_refuse_a_missing_or_wrong_token(api, cluster, query):
+    assert_error(api.get(f"{P}/admin/node{query}"), 401, "accessToken")
+    assert_error(api.delete(f"{P}/admin/event{query}"), 401, "accessToken")
+
+
+def test_without_an_access_token_configured_every_admin_call_is_refused(make_app):
+    api = make_app(access_token=None).test_client()
+    for call in (api.get(f"{P}/admin/node?accessToken=anything"), api.delete(f"{P}/admin/event?accessToken=x"),
+                 api.get(f"{P}/admin/node/x?accessToken=")):
+        assert_error(call, 403, "disabled")
+
+
+def test_delete_admin_event_clears_stream_entries_and_answers_count(api, cluster, zk, zk_root):
+    cluster["us_origin"].publish("one", clientid="p1")
+    cluster["eu_origin"].publish("two", clientid="p2")
+    lookup(api, "reserved-only", "broadcast")
+    response = api.delete(f"{P}/admin/event?accessToken=s3cret-token")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["count"] == 2 and body["timestamp"] > 1_600_000_000_000
+    assert zk.get_children(f"{zk_root}/v1/streams") == []
+    assert zk.get_children(f"{zk_root}/v1/reservations") == []
+    assert api.delete(f"{P}/admin/event?accessToken=s3cret-token").get_json()["count"] == 0
+
+
+def test_healthz_reports_the_view(api, cluster):
+    body = api.get("/healthz").get_json()
+    assert body["status"] == "ok" and body["zookeeper"] == "connected" and body["viewAgeMs"] == 0
+    assert body["nodes"] == 4
+
+
+def test_metrics_count_lookups(api, cluster):
+    lookup(api, "m", "broadcast")
+    text = api.get("/metrics").get_data(as_text=True)
+    assert 'sm_lookups_total{action="broadcast",outcome="ok"}' in text
+    assert "sm_view_nodes 4.0" in text

@@ -1,0 +1,149 @@
+"""``streammanager serve`` under gunicorn, with real ZooKeeper servers: concurrency and outages."""
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from streammanager.zookeeper import (
+    ZooKeeperConfig,
+    ZooKeeperServer,
+    ensemble,
+    four_letter,
+    free_port,
+    hosts_of,
+)
+from tests.conftest import BIN, wait_until
+
+P = "/streammanager/api/2.0"
+
+
+@pytest.fixture
+def serve(procs, tmp_path, zk_root):
+    def start(zk_hosts: str, workers: int = 2):
+        port = free_port()
+        env = {"SM_ZK_HOSTS": zk_hosts, "SM_ZK_ROOT": zk_root, "SM_BIND": f"127.0.0.1:{port}",
+               "SM_WORKERS": str(workers), "SM_ACCESS_TOKEN": "tok", "SM_LOG_FORMAT": "text"}
+        proc = procs([str(BIN / "streammanager"), "serve"], env, tmp_path / f"api-{port}.log")
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return proc.popen.poll() is not None
+        wait_until(healthy, 30, what="the API server")
+        assert proc.popen.poll() is None, proc.log()
+        return url
+    return start
+
+
+def node_count(url):
+    return requests.get(f"{url}/healthz", timeout=2).json()["nodes"]
+
+
+def publish(host, port, name, clientid="p1"):
+    return requests.post(f"http://{host}:{port}/hooks/nginx", timeout=5, data={
+        "call": "publish", "app": "live", "name": name, "clientid": clientid, "addr": "127.0.0.1",
+        "flashver": "FMLE/3.0", "tcurl": "rtmp://x/live", "type": "live"})
+
+
+def test_concurrent_broadcast_lookups_on_two_api_servers_answer_one_origin(serve, spawn_agent, zookeeper):
+    for _ in range(4):
+        spawn_agent("origin", "us-east-1")
+    urls = [serve(zookeeper.hosts), serve(zookeeper.hosts)]
+    for url in urls:
+        wait_until(lambda: node_count(url) == 4, 10, what="4 nodes in view")
+    for round_ in range(3):
+        barrier = threading.Barrier(16)
+
+        def ask(i):
+            barrier.wait()
+            response = requests.get(f"{urls[i % 2]}{P}/event/live/race{round_}?action=broadcast", timeout=10)
+            assert response.status_code == 200, response.text
+            return response.json()["serverAddress"]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = set(pool.map(ask, range(16)))
+        assert len(answers) == 1, answers
+
+
+def test_the_api_answers_from_its_last_view_while_zookeeper_is_down_and_reconnects(serve, spawn_agent, tmp_path,
+                                                                                   procs):
+    port = free_port()
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "own-zk", port=port, tick_ms=500))
+    zk.start()
+    try:
+        _, o_host, o_port, _ = spawn_agent("origin", "us-east-1", extra_env={"AGENT_ZK_HOSTS": zk.hosts})
+        spawn_agent("edge", "us-east-1", extra_env={"AGENT_ZK_HOSTS": zk.hosts})
+        url = serve(zk.hosts)
+        wait_until(lambda: node_count(url) == 2, 10, what="2 nodes in view")
+        assert publish(o_host, o_port, "resilient").status_code == 200
+        wait_until(lambda: requests.get(f"{url}{P}/event/live/resilient/stats", timeout=2).ok, 5, what="live")
+
+        zk.kill()
+        wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).json()["zookeeper"] == "disconnected", 10,
+                   what="the API to notice the outage")
+        threading.Event().wait(1.0)
+        health = requests.get(f"{url}/healthz", timeout=2).json()
+        assert health["status"] == "degraded" and health["viewAgeMs"] >= 900
+        for _ in range(10):  # still answering, from memory
+            answer = requests.get(f"{url}{P}/event/live/resilient?action=subscribe", timeout=2)
+            assert answer.status_code == 200 and answer.json()["region"] == "us-east-1"
+        assert requests.get(f"{url}{P}/event/live/brand-new?action=broadcast", timeout=5).status_code == 200
+
+        zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "own-zk", port=port, tick_ms=500))
+        zk.start()
+        wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).json()["status"] == "ok", 20,
+                   what="the API to reconnect by itself")
+        wait_until(lambda: node_count(url) == 2, 15, what="the agents back in the view")
+    finally:
+        zk.stop()
+
+
+def test_lookups_and_publishes_survive_the_loss_of_the_ensemble_leader(serve, spawn_agent, tmp_path):
+    ports = [free_port() for _ in range(3)]
+    servers = ensemble(tmp_path / "ensemble", ports, quorum_base=free_port() % 20000 + 30000,
+                       election_base=free_port() % 20000 + 10000, tick_ms=500)
+    for server in servers:
+        server.start(wait_s=0)
+    try:
+        for server in servers:
+            server.wait_ready(30)
+        hosts = hosts_of(servers)
+        _, o_host, o_port, _ = spawn_agent("origin", "eu-west-1", extra_env={"AGENT_ZK_HOSTS": hosts})
+        spawn_agent("edge", "eu-west-1", extra_env={"AGENT_ZK_HOSTS": hosts})
+        url = serve(hosts)
+        wait_until(lambda: node_count(url) == 2, 10, what="2 nodes in view")
+        assert publish(o_host, o_port, "before").status_code == 200
+
+        leader = next(s for s in servers if "Mode: leader" in four_letter(s.config.port, "srvr"))
+        leader.kill()
+        for _ in range(20):
+            assert requests.get(f"{url}{P}/event/list", timeout=2).ok
+        wait_until(lambda: publish(o_host, o_port, "after", clientid="p2").status_code == 200, 15,
+                   what="a publish accepted by the surviving ensemble")
+        wait_until(lambda: requests.get(f"{url}{P}/event/live/after/stats", timeout=2).ok, 10,
+                   what="the new stream visible")
+        assert requests.get(f"{url}{P}/event/live/before?action=subscribe", timeout=2).ok
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_gunicorn_workers_stop_cleanly_on_sigterm(procs, tmp_path, zookeeper, zk_root):
+    port = free_port()
+    proc = procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts",
+                  zookeeper.hosts, "--zk-root", zk_root], log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    proc.signal(signal.SIGTERM)
+    assert proc.popen.wait(20) == 0, proc.log()
+    assert "Traceback" not in proc.log()
+
+
+def _up(port):
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
