@@ -35,7 +35,6 @@ from streammanager.registry import StreamClaims, ZkPaths, ensure_layout, make_cl
 
 log = logging.getLogger(__name__)
 
-MIN_REPORT_GAP_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,8 @@ class Agent:
         self.state = STATE_INSERVICE
         self.started_ms = now_ms()
         self._registered_session: int | None = None
-        self._reported_version = -1
+        self._last_content: tuple | None = None
+        self._last_write = 0.0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
@@ -74,7 +74,7 @@ class Agent:
     def start(self, connect_timeout_s: float = 30.0) -> None:
         self.client.start(timeout=connect_timeout_s)
         ensure_layout(self.client, self.paths)
-        self.report()
+        self.report(force=True)
         self._reporter = threading.Thread(target=self._report_loop, name="agent-reporter", daemon=True)
         self._reporter.start()
         log.info("agent registered", extra=self._log_extra)
@@ -103,14 +103,19 @@ class Agent:
             cpu=_cpu_load(), updated_ms=now_ms(), started_ms=self.started_ms,
         )
 
-    def report(self) -> None:
-        """Write the node record (registering it, and reclaiming streams, after a new session).
-        Skipped while disconnected: the session's return (or a new one) brings the next report."""
+    def report(self, force: bool = False) -> bool:
+        """Write the node record if it changed, or if a heartbeat is due, or with ``force``; after a
+        new session, register it again and reclaim streams. Returns whether it wrote. Skipped while
+        disconnected: the session's return (or a new one) brings the next report."""
         if not self.client.connected:
-            return
+            return False
         session = self.client.client_id[0] if self.client.client_id else None
-        version = self.table.version
-        data = self.record().to_json()
+        record = self.record()
+        content = (record.state, record.capacity, dict(record.streams), round(record.cpu, 1))
+        heartbeat_due = time.monotonic() - self._last_write >= self.settings.heartbeat_interval_s
+        if session == self._registered_session and content == self._last_content and not (heartbeat_due or force):
+            return False
+        data = record.to_json()
         path = self.paths.node(self.settings.node_id)
         if session != self._registered_session:
             self._register(path, data)
@@ -121,7 +126,9 @@ class Agent:
                 self.client.set(path, data)
             except NoNodeError:
                 self._register(path, data)
-        self._reported_version = version
+        self._last_content = content
+        self._last_write = time.monotonic()
+        return True
 
     def _register(self, path: str, data: bytes) -> None:
         try:
@@ -148,19 +155,20 @@ class Agent:
         self._wake.set()
 
     def _report_loop(self) -> None:
-        interval = self.settings.report_interval_s
+        """Report soon after a change (at most one write per report interval) and at least every
+        heartbeat interval."""
         while not self._stopping.is_set():
-            self._wake.wait(interval)
-            self._wake.clear()
+            self._wake.wait(self.settings.heartbeat_interval_s)
             if self._stopping.is_set():
                 break
+            self._wake.clear()
             try:
-                self.report()
+                if self.report():
+                    self._stopping.wait(self.settings.report_interval_s)
             except KazooException as exc:
                 log.warning("load report failed: %s", exc, extra=self._log_extra)
             except Exception:
                 log.exception("load report failed", extra=self._log_extra)
-            time.sleep(MIN_REPORT_GAP_S)
 
     # -- hook decisions --------------------------------------------------------------------------
     def on_publish(self, key: StreamKey, clientid: str, args: dict[str, str]) -> Decision:

@@ -33,8 +33,10 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("zk_hosts", "AGENT_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string"),
     Option("zk_root", "AGENT_ZK_ROOT", "/streammanager", "root znode of the cluster"),
     Option("zk_timeout_s", "AGENT_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
-    Option("report_interval_s", "AGENT_REPORT_INTERVAL_S", 1.0, "seconds between load reports",
-           positive(float)),
+    Option("report_interval_s", "AGENT_REPORT_INTERVAL_S", 1.0,
+           "a change is reported at once, then at most once per this many seconds", positive(float)),
+    Option("heartbeat_interval_s", "AGENT_HEARTBEAT_INTERVAL_S", 5.0,
+           "an unchanged record is rewritten this often (liveness)", positive(float)),
     Option("work_dir", "AGENT_WORK_DIR", None, "directory for the agent's files (default: a temp dir)"),
     Option("log_level", "AGENT_LOG_LEVEL", "INFO", "log level", str.upper, ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_format", "AGENT_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
@@ -59,6 +61,7 @@ class AgentSettings:
     zk_root: str = "/streammanager"
     zk_timeout_s: float = 4.0
     report_interval_s: float = 1.0
+    heartbeat_interval_s: float = 5.0
     work_dir: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"

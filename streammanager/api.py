@@ -6,6 +6,7 @@ shape ``{"errorMessage": "...", "timestamp": <ms>}``.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 
@@ -40,6 +41,12 @@ VIEW_STREAMS = Gauge("sm_view_live_streams", "Live streams in this worker's regi
                      multiprocess_mode="max")
 VIEW_AGE = Gauge("sm_view_age_seconds", "Age of this worker's registry view (0 while connected)",
                  multiprocess_mode="max")
+
+LOOKUP_ACTIONS = ("broadcast", "subscribe")
+# label children resolved once: a lookup should not pay for label lookups
+LOOKUP_METRICS = {(a, o): LOOKUPS.labels(a, o) for a in LOOKUP_ACTIONS
+                  for o in ("ok", "bad_request", "not_found", "error")}
+LOOKUP_TIMERS = {a: LOOKUP_SECONDS.labels(a) for a in LOOKUP_ACTIONS}
 
 api = Blueprint("api", __name__, url_prefix=API_PREFIX)
 ops = Blueprint("ops", __name__)
@@ -235,7 +242,7 @@ def list_streams_with_stats(version: str):
 @api.get("/event/<scope>/<stream>")
 def lookup(version: str, scope: str, stream: str):
     action = request.args.get("action")
-    if action not in ("broadcast", "subscribe"):
+    if action not in LOOKUP_ACTIONS:
         LOOKUPS.labels("invalid", "bad_request").inc()
         if action is None or action == "":
             raise BadRequest("missing action: use action=broadcast or action=subscribe")
@@ -245,16 +252,19 @@ def lookup(version: str, scope: str, stream: str):
     try:
         key = stream_key(scope, stream)
         region, strict = region_arg(), strict_arg()
-        require_view()
-        placement = services().placement
+        svc = services()
+        if not svc.view.initialized:
+            require_view()
+        placement = svc.placement
         answer = (placement.broadcast if action == "broadcast" else placement.subscribe)(key, region, strict)
-        return jsonify(answer.to_json())
+        # the hot path: serialise directly rather than through jsonify's provider machinery
+        return Response(json.dumps(answer.to_json(), separators=(",", ":")), mimetype="application/json")
     except ApiError as exc:
         outcome = {400: "bad_request", 404: "not_found"}.get(exc.status, "error")
         raise
     finally:
-        LOOKUPS.labels(action, outcome).inc()
-        LOOKUP_SECONDS.labels(action).observe(time.perf_counter() - started)
+        LOOKUP_METRICS[action, outcome].inc()
+        LOOKUP_TIMERS[action].observe(time.perf_counter() - started)
 
 
 @api.get("/event/<scope>/<path:rest>")

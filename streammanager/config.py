@@ -96,7 +96,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("bind", "SM_BIND", "127.0.0.1:5080", "address the API server listens on", host_port),
     Option("workers", "SM_WORKERS", 2, "gunicorn worker processes", positive(int)),
     Option("threads", "SM_THREADS", 4, "threads per worker", positive(int)),
-    Option("heartbeat_max_age_s", "SM_HEARTBEAT_MAX_AGE_S", 10.0,
+    Option("heartbeat_max_age_s", "SM_HEARTBEAT_MAX_AGE_S", 15.0,
            "a node whose last load report is older is not chosen", positive(float)),
     Option("reservation_ttl_s", "SM_RESERVATION_TTL_S", 30.0,
            "how long a broadcast lookup holds its origin for a stream that is not live yet", positive(float)),
@@ -118,7 +118,7 @@ class ServerSettings:
     bind: str = "127.0.0.1:5080"
     workers: int = 2
     threads: int = 4
-    heartbeat_max_age_s: float = 10.0
+    heartbeat_max_age_s: float = 15.0
     reservation_ttl_s: float = 30.0
     assignment_ttl_s: float = 3.0
     best_few: int = 2

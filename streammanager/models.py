@@ -5,10 +5,11 @@ Raw dicts from ZooKeeper are decoded here and nowhere else. A record that cannot
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
+
+import orjson
 
 SCHEMA_VERSION = 1
 
@@ -112,6 +113,8 @@ class NodeRecord:
     cpu: float = 0.0
     updated_ms: int = 0
     started_ms: int = 0
+    # the decoded JSON of ``streams``, kept to recognise an unchanged stream map in the next report
+    raw_streams: Mapping[str, list] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -138,6 +141,8 @@ class NodeRecord:
         return self.publishers if self.role == ROLE_ORIGIN else self.subscribers
 
     def with_changes(self, **changes: Any) -> "NodeRecord":
+        if "streams" in changes:
+            changes["raw_streams"] = None
         return replace(self, **changes)
 
     def to_json(self) -> bytes:
@@ -157,16 +162,32 @@ class NodeRecord:
             "updated_ms": self.updated_ms,
             "started_ms": self.started_ms,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return orjson.dumps(doc)
 
     @classmethod
-    def from_json(cls, data: bytes) -> "NodeRecord":
+    def from_json(cls, data: bytes, previous: "NodeRecord | None" = None) -> "NodeRecord":
+        """Decode a record. With ``previous`` (the same node's last record), stream entries whose JSON
+        is unchanged reuse its already validated objects: a node rewrites its record every second or
+        two, and most of its streams have not changed since."""
         doc = _load(data)
         try:
-            streams = {}
-            for key, raw in doc.get("streams", {}).items():
-                StreamKey.parse(key)
-                streams[key] = StreamLoad.from_json(raw)
+            raw_streams = doc.get("streams", {})
+            if not isinstance(raw_streams, dict):
+                raise RecordError("streams must be an object")
+            old_raw = previous.raw_streams if previous is not None else None
+            if old_raw is not None and raw_streams == old_raw:
+                streams = previous.streams  # a heartbeat: nothing changed
+            else:
+                streams = {}
+                old = previous.streams if previous is not None else {}
+                old_raw = old_raw or {}
+                for key, raw in raw_streams.items():
+                    kept = old.get(key)
+                    if kept is not None and old_raw.get(key) == raw:
+                        streams[key] = kept
+                        continue
+                    StreamKey.parse(key)
+                    streams[key] = StreamLoad.from_json(raw)
             return cls(
                 id=doc["id"],
                 group=doc["group"],
@@ -181,6 +202,7 @@ class NodeRecord:
                 cpu=float(doc.get("cpu", 0.0)),
                 updated_ms=int(doc.get("updated_ms", 0)),
                 started_ms=int(doc.get("started_ms", 0)),
+                raw_streams=raw_streams,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"bad node record: {exc}") from exc
@@ -196,11 +218,8 @@ class StreamRecord:
     start_ms: int
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"schema": SCHEMA_VERSION, "node_id": self.node_id, "session_id": self.session_id,
-             "start_ms": self.start_ms},
-            separators=(",", ":"),
-        ).encode()
+        return orjson.dumps({"schema": SCHEMA_VERSION, "node_id": self.node_id,
+                             "session_id": self.session_id, "start_ms": self.start_ms})
 
     @classmethod
     def from_json(cls, data: bytes) -> "StreamRecord":
@@ -219,10 +238,7 @@ class Reservation:
     expires_ms: int
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {"schema": SCHEMA_VERSION, "node_id": self.node_id, "expires_ms": self.expires_ms},
-            separators=(",", ":"),
-        ).encode()
+        return orjson.dumps({"schema": SCHEMA_VERSION, "node_id": self.node_id, "expires_ms": self.expires_ms})
 
     @classmethod
     def from_json(cls, data: bytes) -> "Reservation":
@@ -235,7 +251,7 @@ class Reservation:
 
 def _load(data: bytes) -> dict:
     try:
-        doc = json.loads(data)
+        doc = orjson.loads(data)
     except (TypeError, ValueError) as exc:
         raise RecordError(f"record is not JSON: {exc}") from exc
     if not isinstance(doc, dict):

@@ -94,7 +94,7 @@ class Assignments:
 
 class Placement:
     def __init__(self, view: RegistryView, client: KazooClient, paths: ZkPaths, *,
-                 heartbeat_max_age_s: float = 10.0, reservation_ttl_s: float = 30.0,
+                 heartbeat_max_age_s: float = 15.0, reservation_ttl_s: float = 30.0,
                  assignment_ttl_s: float = 3.0, best_few: int = 2, rng: random.Random | None = None):
         self.view = view
         self._client = client
@@ -140,7 +140,9 @@ class Placement:
             group=group, now_ms=now, max_heartbeat_age_ms=self._max_age_ms,
             pending=self.assignments.snapshot(now),
         )
-        result = select(req, lambda r: self.view.candidates(role, r), self.view.regions(role), self._rng)
+        preferred = self.view.carriers(key, role) if role == ROLE_EDGE else ()
+        result = select(req, lambda r: self.view.candidates(role, r), self.view.regions(role), self._rng,
+                        best_few=self._best_few, preferred=preferred)
         if result.node is None:
             log.info("no node for lookup: %s", result.reason,
                      extra={"scope": key.scope, "stream": key.name, "role": role, "region": region})

@@ -97,8 +97,10 @@ class RegistryView:
         self._paths = paths
         self._cache: TreeCache | None = None
         self._nodes: dict[str, Candidate] = {}
+        self._slice_members: dict[tuple[str, str], dict[str, Candidate]] = {}
         self._by_role_region: dict[tuple[str, str], tuple[Candidate, ...]] = {}
-        self._by_role: dict[str, tuple[Candidate, ...]] = {}
+        self._by_role: dict[str, tuple[int, tuple[Candidate, ...]]] = {}  # role -> (version, nodes)
+        self._version = 0  # grows with every applied change
         self._regions: dict[str, tuple[str, ...]] = {}
         self._origin_of: dict[str, str] = {}  # "scope/name" -> origin node id publishing it
         self._carriers: dict[str, frozenset[str]] = {}  # "scope/name" -> node ids carrying it
@@ -189,8 +191,9 @@ class RegistryView:
         if event.event_type == TreeEvent.NODE_REMOVED:
             self._apply(node_id, None)
             return
+        previous = self._nodes.get(node_id)
         try:
-            record = NodeRecord.from_json(event.event_data.data)
+            record = NodeRecord.from_json(event.event_data.data, previous.node if previous else None)
         except RecordError as exc:
             self.decode_errors += 1
             log.warning("ignoring node record %s: %s", node_id, exc)
@@ -203,46 +206,64 @@ class RegistryView:
         self._apply(node_id, record)
 
     def _apply(self, node_id: str, record: NodeRecord | None) -> None:
+        """Update the indexes for one node, touching only what changed: a node reports every second
+        or two, and at a thousand nodes a rescan per report would eat the API's CPU."""
         old = self._nodes.get(node_id)
-        old_keys = set(old.node.streams) if old else set()
-        new_keys = set(record.streams) if record else set()
+        old_node = old.node if old else None
         if record is None:
             self._nodes.pop(node_id, None)
         else:
             self._nodes[node_id] = Candidate.of(record)
-        # indexes by role and region, rebuilt only for the slices that changed
+        # role/region slices: copy-on-write tuples, rebuilt from the slice's own members only
         slices = set()
-        if old:
-            slices.add((old.node.role, old.node.region))
-        if record:
+        if old_node is not None:
+            slices.add((old_node.role, old_node.region))
+            self._slice_members.get((old_node.role, old_node.region), {}).pop(node_id, None)
+        if record is not None:
             slices.add((record.role, record.region))
-        for role, region in slices:
-            members = tuple(c for c in self._nodes.values() if c.node.role == role and c.node.region == region)
+            self._slice_members.setdefault((record.role, record.region), {})[node_id] = self._nodes[node_id]
+        for sl in slices:
+            members = self._slice_members.get(sl)
             if members:
-                self._by_role_region[(role, region)] = members
+                self._by_role_region[sl] = tuple(members.values())
             else:
-                self._by_role_region.pop((role, region), None)
-        for role in {r for r, _ in slices}:
-            self._by_role[role] = tuple(c for c in self._nodes.values() if c.node.role == role)
-            self._regions[role] = tuple(sorted({c.node.region for c in self._by_role[role]}))
-        # the stream index
-        for key in old_keys | new_keys:
-            carriers = set(self._carriers.get(key, ()))
-            if key in new_keys:
-                carriers.add(node_id)
-            else:
-                carriers.discard(node_id)
-            if carriers:
-                self._carriers[key] = frozenset(carriers)
-            else:
-                self._carriers.pop(key, None)
-            self._reindex_origin(key)
+                self._slice_members.pop(sl, None)
+                self._by_role_region.pop(sl, None)
+        if old_node is None or record is None or (old_node.role, old_node.region) != (record.role, record.region):
+            for role in {r for r, _ in slices}:
+                self._regions[role] = tuple(sorted(reg for r, reg in self._slice_members if r == role))
+        self._version += 1
+        # the stream index: carriers change when a stream appears or leaves; the origin mapping also
+        # when an origin's publishing state of a stream changes
+        old_streams = old_node.streams if old_node else {}
+        new_streams = record.streams if record else {}
+        is_origin = (record or old_node).role == ROLE_ORIGIN
+        for key in old_streams.keys() - new_streams.keys():
+            self._drop_carrier(key, node_id)
+        for key in new_streams.keys() - old_streams.keys():
+            self._carriers[key] = self._carriers.get(key, frozenset()) | {node_id}
+            if is_origin:
+                self._reindex_origin(key)
+        if is_origin and old_streams and new_streams:
+            for key, load in new_streams.items():
+                before = old_streams.get(key)
+                if before is not None and (before.publishing, before.start_ms) != (load.publishing, load.start_ms):
+                    self._reindex_origin(key)
         self._last_change_ms = now_ms()
         for listener in self._listeners:
             try:
                 listener(node_id, record)
             except Exception:  # a listener must not break the cache thread
                 log.exception("registry listener failed")
+
+    def _drop_carrier(self, key: str, node_id: str) -> None:
+        carriers = self._carriers.get(key, frozenset()) - {node_id}
+        if carriers:
+            self._carriers[key] = carriers
+        else:
+            self._carriers.pop(key, None)
+        if self._origin_of.get(key) == node_id or not carriers:
+            self._reindex_origin(key)
 
     def _reindex_origin(self, key: str) -> None:
         best: tuple[int, str] | None = None
@@ -268,10 +289,28 @@ class RegistryView:
     def nodes(self) -> list[NodeRecord]:
         return [c.node for c in list(self._nodes.values())]
 
-    def candidates(self, role: str, region: str | None) -> list[Candidate]:
-        if region is None:
-            return list(self._by_role.get(role, ()))
-        return list(self._by_role_region.get((role, region), ()))
+    def candidates(self, role: str, region: str | None) -> tuple[Candidate, ...]:
+        """Nodes of ``role`` in ``region`` (None: every region): an immutable snapshot."""
+        if region is not None:
+            return self._by_role_region.get((role, region), ())
+        version = self._version
+        cached = self._by_role.get(role)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        # rebuilt lazily: only lookups without any region need every region's nodes
+        everyone = tuple(c for (r, _), members in list(self._by_role_region.items()) if r == role
+                         for c in members)
+        self._by_role[role] = (version, everyone)
+        return everyone
+
+    def carriers(self, key: StreamKey, role: str) -> list[Candidate]:
+        """Nodes of ``role`` that carry the stream now."""
+        out = []
+        for node_id in self._carriers.get(str(key), ()):
+            cand = self._nodes.get(node_id)
+            if cand is not None and cand.node.role == role:
+                out.append(cand)
+        return out
 
     def regions(self, role: str) -> tuple[str, ...]:
         return self._regions.get(role, ())

@@ -36,7 +36,7 @@ class LookupRequest:
     near_region: str | None = None  # where to measure distance from when no region is requested
     group: str | None = None  # only nodes of this group (subscribe: the origin's group)
     now_ms: int = 0
-    max_heartbeat_age_ms: int = 10_000
+    max_heartbeat_age_ms: int = 15_000
     pending: Mapping[str, int] = field(default_factory=dict)  # answers not yet seen in load reports
 
 
@@ -176,46 +176,75 @@ def run_filters(candidates: list[Candidate], req: LookupRequest, filters: Sequen
     return candidates
 
 
-def select(req: LookupRequest, candidates_in: Callable[[str | None], list[Candidate]],
+def sample(candidates: Sequence[Candidate], preferred: Sequence[Candidate], rng: random.Random,
+           size: int) -> Sequence[Candidate]:
+    """At most ``size`` random candidates, plus every preferred one (nodes carrying the stream).
+
+    Scoring the best of a random sample balances load almost as well as scoring everyone ("best of
+    d choices", Kubernetes' percentageOfNodesToScore) and keeps a lookup's cost flat as regions grow.
+    """
+    if len(candidates) <= size:
+        return candidates
+    chosen = rng.sample(candidates, size)
+    if preferred:
+        ids = {c.node.id for c in chosen}
+        chosen.extend(c for c in preferred if c.node.id not in ids)
+    return chosen
+
+
+def select(req: LookupRequest, candidates_in: Callable[[str | None], Sequence[Candidate]],
            regions: Iterable[str], rng: random.Random,
-           filters: Sequence[Filter] = DEFAULT_FILTERS) -> Selection:
+           filters: Sequence[Filter] = DEFAULT_FILTERS, *, best_few: int = 2,
+           preferred: Sequence[Candidate] = (), sample_size: int = 16) -> Selection:
     """Choose a node for ``req``.
 
     ``candidates_in(region)`` gives the nodes of ``req.role`` in one region (``None``: every region);
-    ``regions`` lists the regions that have nodes of that role. The requested region is tried first;
-    unless ``strict``, the nearest region with a surviving node is taken when it has none.
+    ``regions`` lists the regions that have nodes of that role; ``preferred`` are candidates that carry
+    the stream already (any region). The requested region is tried first; unless ``strict``, the
+    nearest region with a surviving node is taken when it has none. Within a region a random sample
+    of ``sample_size`` (plus the preferred) is scored; only when no sampled node survives are all of
+    them filtered, so a lookup is refused only when no node at all can take it.
     """
     removed: dict[str, int] = {}
     weighers = weighers_for(req.role)
     reference = req.region or req.near_region
 
+    def survivors_in(region: str | None) -> list[Candidate]:
+        everyone = candidates_in(region)
+        mine = [c for c in preferred if region is None or c.node.region == region]
+        sampled = sample(everyone, mine, rng, sample_size)
+        if len(sampled) < len(everyone):
+            found = run_filters(sampled, req, filters, {})
+            if found:
+                return found
+        return run_filters(everyone, req, filters, removed)
+
+    def choose(survivors: list[Candidate]) -> Selection:
+        if len(survivors) == 1:
+            return Selection(survivors[0].node, removed)
+        weights = weigh(survivors, req, weighers)
+        return Selection(pick(survivors, weights, rng, best_few).node, removed)
+
     if req.region is not None:
-        survivors = run_filters(candidates_in(req.region), req, filters, removed)
+        survivors = survivors_in(req.region)
         if survivors:
-            return _choose(survivors, req, weighers, rng, removed)
+            return choose(survivors)
         if req.strict:
             return Selection(None, removed, _explain(req, removed, f"in region {req.region} (strict)"))
 
     if reference is None:
-        survivors = run_filters(candidates_in(None), req, filters, removed)
+        survivors = survivors_in(None)
         if survivors:
-            return _choose(survivors, req, weighers, rng, removed)
+            return choose(survivors)
         return Selection(None, removed, _explain(req, removed, "in any region"))
 
     # Nearest region first: walk the other regions by distance until one has a survivor.
     others = sorted((r for r in regions if r != req.region), key=lambda r: (distance_km(reference, r), r))
     for region in others:
-        survivors = run_filters(candidates_in(region), req, filters, removed)
+        survivors = survivors_in(region)
         if survivors:
-            return _choose(survivors, req, weighers, rng, removed)
+            return choose(survivors)
     return Selection(None, removed, _explain(req, removed, "in any region"))
-
-
-def _choose(survivors, req, weighers, rng, removed) -> Selection:
-    if len(survivors) == 1:
-        return Selection(survivors[0].node, removed)
-    weights = weigh(survivors, req, weighers)
-    return Selection(pick(survivors, weights, rng).node, removed)
 
 
 def _explain(req: LookupRequest, removed: Mapping[str, int], where: str) -> str:

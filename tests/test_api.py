@@ -243,3 +243,17 @@ def test_metrics_count_lookups(api, cluster):
     text = api.get("/metrics").get_data(as_text=True)
     assert 'sm_lookups_total{action="broadcast",outcome="ok"}' in text
     assert "sm_view_nodes 4.0" in text
+
+
+def test_an_idle_agent_only_heartbeats_but_reports_a_change_at_once(api, make_node, zk, zk_root):
+    node = make_node("edge", "us-east-1", report_interval_s=0.2, heartbeat_interval_s=1.0)
+    path = f"{zk_root}/v1/nodes/{node.id}"
+    _, first = zk.get(path)
+    time.sleep(2.6)
+    _, idle = zk.get(path)
+    assert 1 <= idle.version - first.version <= 3  # heartbeats, not a rewrite every report interval
+    make_node("origin", "us-east-1").publish("hb")
+    wait_until(lambda: api.get(f"{P}/event/live/hb/stats").status_code == 200, what="live")
+    node.play("hb", clientid="v")
+    wait_until(lambda: zk.get(path)[1].version > idle.version and b"live/hb" in zk.get(path)[0], 0.8,
+               what="the change reported well before the next heartbeat")

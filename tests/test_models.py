@@ -76,3 +76,22 @@ def test_names_that_cannot_be_one_path_segment_are_refused_with_the_reason(name,
 def test_a_stream_key_answers_its_scope_with_a_leading_slash():
     key = StreamKey.parse("live/demo")
     assert (key.scope_path, key.name, str(key)) == ("/live", "demo", "live/demo")
+
+
+def test_decoding_against_the_previous_record_reuses_unchanged_streams_and_sees_changes():
+    first = node(streams={"live/a": StreamLoad(1, 0, True, 5), "live/b": StreamLoad(2, 0, True, 5)})
+    previous = NodeRecord.from_json(first.to_json())
+    changed = node(streams={"live/a": StreamLoad(1, 0, True, 5), "live/b": StreamLoad(3, 0, True, 5),
+                            "live/c": StreamLoad(0, 0, True, 9)})
+    decoded = NodeRecord.from_json(changed.to_json(), previous)
+    assert decoded == changed
+    assert decoded.streams["live/a"] is previous.streams["live/a"]
+    assert decoded.streams["live/b"].subscribers == 3
+
+
+def test_decoding_against_a_previous_record_still_refuses_a_bad_new_stream():
+    previous = NodeRecord.from_json(node(streams={"live/a": StreamLoad(1, 0, True, 5)}).to_json())
+    doc = json.loads(previous.to_json())
+    doc["streams"]["live/../x"] = [0, 0, 1, 0]
+    with pytest.raises(RecordError):
+        NodeRecord.from_json(json.dumps(doc).encode(), previous)

@@ -121,3 +121,28 @@ def test_distances_rank_neighbours_first():
     assert distance_km("eu-west-1", "eu-west-2") < distance_km("eu-west-1", "us-east-1")
     assert 5000 < distance_km("us-east-1", "eu-west-1") < 6500
     assert distance_km("us-east-1", "unknown-zone") > 40000
+
+
+def test_in_a_big_region_an_edge_carrying_the_stream_is_still_found():
+    nodes = [make(f"e{i}", viewers=10) for i in range(200)]
+    carrying = make("carrier", viewers=30, streams={"live/demo": StreamLoad(5, 0, True, 1)})
+    cands = [Candidate.of(n) for n in nodes + [carrying]]
+    for seed in range(20):
+        result = select(LookupRequest(role="edge", stream_key="live/demo", region="us-east-1", now_ms=NOW),
+                        lambda region: list(cands), ["us-east-1"], random.Random(seed),
+                        preferred=[cands[-1]])
+        assert result.node.id == "carrier"
+
+
+def test_in_a_big_region_a_lone_free_node_is_found_even_when_the_sample_misses_it():
+    nodes = [make(f"full{i}", capacity=10, viewers=10) for i in range(300)] + [make("free", capacity=10)]
+    for seed in range(10):
+        assert choose(nodes, random.Random(seed), region="us-east-1").node.id == "free"
+    result = choose(nodes[:300], region="us-east-1")
+    assert result.node is None and result.removed["capacity"] == 300
+
+
+def test_sampled_selection_still_balances_a_big_region():
+    nodes = [make(f"e{i}", capacity=1000, viewers=(i % 10) * 90) for i in range(200)]
+    picks = [choose(nodes, random.Random(seed), region="us-east-1").node for seed in range(200)]
+    assert sum(p.used for p in picks) / len(picks) < 150  # the region's average load is 405
