@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated regions [default us-east-1,eu-west-1]")
     demo.add_argument("--media", choices=("none", "nginx"), default="none",
                       help="media server of the nodes [default none: simulated nodes]")
+    demo.add_argument("--agent-base-port", type=int, default=8700,
+                      help="agents' HTTP ports start here [default 8700]")
     demo.add_argument("--work-dir", type=Path, default=Path("var/demo"), help="state and logs [default var/demo]")
     return parser
 

@@ -42,7 +42,7 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
-        shown = "(set)" if opt.secret else opt.default
+        shown = ("unset" if opt.default is None else "(hidden)") if opt.secret else opt.default
         parser.add_argument(
             opt.flag, dest=opt.field, default=None, choices=opt.choices,
             help=f"{opt.help} [env {opt.env}, default {shown!s}]",

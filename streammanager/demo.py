@@ -1,0 +1,90 @@
+"""``streammanager demo``: a local cluster and what to type to use it, until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from streammanager import logs
+from streammanager.localcluster import ClusterError, LocalCluster, default_layout
+
+
+def usage(cluster: LocalCluster, regions: list[str]) -> str:
+    api = f"{cluster.api_url}/streammanager/api/2.0"
+    first, second = regions[0], regions[-1]
+    lines = [
+        "",
+        "streammanager demo is running:",
+        f"  API          {cluster.api_url}   (admin token: {cluster.access_token})",
+        f"  ZooKeeper    {cluster.zk_hosts}",
+    ]
+    lines += [f"  {n.role:<6} {n.region:<14} {n.host}  agent http://{n.host}:{n.http_port}" for n in cluster.nodes]
+    lines += [
+        "",
+        "Ask where to publish (broadcaster in %s):" % first,
+        f"  curl -s '{api}/event/live/demo?action=broadcast&region={first}'",
+    ]
+    if cluster.media == "none":
+        origin = next(n for n in cluster.nodes if n.role == "origin" and n.region == first)
+        edge = next(n for n in cluster.nodes if n.role == "edge" and n.region == second)
+        lines += [
+            "The nodes are simulated (--media none): publish and play by calling their agents' hooks,",
+            "exactly as nginx-rtmp would:",
+            f"  curl -s -d call=publish -d app=live -d name=demo -d clientid=1 http://{origin.host}:{origin.http_port}/hooks/nginx",
+            f"Ask where to play (viewer in {second}), then play from that edge:",
+            f"  curl -s '{api}/event/live/demo?action=subscribe&region={second}'",
+            f"  curl -s -d call=play -d app=live -d name=demo -d clientid=2 http://{edge.host}:{edge.http_port}/hooks/nginx",
+        ]
+    else:
+        lines += [
+            "Publish a test pattern to the origin it names (serverAddress):",
+            "  ffmpeg -re -f lavfi -i testsrc=size=640x360:rate=30 -f lavfi -i sine -c:v libx264 -preset veryfast \\",
+            "    -tune zerolatency -pix_fmt yuv420p -g 30 -c:a aac -f flv rtmp://ORIGIN/live/demo",
+            "  (OBS: Settings > Stream > Custom, Server rtmp://ORIGIN/live, Stream Key demo)",
+            f"Ask where to play (viewer in {second}) and play from that edge:",
+            f"  curl -s '{api}/event/live/demo?action=subscribe&region={second}'",
+            "  ffplay rtmp://EDGE/live/demo      (or: ffmpeg -i rtmp://EDGE/live/demo -t 5 -f null -)",
+        ]
+    lines += [
+        "Watch it:",
+        f"  curl -s {api}/event/list/stats",
+        f"  curl -s '{api}/admin/node?accessToken={cluster.access_token}'",
+        f"  curl -s {cluster.api_url}/metrics",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    logs.configure("WARNING", "text")
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    if not regions:
+        print("streammanager demo: --regions is empty", file=sys.stderr)
+        return 2
+    if args.media == "nginx":
+        print("streammanager demo: real media nodes (--media nginx) are not available in this build yet; "
+              "running simulated nodes", file=sys.stderr)
+        args.media = "none"
+    cluster = LocalCluster(work_dir=args.work_dir, nodes=default_layout(regions, args.agent_base_port), api_port=args.api_port,
+                           zk_port=args.zk_port, media=args.media)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        cluster.start(progress=lambda line: print(line, flush=True))
+        print(usage(cluster, regions), flush=True)
+        while not stop.wait(2.0):
+            dead = cluster.check_alive()
+            if dead:
+                print(f"streammanager demo: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                return 1
+        return 0
+    except ClusterError as exc:
+        print(f"streammanager demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping the demo cluster...", flush=True)
+        cluster.stop()
+        print("stopped; nothing is left running.", flush=True)

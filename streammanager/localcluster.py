@@ -1,0 +1,124 @@
+"""A whole cluster on one machine: ZooKeeper, an API server and node agents on loopback addresses.
+
+Used by ``streammanager demo`` and the load test. Every process is a supervised child that dies with
+us (PR_SET_PDEATHSIG) and is stopped by ``stop()``: nothing is left running.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from streammanager.process import Supervised
+from streammanager.zookeeper import ZooKeeperConfig, ZooKeeperServer, port_is_free
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    role: str
+    region: str
+    host: str
+    http_port: int
+    capacity: int
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.role}-{self.region}-{self.host}"
+
+
+def default_layout(regions: list[str], base_port: int = 8700) -> list[NodeSpec]:
+    """An origin and an edge per region, each on its own 127.0.1.x address."""
+    specs = []
+    for i, region in enumerate(regions):
+        specs.append(NodeSpec("origin", region, f"127.0.1.{2 * i + 1}", base_port + 2 * i, 50))
+        specs.append(NodeSpec("edge", region, f"127.0.1.{2 * i + 2}", base_port + 2 * i + 1, 200))
+    return specs
+
+
+@dataclass
+class LocalCluster:
+    work_dir: Path
+    nodes: list[NodeSpec]
+    api_port: int = 5080
+    zk_port: int = 2181
+    media: str = "none"
+    access_token: str = "demo-token"
+    zk_root: str = "/streammanager"
+    _zk: ZooKeeperServer | None = None
+    _children: list[Supervised] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def zk_hosts(self) -> str:
+        return f"127.0.0.1:{self.zk_port}"
+
+    def _bin(self, name: str) -> str:
+        return str(Path(sys.executable).parent / name)
+
+    def start(self, progress=print) -> None:
+        for port, what in [(self.api_port, "API"), (self.zk_port, "ZooKeeper")] + [
+                (n.http_port, f"agent {n.node_id}") for n in self.nodes]:
+            if not port_is_free(port):
+                raise ClusterError(f"port {port} for the {what} is in use: is another cluster running?")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        progress(f"starting ZooKeeper on {self.zk_hosts}")
+        self._zk = ZooKeeperServer(ZooKeeperConfig(data_dir=self.work_dir / "zookeeper", port=self.zk_port))
+        self._zk.start()
+        env = {**os.environ, "SM_ZK_HOSTS": self.zk_hosts, "SM_ZK_ROOT": self.zk_root,
+               "SM_ACCESS_TOKEN": self.access_token, "SM_BIND": f"127.0.0.1:{self.api_port}",
+               "SM_LOG_FORMAT": "text", "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root,
+               "AGENT_LOG_FORMAT": "text"}
+        progress(f"starting the API server on {self.api_url}")
+        self._spawn("api", [self._bin("streammanager"), "serve"], env)
+        for spec in self.nodes:
+            progress(f"starting {spec.role} {spec.node_id} ({spec.region}) on {spec.host}")
+            self._spawn(spec.node_id, [
+                self._bin("node-agent"), "--role", spec.role, "--region", spec.region, "--host", spec.host,
+                "--http-port", str(spec.http_port), "--capacity", str(spec.capacity), "--media", self.media,
+                "--node-id", spec.node_id, "--work-dir", str(self.work_dir / spec.node_id)], env)
+        self._wait_ready()
+
+    def _spawn(self, name: str, argv: list[str], env: dict) -> None:
+        child = Supervised(name, argv, env=env, log_name=f"cluster.{name}")
+        child.start()
+        self._children.append(child)
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [c.name for c in self._children if not c.running]
+            if dead:
+                raise ClusterError(f"{', '.join(dead)} exited during start-up; see the log above")
+            try:
+                health = requests.get(f"{self.api_url}/healthz", timeout=1).json()
+                if health.get("nodes") == len(self.nodes):
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.2)
+        raise ClusterError(f"the cluster did not come up within {timeout_s:.0f} s")
+
+    def check_alive(self) -> list[str]:
+        return [c.name for c in self._children if not c.running]
+
+    def stop(self) -> None:
+        for child in reversed(self._children):
+            child.stop(10)
+        self._children.clear()
+        if self._zk is not None:
+            self._zk.stop()
+            self._zk = None
