@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 
@@ -14,6 +13,7 @@ from node_agent.config import AGENT_OPTIONS, AgentSettings
 from node_agent.hooks import create_hooks_app
 from streammanager import logs
 from streammanager.config import ConfigError, add_options
+from streammanager.process import stop_event_on_signals
 
 log = logging.getLogger("node_agent")
 
@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port}: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event_on_signals()
     try:
         agent.start()
     except Exception as exc:

@@ -180,17 +180,6 @@ def require_view() -> None:
         raise ServiceUnavailable("the registry view is not loaded yet (ZooKeeper unreachable?)")
 
 
-def stats_json(stream: LiveStream) -> dict:
-    return {
-        "name": stream.key.name,
-        "scope": stream.key.scope_path,
-        "serverAddress": stream.origin.host,
-        "region": stream.origin.region,
-        "currentSubscribers": stream.subscribers,
-        "startTime": stream.start_ms,
-    }
-
-
 def listing_json(stream: LiveStream) -> dict:
     return {
         "name": stream.key.name,
@@ -198,6 +187,10 @@ def listing_json(stream: LiveStream) -> dict:
         "serverAddress": stream.origin.host,
         "region": stream.origin.region,
     }
+
+
+def stats_json(stream: LiveStream) -> dict:
+    return {**listing_json(stream), "currentSubscribers": stream.subscribers, "startTime": stream.start_ms}
 
 
 def node_json(node: NodeRecord) -> dict:

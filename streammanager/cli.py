@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -78,10 +77,10 @@ def run_zookeeper(args: argparse.Namespace) -> int:
         default_data_dir,
     )
 
+    from streammanager.process import stop_event_on_signals
+
     logs.configure("INFO", "text")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event_on_signals()
     server = ZooKeeperServer(ZooKeeperConfig(data_dir=args.data_dir or default_data_dir(), port=args.port,
                                              heap_mb=args.heap_mb, tick_ms=args.tick_ms))
     try:

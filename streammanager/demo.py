@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from streammanager import logs
+from streammanager.process import stop_event_on_signals
 from streammanager.localcluster import ClusterError, LocalCluster, default_layout
 
 
@@ -69,9 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
         args.media = "none"
     cluster = LocalCluster(work_dir=args.work_dir, nodes=default_layout(regions, args.agent_base_port), api_port=args.api_port,
                            zk_port=args.zk_port, media=args.media)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event_on_signals()
     try:
         cluster.start(progress=lambda line: print(line, flush=True))
         print(usage(cluster, regions), flush=True)

@@ -188,7 +188,7 @@ class Placement:
                         timeout=RESERVATION_WRITE_TIMEOUT_S)
                 except (NoNodeError, BadVersionError):
                     pass
-        except (KazooException, TimeoutError, OSError) as exc:
+        except (KazooException, self._client.handler.timeout_exception, OSError) as exc:
             log.warning("reservation write failed (%s): answering without one", exc,
                         extra={"scope": key.scope, "stream": key.name})
         return chosen

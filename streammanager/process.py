@@ -21,6 +21,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+def stop_event_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> threading.Event:
+    """An event set by SIGTERM or Ctrl-C, for a foreground command's main thread to wait on."""
+    stop = threading.Event()
+    for sig in signals:
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 class Supervised:
     """One child process whose output lines are logged under ``log_name``."""
 

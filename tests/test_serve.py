@@ -147,3 +147,37 @@ def _up(port):
         return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
     except requests.RequestException:
         return False
+
+
+def test_a_broadcast_lookup_answers_when_zookeeper_hangs_mid_request(tmp_path, zk_root):
+    import os
+    import time
+
+    from node_agent.agent import Agent
+    from node_agent.config import AgentSettings
+    from streammanager.api import create_app
+    from streammanager.config import ServerSettings
+
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "frozen-zk", port=free_port(), tick_ms=500))
+    zk.start()
+    agent = Agent(AgentSettings(role="origin", region="us-east-1", host="127.0.1.240", http_port=free_port(),
+                                media="none", node_id="o-frozen", zk_hosts=zk.hosts, zk_root=zk_root,
+                                zk_timeout_s=30))
+    agent.start()
+    app = create_app(ServerSettings(zk_hosts=zk.hosts, zk_root=zk_root, zk_timeout_s=30), init_timeout_s=15)
+    try:
+        api = app.test_client()
+        wait_until(lambda: api.get("/healthz").get_json()["nodes"] == 1, 10, what="the node in view")
+        os.kill(zk.pid, signal.SIGSTOP)  # still "connected", but nothing answers
+        try:
+            started = time.monotonic()
+            response = api.get(f"{P}/event/live/frozen?action=broadcast")
+            assert response.status_code == 200, response.get_data(as_text=True)
+            assert response.get_json()["serverAddress"] == "127.0.1.240"
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(zk.pid, signal.SIGCONT)
+    finally:
+        app.extensions["sm"].close()
+        agent.stop()
+        zk.stop()
