@@ -107,7 +107,7 @@ class Fleet:
             key = self._rng.choice(list(record.streams))
             load = record.streams[key]
             subscribers = max(0, load.subscribers + self._rng.choice((-1, 1)))
-            streams = {**record.streams, key: replace(load, subscribers=subscribers)}
+            streams = {**record.streams, key: load._replace(subscribers=subscribers)}
             self.records[i] = replace(record, streams=streams, updated_ms=now)
         else:
             self.records[i] = replace(record, updated_ms=now)

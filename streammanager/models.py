@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import orjson
 
@@ -73,9 +73,9 @@ class StreamKey:
         return "/" + self.scope
 
 
-@dataclass(frozen=True, slots=True)
-class StreamLoad:
-    """What one node carries of one stream."""
+class StreamLoad(NamedTuple):
+    """What one node carries of one stream. A tuple of plain values: the registry view holds hundreds
+    of thousands of these, and tuples of atoms cost the garbage collector nothing."""
 
     subscribers: int = 0  # viewers playing from this node (relays excluded)
     relays: int = 0  # edges pulling this stream from this node
@@ -91,7 +91,7 @@ class StreamLoad:
             raise RecordError("stream load must be [subscribers, relays, publishing, start_ms]")
         subs, relays, publishing, start_ms = raw
         for value in (subs, relays, start_ms):
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RecordError("stream load counts must be non-negative integers")
         return cls(subs, relays, bool(publishing), start_ms)
 
@@ -113,8 +113,6 @@ class NodeRecord:
     cpu: float = 0.0
     updated_ms: int = 0
     started_ms: int = 0
-    # the decoded JSON of ``streams``, kept to recognise an unchanged stream map in the next report
-    raw_streams: Mapping[str, list] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -141,8 +139,6 @@ class NodeRecord:
         return self.publishers if self.role == ROLE_ORIGIN else self.subscribers
 
     def with_changes(self, **changes: Any) -> "NodeRecord":
-        if "streams" in changes:
-            changes["raw_streams"] = None
         return replace(self, **changes)
 
     def to_json(self) -> bytes:
@@ -174,20 +170,15 @@ class NodeRecord:
             raw_streams = doc.get("streams", {})
             if not isinstance(raw_streams, dict):
                 raise RecordError("streams must be an object")
-            old_raw = previous.raw_streams if previous is not None else None
-            if old_raw is not None and raw_streams == old_raw:
-                streams = previous.streams  # a heartbeat: nothing changed
-            else:
-                streams = {}
-                old = previous.streams if previous is not None else {}
-                old_raw = old_raw or {}
-                for key, raw in raw_streams.items():
-                    kept = old.get(key)
-                    if kept is not None and old_raw.get(key) == raw:
-                        streams[key] = kept
-                        continue
-                    StreamKey.parse(key)
-                    streams[key] = StreamLoad.from_json(raw)
+            streams = {}
+            old = previous.streams if previous is not None else {}
+            for key, raw in raw_streams.items():
+                kept = old.get(key)
+                if kept is not None and isinstance(raw, list) and tuple(raw) == kept:
+                    streams[key] = kept
+                    continue
+                StreamKey.parse(key)
+                streams[key] = StreamLoad.from_json(raw)
             return cls(
                 id=doc["id"],
                 group=doc["group"],
@@ -202,7 +193,6 @@ class NodeRecord:
                 cpu=float(doc.get("cpu", 0.0)),
                 updated_ms=int(doc.get("updated_ms", 0)),
                 started_ms=int(doc.get("started_ms", 0)),
-                raw_streams=raw_streams,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"bad node record: {exc}") from exc

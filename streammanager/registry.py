@@ -103,7 +103,7 @@ class RegistryView:
         self._version = 0  # grows with every applied change
         self._regions: dict[str, tuple[str, ...]] = {}
         self._origin_of: dict[str, str] = {}  # "scope/name" -> origin node id publishing it
-        self._carriers: dict[str, frozenset[str]] = {}  # "scope/name" -> node ids carrying it
+        self._carriers: dict[str, tuple[str, ...]] = {}  # "scope/name" -> node ids carrying it
         self._initialized = threading.Event()
         self._closed = threading.Event()
         self._starter: threading.Thread | None = None
@@ -241,7 +241,9 @@ class RegistryView:
         for key in old_streams.keys() - new_streams.keys():
             self._drop_carrier(key, node_id)
         for key in new_streams.keys() - old_streams.keys():
-            self._carriers[key] = self._carriers.get(key, frozenset()) | {node_id}
+            carriers = self._carriers.get(key, ())
+            if node_id not in carriers:
+                self._carriers[key] = carriers + (node_id,)
             if is_origin:
                 self._reindex_origin(key)
         if is_origin and old_streams and new_streams:
@@ -257,7 +259,7 @@ class RegistryView:
                 log.exception("registry listener failed")
 
     def _drop_carrier(self, key: str, node_id: str) -> None:
-        carriers = self._carriers.get(key, frozenset()) - {node_id}
+        carriers = tuple(n for n in self._carriers.get(key, ()) if n != node_id)
         if carriers:
             self._carriers[key] = carriers
         else:

@@ -85,7 +85,7 @@ def test_decoding_against_the_previous_record_reuses_unchanged_streams_and_sees_
                             "live/c": StreamLoad(0, 0, True, 9)})
     decoded = NodeRecord.from_json(changed.to_json(), previous)
     assert decoded == changed
-    assert decoded.streams["live/a"] is previous.streams["live/a"]
+    assert decoded.streams["live/a"] is previous.streams["live/a"]  # reused, not rebuilt
     assert decoded.streams["live/b"].subscribers == 3
 
 
