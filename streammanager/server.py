@@ -53,7 +53,6 @@ class ApiServer(BaseApplication):
         from streammanager import logs
         from streammanager.api import create_app
 
-        os.makedirs(self.metrics_dir, exist_ok=True)
         # The registry cache thread is CPU-bound while request threads mostly wait on sockets: with
         # the default 5 ms GIL switch interval, requests queue behind it (the convoy effect).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -91,8 +90,12 @@ def serve(settings: ServerSettings) -> int:
     # ZooKeeper client is created per worker, after the fork.
     import streammanager.api  # noqa: F401
 
+    master = os.getpid()
     try:
         ApiServer(settings, metrics_dir).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # Workers are forks of this process and leave through sys.exit(), unwinding this very frame:
+        # only the master may remove the directory the other workers still write to.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
