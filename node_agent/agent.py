@@ -14,24 +14,31 @@ import hmac
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
 from node_agent.config import AgentSettings
+from node_agent.media import NginxConfig, NginxServer
+from node_agent.relay import RelayManager
 from node_agent.state import StreamTable
 from streammanager.models import (
     ROLE_EDGE,
     ROLE_ORIGIN,
     STATE_INSERVICE,
     NodeRecord,
+    RecordError,
     StreamKey,
     StreamRecord,
 )
 from streammanager.registry import StreamClaims, ZkPaths, ensure_layout, make_client, now_ms
+from streammanager.zookeeper import free_port
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +76,38 @@ class Agent:
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
         self._log_extra = {"node_id": settings.node_id, "role": settings.role, "region": settings.region}
+        self.media: NginxServer | None = None
+        self.relays: RelayManager | None = None
+        self._own_work_dir = settings.work_dir is None
+        self.work_dir = Path(settings.work_dir or tempfile.mkdtemp(prefix=f"node-agent-{settings.node_id}-"))
+        self._reconciler: threading.Thread | None = None
+        self._absent_once: set[tuple[str, str]] = set()
+        if settings.media == "nginx":
+            self.media = NginxServer(NginxConfig(
+                work_dir=self.work_dir, host=settings.host, rtmp_port=settings.rtmp_port, stat_port=free_port(),
+                hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE))
+            if settings.role == ROLE_EDGE:
+                self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
+                                           node_id=settings.node_id, relay_secret=self.relay_secret,
+                                           resolve_origin=self.origin_address)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, connect_timeout_s: float = 30.0) -> None:
+        """Start the media server (if any), then register. Raises MediaError or a kazoo error."""
+        if self.media is not None:
+            self.media.start()
+            log.info("nginx serving RTMP on %s:%d", self.settings.host, self.settings.rtmp_port,
+                     extra=self._log_extra)
+        if self.relays is not None:
+            self.relays.start()
         self.client.start(timeout=connect_timeout_s)
         ensure_layout(self.client, self.paths)
         self.report(force=True)
         self._reporter = threading.Thread(target=self._report_loop, name="agent-reporter", daemon=True)
         self._reporter.start()
+        if self.media is not None:
+            self._reconciler = threading.Thread(target=self._reconcile_loop, name="agent-reconcile", daemon=True)
+            self._reconciler.start()
         log.info("agent registered", extra=self._log_extra)
 
     def stop(self) -> None:
@@ -93,6 +124,12 @@ class Agent:
         finally:
             self.client.close()
         log.info("agent deregistered", extra=self._log_extra)
+        if self.relays is not None:
+            self.relays.stop_all()
+        if self.media is not None:
+            self.media.stop()
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- reporting -------------------------------------------------------------------------------
     def record(self) -> NodeRecord:
@@ -228,12 +265,80 @@ class Agent:
             except KazooException:
                 pass  # registry unreachable: let the player wait for the stream
         self.table.add_player(key, clientid, relay)
+        if self.relays is not None:
+            self.relays.ensure(key)  # the player is held by nginx until the relay publishes
         self.changed()
         return Decision.allow()
 
     def on_play_done(self, key: StreamKey, clientid: str) -> None:
         if self.table.remove_player(key, clientid):
+            self._release_relay_if_unwatched(key)
             self.changed()
+
+    def _release_relay_if_unwatched(self, key: StreamKey) -> None:
+        if self.relays is not None:
+            load = self.table.loads().get(str(key))
+            if load is None or load.subscribers == 0:
+                self.relays.release(key)
+
+    # -- the media server ------------------------------------------------------------------------
+    def origin_address(self, key: StreamKey) -> str | None:
+        """host:port of the origin publishing ``key`` now, from the registry; None if not live."""
+        try:
+            owner = self.claims.owner(key)
+            if owner is None:
+                return None
+            data, _ = self.client.get_async(self.paths.node(owner.node_id)).get(timeout=2)
+            node = NodeRecord.from_json(data)
+            return f"{node.host}:{node.rtmp_port}"
+        except (KazooException, RecordError, self.client.handler.timeout_exception) as exc:
+            log.warning("cannot resolve the origin of %s: %s", key, exc, extra=self._log_extra)
+            return None
+
+    def reconcile(self) -> bool:
+        """Align the stream table with nginx's /stat: a client missing from two snapshots in a row is
+        gone (its hook was lost); a client nginx has but we do not know is counted as a player."""
+        if self.media is None:
+            return False
+        stat = self.media.stat()
+        if stat is None:
+            return False
+        changed = False
+        absent_now: set[tuple[str, str]] = set()
+        for key_text, load in self.table.snapshot().items():
+            seen = stat.get(key_text)
+            present = set(seen.clients) if seen else set()
+            publisher = seen.publisher if seen else None
+            key = StreamKey.parse(key_text)
+            for cid in load.clients:
+                if cid in present or cid == publisher:
+                    continue
+                if (key_text, cid) in self._absent_once:
+                    self.on_done(key, cid)
+                    changed = True
+                else:
+                    absent_now.add((key_text, cid))
+        for key_text, seen in stat.items():
+            try:
+                key = StreamKey.parse(key_text)
+            except RecordError:
+                continue
+            known = self.table.snapshot().get(key_text)
+            for cid in seen.clients:
+                if known is None or cid not in known.clients:
+                    self.table.add_player(key, cid, relay=False)
+                    changed = True
+        self._absent_once = absent_now
+        if changed:
+            self.changed()
+        return changed
+
+    def _reconcile_loop(self, interval_s: float = 3.0) -> None:
+        while not self._stopping.wait(interval_s):
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("reconcile with /stat failed", extra=self._log_extra)
 
     def on_done(self, key: StreamKey, clientid: str) -> None:
         """A client left (nginx-rtmp ``done``, SRS ``on_close``): whatever it was."""

@@ -11,6 +11,7 @@ from werkzeug.serving import make_server
 from node_agent.agent import Agent
 from node_agent.config import AGENT_OPTIONS, AgentSettings
 from node_agent.hooks import create_hooks_app
+from node_agent.media import MediaError
 from streammanager import logs
 from streammanager.config import ConfigError, add_options
 from streammanager.process import stop_event_on_signals
@@ -36,26 +37,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"node-agent: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    if settings.media == "nginx":
-        print("node-agent: --media nginx is not available in this build yet; run with --media none "
-              "(a simulated node)", file=sys.stderr)
+    try:
+        agent = Agent(settings)
+    except RuntimeError as exc:
+        print(f"node-agent: {exc}", file=sys.stderr)
         return 2
-
-    agent = Agent(settings)
     try:
         server = make_server(settings.http_host, settings.http_port, create_hooks_app(agent), threaded=True)
     except OSError as exc:
         print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port}: {exc}", file=sys.stderr)
         return 1
     stop = stop_event_on_signals()
-    try:
-        agent.start()
-    except Exception as exc:
-        server.server_close()
-        print(f"node-agent: cannot register in ZooKeeper at {settings.zk_hosts}: {exc}", file=sys.stderr)
-        return 1
+    # serve hooks before nginx starts: its first hook may come at once
     serving = threading.Thread(target=server.serve_forever, name="agent-http", daemon=True)
     serving.start()
+    try:
+        agent.start()
+    except MediaError as exc:
+        print(f"node-agent: {exc}", file=sys.stderr)
+        agent.stop()
+        server.shutdown()
+        return 2
+    except Exception as exc:
+        print(f"node-agent: cannot register in ZooKeeper at {settings.zk_hosts}: {exc}", file=sys.stderr)
+        agent.stop()
+        server.shutdown()
+        return 1
     log.info("agent serving hooks on %s", settings.agent_url,
              extra={"node_id": settings.node_id, "role": settings.role, "region": settings.region})
     stop.wait()

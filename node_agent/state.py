@@ -29,6 +29,12 @@ class StreamState:
         return StreamLoad(len(self.players), len(self.relays), self.publisher is not None, self.start_ms)
 
 
+@dataclass(frozen=True)
+class ClientSet:
+    publisher: str | None
+    clients: frozenset[str]
+
+
 class StreamTable:
     """Thread-safe table of streams on this node. ``version`` grows with every change."""
 
@@ -92,6 +98,13 @@ class StreamTable:
                 del self._streams[str(key)]
             self._changed()
             return True
+
+    def snapshot(self) -> dict[str, "ClientSet"]:
+        """Every stream's client ids (publisher, players and relays)."""
+        with self._lock:
+            return {key: ClientSet(s.publisher, frozenset(s.players | s.relays)
+                                   | ({s.publisher} if s.publisher else frozenset()))
+                    for key, s in self._streams.items()}
 
     def published(self) -> list[StreamState]:
         with self._lock:

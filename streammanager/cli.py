@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--zk-port", type=int, default=2181, help="ZooKeeper port [default 2181]")
     demo.add_argument("--regions", default="us-east-1,eu-west-1",
                       help="comma-separated regions [default us-east-1,eu-west-1]")
-    demo.add_argument("--media", choices=("none", "nginx"), default="none",
-                      help="media server of the nodes [default none: simulated nodes]")
+    demo.add_argument("--media", choices=("nginx", "none"), default="nginx",
+                      help="media server of the nodes: nginx-rtmp, or none for simulated nodes [default nginx]")
     demo.add_argument("--agent-base-port", type=int, default=8700,
                       help="agents' HTTP ports start here [default 8700]")
     demo.add_argument("--work-dir", type=Path, default=Path("var/demo"), help="state and logs [default var/demo]")

@@ -36,14 +36,17 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
             f"  curl -s -d call=play -d app=live -d name=demo -d clientid=2 http://{edge.host}:{edge.http_port}/hooks/nginx",
         ]
     else:
+        pick = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"rtmpUrl\"])'"
         lines += [
-            "Publish a test pattern to the origin it names (serverAddress):",
-            "  ffmpeg -re -f lavfi -i testsrc=size=640x360:rate=30 -f lavfi -i sine -c:v libx264 -preset veryfast \\",
-            "    -tune zerolatency -pix_fmt yuv420p -g 30 -c:a aac -f flv rtmp://ORIGIN/live/demo",
-            "  (OBS: Settings > Stream > Custom, Server rtmp://ORIGIN/live, Stream Key demo)",
-            f"Ask where to play (viewer in {second}) and play from that edge:",
-            f"  curl -s '{api}/event/live/demo?action=subscribe&region={second}'",
-            "  ffplay rtmp://EDGE/live/demo      (or: ffmpeg -i rtmp://EDGE/live/demo -t 5 -f null -)",
+            "Publish a test pattern to the origin the lookup names (Ctrl-C stops it):",
+            f"  URL=$(curl -s '{api}/event/live/demo?action=broadcast&region={first}' | {pick})",
+            "  ffmpeg -re -f lavfi -i testsrc=size=640x360:rate=30 -f lavfi -i sine -c:v libx264 -preset veryfast "
+            "-tune zerolatency -pix_fmt yuv420p -g 30 -c:a aac -f flv \"$URL?key=demo-key\"",
+            "  (OBS: Settings > Stream > Custom; Server: the rtmpUrl without /demo; Stream Key: demo)",
+            f"Play it in {second} from the edge the lookup names (another terminal):",
+            f"  URL=$(curl -s '{api}/event/live/demo?action=subscribe&region={second}' | {pick})",
+            "  ffplay \"$URL\"",
+            "  ffmpeg -i \"$URL\" -t 10 -f null -      # without a screen: reads 10 s and counts the frames",
         ]
     lines += [
         "Watch it:",
@@ -62,10 +65,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if not regions:
         print("streammanager demo: --regions is empty", file=sys.stderr)
         return 2
-    if args.media == "nginx":
-        print("streammanager demo: real media nodes (--media nginx) are not available in this build yet; "
-              "running simulated nodes", file=sys.stderr)
-        args.media = "none"
     cluster = LocalCluster(work_dir=args.work_dir, nodes=default_layout(regions, args.agent_base_port), api_port=args.api_port,
                            zk_port=args.zk_port, media=args.media)
     stop = stop_event_on_signals()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -89,9 +90,19 @@ class Supervised:
                 self.kill()
             except ProcessLookupError:
                 pass
+        self.kill_group()
         if self._reader is not None:
             self._reader.join(2.0)
         return self._popen.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left in the child's process group (it leads its own session)."""
+        if self._popen is None:
+            return
+        try:
+            os.killpg(self._popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def kill(self) -> None:
         if self._popen is not None and self._popen.poll() is None:

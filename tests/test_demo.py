@@ -15,15 +15,50 @@ def children_of(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_the_demo_runs_a_cluster_whose_printed_commands_work_and_ctrl_c_stops_everything(procs, tmp_path):
+def start_demo(procs, tmp_path, *extra):
     api_port, zk_port, base = free_port(), free_port(), free_port() % 20000 + 40000
     proc = procs([str(BIN / "streammanager"), "demo", "--api-port", str(api_port), "--zk-port", str(zk_port),
-                  "--agent-base-port", str(base), "--work-dir", str(tmp_path / "demo")],
+                  "--agent-base-port", str(base), "--work-dir", str(tmp_path / "demo"), *extra],
                  log_path=tmp_path / "demo.log")
     wait_until(lambda: "Ctrl-C stops everything" in proc.log() or proc.popen.poll() is not None, 60,
                what="the demo to come up")
+    assert proc.popen.poll() is None, proc.log()
+    return proc, api_port
+
+
+def stop_demo(proc, children):
+    proc.signal(signal.SIGINT)
+    assert proc.popen.wait(30) == 0
+    time.sleep(0.5)
+    for pid in children:
+        assert subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
+                              ).stdout.strip() in ("", "Z"), f"pid {pid} still running"
+    assert "nothing is left running" in proc.log()
+
+
+def test_the_demo_plays_real_video_with_the_commands_it_prints_and_ctrl_c_stops_everything(procs, tmp_path):
+    proc, api_port = start_demo(procs, tmp_path)
     out = proc.log()
-    assert proc.popen.poll() is None, out
+    children = children_of(proc.pid)
+    lines = [line.strip() for line in out.splitlines()]
+    publish_url = next(line for line in lines if line.startswith("URL=") and "broadcast" in line)
+    publish = next(line for line in lines if line.startswith("ffmpeg -re"))
+    play_url = next(line for line in lines if line.startswith("URL=") and "subscribe" in line)
+    play = next(line for line in lines if line.startswith("ffmpeg -i"))
+    publisher = procs(["bash", "-c", f"{publish_url}; exec {publish.replace('ffmpeg ', 'ffmpeg -nostdin -t 40 ', 1)}"])
+    stats = f"http://127.0.0.1:{api_port}/streammanager/api/2.0/event/live/demo/stats"
+    wait_until(lambda: requests.get(stats, timeout=2).status_code == 200, 15, what="the stream live")
+    played = subprocess.run(["bash", "-c", f"{play_url}; {play.replace('ffmpeg ', 'ffmpeg -nostdin ', 1)}"],
+                            capture_output=True, text=True, timeout=60)
+    frames = [int(n) for n in re.findall(r"frame=\s*(\d+)", played.stderr)]
+    assert played.returncode == 0 and frames and max(frames) >= 90, played.stderr[-2000:]
+    publisher.stop()
+    stop_demo(proc, children)
+
+
+def test_the_demo_with_simulated_nodes_works_through_the_hooks_it_prints(procs, tmp_path):
+    proc, api_port = start_demo(procs, tmp_path, "--media", "none")
+    out = proc.log()
     children = children_of(proc.pid)
     assert len(children) >= 6  # ZooKeeper, the API server and four agents
 
@@ -40,10 +75,4 @@ def test_the_demo_runs_a_cluster_whose_printed_commands_work_and_ctrl_c_stops_ev
     wait_until(lambda: requests.get(stats, timeout=2).json().get("currentSubscribers") == 1, 3,
                what="the viewer in the stats")
 
-    proc.signal(signal.SIGINT)
-    assert proc.popen.wait(30) == 0
-    time.sleep(0.5)
-    for pid in children:
-        assert subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
-                              ).stdout.strip() in ("", "Z"), f"pid {pid} still running"
-    assert "nothing is left running" in proc.log()
+    stop_demo(proc, children)

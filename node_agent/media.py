@@ -1,0 +1,220 @@
+"""The media server under the agent: nginx with the RTMP module, configured and supervised by us.
+
+The agent writes its own nginx.conf (RTMP on the node's address, /stat and /control on 127.0.0.1,
+every hook pointing at the agent, one nginx process so that /stat sees every client and nothing
+outlives the agent, all paths under the work directory), runs nginx in the foreground as a child,
+restarts it with backoff when it dies, and stops it with the agent.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from streammanager.process import Supervised
+
+log = logging.getLogger(__name__)
+
+RTMP_MODULE = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
+
+
+class MediaError(RuntimeError):
+    pass
+
+
+def check_installed() -> None:
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        raise MediaError("nginx is not installed: apt-get install nginx libnginx-mod-rtmp (or 'make setup')")
+    if not RTMP_MODULE.exists():
+        raise MediaError(f"the nginx RTMP module is missing ({RTMP_MODULE}): apt-get install libnginx-mod-rtmp")
+
+
+@dataclass(frozen=True)
+class NginxConfig:
+    work_dir: Path
+    host: str  # RTMP listen address (the node's serverAddress)
+    rtmp_port: int
+    stat_port: int  # HTTP on 127.0.0.1: /stat and /control
+    hook_url: str  # the agent's /hooks/nginx
+    applications: tuple[str, ...] = ("live",)
+    idle_streams: bool = True  # edges hold players until the relay publishes; origins end relays at once
+
+    def render(self) -> str:
+        w = self.work_dir
+        apps = "\n".join(f"""        application {app} {{
+            live on;
+            record off;
+            idle_streams {"on" if self.idle_streams else "off"};
+            drop_idle_publisher 10s;
+            on_publish {self.hook_url};
+            on_play {self.hook_url};
+            on_publish_done {self.hook_url};
+            on_play_done {self.hook_url};
+            on_done {self.hook_url};
+        }}""" for app in self.applications)
+        return f"""# written by node-agent: changes are overwritten at start
+daemon off;
+# One process: /stat sees every client, and it dies with the agent (a master's worker would be
+# orphaned when the master is SIGKILLed).
+master_process off;
+worker_processes 1;
+pid {w}/nginx.pid;
+error_log stderr warn;
+load_module {RTMP_MODULE};
+
+events {{
+    worker_connections 4096;
+}}
+
+rtmp {{
+    server {{
+        listen {self.host}:{self.rtmp_port};
+        chunk_size 4096;
+        notify_method post;
+        ping 10s;
+        ping_timeout 5s;
+{apps}
+    }}
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {w}/tmp/client_body;
+    proxy_temp_path {w}/tmp/proxy;
+    fastcgi_temp_path {w}/tmp/fastcgi;
+    uwsgi_temp_path {w}/tmp/uwsgi;
+    scgi_temp_path {w}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{self.stat_port};
+        location /stat {{ rtmp_stat all; }}
+        location /control {{ rtmp_control all; }}
+    }}
+}}
+"""
+
+
+@dataclass
+class StreamStat:
+    publisher: str | None = None
+    clients: set[str] = field(default_factory=set)  # every client but the publisher
+
+
+def parse_stat(xml_text: str) -> dict[str, StreamStat]:
+    """``/stat`` XML -> {"app/stream": StreamStat}, keyed by the same client ids the hooks carry."""
+    root = ET.fromstring(xml_text)
+    streams: dict[str, StreamStat] = {}
+    for app in root.iter("application"):
+        app_name = app.findtext("name", "")
+        for stream in app.iter("stream"):
+            stat = StreamStat()
+            for client in stream.findall("client"):
+                cid = client.findtext("id", "")
+                if client.find("publishing") is not None:
+                    stat.publisher = cid
+                else:
+                    stat.clients.add(cid)
+            streams[f"{app_name}/{stream.findtext('name', '')}"] = stat
+    return streams
+
+
+class NginxServer:
+    """nginx as a supervised child: restarted with backoff (1 s doubling to 30 s) while we run."""
+
+    def __init__(self, config: NginxConfig, on_restart=None):
+        self.config = config
+        self._proc: Supervised | None = None
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._on_restart = on_restart
+        self.restarts = 0
+
+    def _argv(self) -> list[str]:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        return [nginx, "-p", str(self.config.work_dir), "-c", str(self.config.work_dir / "nginx.conf"),
+                "-e", "stderr"]
+
+    def start(self, wait_s: float = 10.0) -> None:
+        check_installed()
+        work = self.config.work_dir
+        (work / "tmp").mkdir(parents=True, exist_ok=True)
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        (work / "nginx.conf").write_text(self.config.render())
+        self._spawn()
+        self._wait_ready(wait_s)
+        self._watcher = threading.Thread(target=self._watch, name="nginx-watch", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        self._proc = Supervised("nginx", self._argv(), log_name="node_agent.nginx")
+        self._proc.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _wait_ready(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and not self._proc.running:
+                raise MediaError(f"nginx exited with {self._proc.returncode} at start; see its log above")
+            if self.stat() is not None:
+                return
+            time.sleep(0.05)
+        raise MediaError(f"nginx did not answer on 127.0.0.1:{self.config.stat_port} within {wait_s:.0f} s")
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is not None and proc.running:
+                if self._stopping.wait(0.5):
+                    return
+                if proc.running:
+                    continue
+            if self._stopping.is_set():
+                return
+            if proc is not None:
+                proc.kill_group()  # anything it left behind
+            log.warning("nginx exited (code %s): restarting in %.0f s", proc.returncode if proc else None, backoff)
+            if self._stopping.wait(backoff):
+                return
+            try:
+                self._spawn()
+                self._wait_ready(10)
+                self.restarts += 1
+                backoff = 1.0
+                if self._on_restart is not None:
+                    self._on_restart()
+            except MediaError as exc:
+                log.error("nginx restart failed: %s", exc)
+                backoff = min(backoff * 2, 30.0)
+
+    def stat(self) -> dict[str, StreamStat] | None:
+        try:
+            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/stat", timeout=2)
+            if response.status_code != 200:
+                return None
+            return parse_stat(response.text)
+        except (requests.RequestException, ET.ParseError):
+            return None
+
+    def drop_publisher(self, app: str, name: str) -> bool:
+        try:
+            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/publisher",
+                                    params={"app": app, "name": name}, timeout=2)
+            return response.status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(2)
+        if self._proc is not None:
+            self._proc.stop(timeout_s)

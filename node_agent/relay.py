@@ -1,0 +1,133 @@
+"""Edge relays: one ffmpeg per stream, pulling from the stream's origin into this edge's nginx.
+
+Contract: ``ensure(key)`` on every play (idempotent: one relay per stream however many players);
+``release(key)`` when the last player leaves, which stops the relay after a grace period unless a
+player comes back. A relay that exits while players remain is restarted with backoff, its origin
+looked up again each time (so it follows a stream republished on another origin); when the stream is
+no longer live anywhere, it is not restarted. ``stop_all()`` stops every ffmpeg: SIGINT, then SIGKILL.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from streammanager.models import StreamKey
+from streammanager.process import Supervised
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 3.0
+
+
+@dataclass
+class _Relay:
+    key: StreamKey
+    proc: Supervised | None = None
+    origin: str | None = None
+    stop_at: float | None = None  # monotonic deadline once no player is left
+    next_start: float = 0.0
+    backoff_s: float = 1.0
+    starts: int = 0
+
+
+class RelayManager:
+    def __init__(self, *, edge_host: str, rtmp_port: int, node_id: str, relay_secret: str,
+                 resolve_origin: Callable[[StreamKey], str | None], grace_s: float = 5.0):
+        self._edge = f"{edge_host}:{rtmp_port}"
+        self._node_id = node_id
+        self._secret = relay_secret
+        self._resolve_origin = resolve_origin
+        self._grace_s = grace_s
+        self._relays: dict[str, _Relay] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="relays", daemon=True)
+        if shutil.which("ffmpeg") is None:
+            raise RuntimeError("ffmpeg is not installed: apt-get install ffmpeg (or 'make setup')")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ensure(self, key: StreamKey) -> None:
+        with self._lock:
+            relay = self._relays.setdefault(str(key), _Relay(key))
+            relay.stop_at = None
+        self._wake.set()
+
+    def release(self, key: StreamKey) -> None:
+        with self._lock:
+            relay = self._relays.get(str(key))
+            if relay is not None and relay.stop_at is None:
+                relay.stop_at = time.monotonic() + self._grace_s
+        self._wake.set()
+
+    def pids(self) -> dict[str, int]:
+        with self._lock:
+            return {k: r.proc.pid for k, r in self._relays.items() if r.proc is not None and r.proc.running}
+
+    def _argv(self, key: StreamKey, origin: str) -> list[str]:
+        return ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "warning", "-rw_timeout", "5000000",
+                "-i", f"rtmp://{origin}/{key.scope}/{key.name}?relay={self._node_id}",
+                "-c", "copy", "-f", "flv",
+                f"rtmp://{self._edge}/{key.scope}/{key.name}?relaykey={self._secret}"]
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(0.25)
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                relays = list(self._relays.values())
+            for relay in relays:
+                try:
+                    self._tend(relay, now)
+                except Exception:
+                    log.exception("relay supervision failed", extra={"stream": str(relay.key)})
+
+    def _tend(self, relay: _Relay, now: float) -> None:
+        running = relay.proc is not None and relay.proc.running
+        if relay.stop_at is not None and now >= relay.stop_at:
+            if relay.proc is not None:
+                relay.proc.stop(STOP_TIMEOUT_S)
+            with self._lock:
+                if self._relays.get(str(relay.key)) is relay and relay.stop_at is not None:
+                    del self._relays[str(relay.key)]
+            log.info("relay stopped: no player left", extra={"scope": relay.key.scope, "stream": relay.key.name})
+            return
+        if running or now < relay.next_start:
+            return
+        if relay.proc is not None:  # it ran and exited
+            log.info("relay exited with %s", relay.proc.returncode,
+                     extra={"scope": relay.key.scope, "stream": relay.key.name})
+            relay.proc = None
+        origin = self._resolve_origin(relay.key)
+        if origin is None:  # not live anywhere (now): try again after a back-off while players wait
+            relay.next_start = now + relay.backoff_s
+            relay.backoff_s = min(relay.backoff_s * 2, 8.0)
+            return
+        relay.proc = Supervised(f"relay-{relay.key.name}", self._argv(relay.key, origin),
+                                log_name="node_agent.relay", stop_signal=signal.SIGINT)
+        relay.proc.start()
+        relay.origin = origin
+        relay.starts += 1
+        relay.next_start = now + relay.backoff_s  # a relay that dies at once is not restarted in a loop
+        relay.backoff_s = min(relay.backoff_s * 2, 8.0) if relay.starts > 1 else relay.backoff_s
+        log.info("relay started from %s", origin, extra={"scope": relay.key.scope, "stream": relay.key.name})
+
+    def stop_all(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+        with self._lock:
+            relays = list(self._relays.values())
+            self._relays.clear()
+        for relay in relays:
+            if relay.proc is not None:
+                relay.proc.stop(STOP_TIMEOUT_S)

@@ -1,0 +1,158 @@
+"""Real video end to end: ZooKeeper, the API, node agents running nginx-rtmp, ffmpeg relays,
+an ffmpeg publisher and ffmpeg players, in two regions on loopback addresses."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from node_agent.media import NginxConfig, parse_stat
+from tests.conftest import wait_for_nodes, wait_until
+
+P = "/streammanager/api/2.0"
+PUBLISH = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc=size=320x180:rate=30",
+           "-f", "lavfi", "-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
+           "-pix_fmt", "yuv420p", "-g", "30", "-c:a", "aac", "-t", "60", "-f", "flv"]
+
+
+def frames_read(url: str, frames: int = 90, timeout_s: float = 30) -> int:
+    result = subprocess.run(["ffmpeg", "-nostdin", "-i", url, "-frames:v", str(frames), "-f", "null", "-"],
+                            capture_output=True, text=True, timeout=timeout_s)
+    counts = [int(n) for n in re.findall(r"frame=\s*(\d+)", result.stderr)]
+    return max(counts) if result.returncode == 0 and counts else 0
+
+
+def relays_of(agent_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(agent_pid), "ffmpeg"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def nginx_of(agent_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(agent_pid), "nginx"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state == "Z"
+
+
+@pytest.fixture
+def media_cluster(api, spawn_agent):
+    nodes = {
+        "us_origin": spawn_agent("origin", "us-east-1", media="nginx"),
+        "eu_edge": spawn_agent("edge", "eu-west-1", media="nginx"),
+    }
+    wait_for_nodes(api, 2)
+    return nodes
+
+
+def test_a_viewer_in_another_region_plays_the_stream_through_the_edge_its_lookup_names(api, media_cluster, procs,
+                                                                                     tmp_path):
+    broadcast = api.get(f"{P}/event/live/cam1?action=broadcast&region=us-east-1").get_json()
+    origin_host = media_cluster["us_origin"][1]
+    assert broadcast["serverAddress"] == origin_host
+    publisher = procs(PUBLISH + [f"rtmp://{origin_host}/live/cam1?key=secret-key"], log_path=tmp_path / "pub.log")
+    wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").status_code == 200, 10, what="the stream live")
+    assert [s["name"] for s in api.get(f"{P}/event/list").get_json()] == ["cam1"]
+
+    subscribe = api.get(f"{P}/event/live/cam1?action=subscribe&region=eu-west-1").get_json()
+    edge_proc, edge_host = media_cluster["eu_edge"][0], media_cluster["eu_edge"][1]
+    assert (subscribe["serverAddress"], subscribe["region"]) == (edge_host, "eu-west-1")
+    viewer = procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/cam1", "-t", "30",
+                    "-f", "null", "-"])
+    assert frames_read(f"rtmp://{edge_host}/live/cam1") >= 90
+    wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").get_json()["currentSubscribers"] >= 1, 5,
+               what="the players in /stats")
+    assert len(relays_of(edge_proc.pid)) == 1  # one relay however many players
+    origin_doc = api.get(f"{P}/admin/node/{media_cluster['us_origin'][3]}?accessToken=s3cret-token").get_json()
+    assert origin_doc["streams"][0]["relays"] == 1 and origin_doc["streams"][0]["subscribers"] == 0
+
+    stopped = time.monotonic()
+    publisher.signal(signal.SIGINT)
+    wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").status_code == 404, 3, what="stream gone within 3 s")
+    assert time.monotonic() - stopped < 3
+    viewer.stop()
+    wait_until(lambda: not relays_of(edge_proc.pid), 20, what="the edge's relay to exit")
+
+
+def test_killing_nginx_on_an_edge_is_repaired_by_its_agent(api, media_cluster, procs):
+    edge_proc, edge_host = media_cluster["eu_edge"][0], media_cluster["eu_edge"][1]
+    [nginx] = nginx_of(edge_proc.pid)
+    os.kill(nginx, signal.SIGKILL)
+    wait_until(lambda: nginx_of(edge_proc.pid) and nginx_of(edge_proc.pid) != [nginx], 10,
+               what="a new nginx under the agent")
+    origin_host = media_cluster["us_origin"][1]
+    procs(PUBLISH + [f"rtmp://{origin_host}/live/after-crash"])
+    wait_until(lambda: api.get(f"{P}/event/live/after-crash/stats").status_code == 200, 10, what="live")
+    assert frames_read(f"rtmp://{edge_host}/live/after-crash") >= 90
+
+
+def test_a_sigkilled_agent_leaves_no_nginx_or_ffmpeg_behind(api, media_cluster, procs):
+    edge_proc, edge_host = media_cluster["eu_edge"][0], media_cluster["eu_edge"][1]
+    origin_host = media_cluster["us_origin"][1]
+    procs(PUBLISH + [f"rtmp://{origin_host}/live/orphans"])
+    wait_until(lambda: api.get(f"{P}/event/live/orphans/stats").status_code == 200, 10, what="live")
+    procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/orphans", "-t", "30",
+           "-f", "null", "-"])
+    wait_until(lambda: relays_of(edge_proc.pid), 10, what="a relay on the edge")
+    children = nginx_of(edge_proc.pid) + relays_of(edge_proc.pid)
+    edge_proc.signal(signal.SIGKILL)
+    edge_proc.popen.wait(5)
+    wait_until(lambda: all(gone(pid) for pid in children), 5, what="nginx and ffmpeg to die with the agent")
+    wait_until(lambda: api.get("/healthz").get_json()["nodes"] == 1, 8, what="the edge out of the registry")
+
+
+def test_an_agent_without_the_rtmp_module_or_nginx_says_which_package_to_install(monkeypatch):
+    import node_agent.media as media
+
+    monkeypatch.setattr(media, "RTMP_MODULE", media.Path("/nonexistent/ngx_rtmp_module.so"))
+    with pytest.raises(media.MediaError, match="libnginx-mod-rtmp"):
+        media.check_installed()
+
+
+def test_the_generated_nginx_config_binds_the_node_address_and_points_every_hook_at_the_agent(tmp_path):
+    text = NginxConfig(work_dir=tmp_path, host="127.0.1.77", rtmp_port=1935, stat_port=18123,
+                       hook_url="http://127.0.1.77:9000/hooks/nginx").render()
+    assert "listen 127.0.1.77:1935;" in text and "listen 127.0.0.1:18123;" in text
+    for hook in ("on_publish", "on_play", "on_publish_done", "on_play_done", "on_done"):
+        assert f"{hook} http://127.0.1.77:9000/hooks/nginx;" in text
+    assert "worker_processes 1;" in text and "daemon off;" in text
+    assert str(tmp_path) in text and "/var/" not in text
+
+
+def test_stat_xml_is_read_by_client_id():
+    xml = """<rtmp><server><application><name>live</name><live><stream><name>cam</name>
+      <client><id>4</id><flashver>LNX 9,0,124,2</flashver><active/></client>
+      <client><id>1</id><flashver>FMLE/3.0</flashver><publishing/><active/></client>
+      <nclients>2</nclients></stream></live></application></server></rtmp>"""
+    stat = parse_stat(xml)
+    assert stat["live/cam"].publisher == "1" and stat["live/cam"].clients == {"4"}
+
+
+def test_a_lost_hook_cannot_leave_a_wrong_count(api, media_cluster, procs):
+    """A player whose play_done never came (here: a play hook for a client nginx never had) is
+    removed by the reconciliation with nginx's /stat."""
+    edge_host, edge_port = media_cluster["eu_edge"][1], media_cluster["eu_edge"][2]
+    origin_host = media_cluster["us_origin"][1]
+    procs(PUBLISH + [f"rtmp://{origin_host}/live/recon"])
+    wait_until(lambda: api.get(f"{P}/event/live/recon/stats").status_code == 200, 10, what="live")
+    procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/recon", "-t", "40",
+           "-f", "null", "-"])
+
+    def subscribers():
+        return api.get(f"{P}/event/live/recon/stats").get_json()["currentSubscribers"]
+
+    wait_until(lambda: subscribers() == 1, 10, what="the real player counted")
+    phantom = requests.post(f"http://{edge_host}:{edge_port}/hooks/nginx", timeout=5, data={
+        "call": "play", "app": "live", "name": "recon", "clientid": "99999", "addr": "127.0.0.1",
+        "flashver": "LNX 9,0,124,2"})
+    assert phantom.status_code == 200
+    wait_until(lambda: subscribers() == 2, 3, what="the phantom counted from its hook")
+    wait_until(lambda: subscribers() == 1, 12, what="the phantom removed by reconciliation")
