@@ -22,6 +22,8 @@ from streammanager.process import Supervised
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 3.0
+NOT_LIVE_RETRY_S = 0.5
+RUNNING_RESETS_BACKOFF_S = 10.0  # a relay that ran this long starts its back-off afresh
 
 
 @dataclass
@@ -33,6 +35,7 @@ class _Relay:
     next_start: float = 0.0
     backoff_s: float = 1.0
     starts: int = 0
+    started_at: float = 0.0
 
 
 class RelayManager:
@@ -92,6 +95,8 @@ class RelayManager:
 
     def _tend(self, relay: _Relay, now: float) -> None:
         running = relay.proc is not None and relay.proc.running
+        if running and relay.started_at and now - relay.started_at > RUNNING_RESETS_BACKOFF_S:
+            relay.backoff_s = 1.0
         if relay.stop_at is not None and now >= relay.stop_at:
             if relay.proc is not None:
                 relay.proc.stop(STOP_TIMEOUT_S)
@@ -107,15 +112,15 @@ class RelayManager:
                      extra={"scope": relay.key.scope, "stream": relay.key.name})
             relay.proc = None
         origin = self._resolve_origin(relay.key)
-        if origin is None:  # not live anywhere (now): try again after a back-off while players wait
-            relay.next_start = now + relay.backoff_s
-            relay.backoff_s = min(relay.backoff_s * 2, 8.0)
+        if origin is None:  # not live anywhere now: players wait; look again soon (a registry read)
+            relay.next_start = now + NOT_LIVE_RETRY_S
             return
         relay.proc = Supervised(f"relay-{relay.key.name}", self._argv(relay.key, origin),
                                 log_name="node_agent.relay", stop_signal=signal.SIGINT)
         relay.proc.start()
         relay.origin = origin
         relay.starts += 1
+        relay.started_at = now
         relay.next_start = now + relay.backoff_s  # a relay that dies at once is not restarted in a loop
         relay.backoff_s = min(relay.backoff_s * 2, 8.0) if relay.starts > 1 else relay.backoff_s
         log.info("relay started from %s", origin, extra={"scope": relay.key.scope, "stream": relay.key.name})

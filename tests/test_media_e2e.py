@@ -156,3 +156,33 @@ def test_a_lost_hook_cannot_leave_a_wrong_count(api, media_cluster, procs):
     assert phantom.status_code == 200
     wait_until(lambda: subscribers() == 2, 3, what="the phantom counted from its hook")
     wait_until(lambda: subscribers() == 1, 12, what="the phantom removed by reconciliation")
+
+
+def test_an_origin_failover_resumes_the_edge_viewer_without_reconnecting(api, spawn_agent, procs, tmp_path):
+    first = spawn_agent("origin", "us-east-1", media="nginx")
+    second = spawn_agent("origin", "us-east-1", media="nginx")
+    edge = spawn_agent("edge", "us-east-1", media="nginx")
+    wait_for_nodes(api, 3)
+
+    def origin_for_broadcast():
+        return api.get(f"{P}/event/live/fo?action=broadcast&region=us-east-1").get_json()["serverAddress"]
+
+    chosen = origin_for_broadcast()
+    old, new = (first, second) if chosen == first[1] else (second, first)
+    procs(PUBLISH + [f"rtmp://{old[1]}/live/fo"])
+    wait_until(lambda: api.get(f"{P}/event/live/fo/stats").status_code == 200, 10, what="live")
+    progress = tmp_path / "viewer.progress"
+    viewer = procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge[1]}/live/fo", "-t", "60",
+                    "-f", "null", "-", "-progress", str(progress), "-stats_period", "0.5"])
+
+    def frames():
+        found = re.findall(r"frame=(\d+)", progress.read_text()) if progress.exists() else []
+        return int(found[-1]) if found else 0
+
+    wait_until(lambda: frames() >= 60, 15, what="the viewer playing")
+    old[0].signal(signal.SIGKILL)  # the origin dies with its nginx
+    wait_until(lambda: origin_for_broadcast() == new[1], 10, what="the lookup to answer the other origin")
+    before = frames()
+    procs(PUBLISH + [f"rtmp://{new[1]}/live/fo"])
+    wait_until(lambda: frames() >= before + 60, 20, what="the same viewer receiving video again")
+    assert viewer.popen.poll() is None  # never reconnected: the same process kept playing
