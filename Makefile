@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := zookeeper nginx libnginx-mod-rtmp ffmpeg wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages venv test demo bench loadtest clean
+.PHONY: setup system-packages venv test demo bench bench-media loadtest clean
 
 setup: system-packages venv
 
@@ -35,6 +35,9 @@ demo: setup
 
 bench: setup
 	$(PY) loadtests/bench_lookup.py
+
+bench-media: setup
+	$(PY) loadtests/bench_media.py
 
 loadtest: setup
 	$(PY) loadtests/run_locust.py

@@ -42,6 +42,9 @@ from streammanager.zookeeper import free_port
 
 log = logging.getLogger(__name__)
 
+NGINX_RELAY_FLASHVER = "ngx-local-relay"
+PULL_PENDING_S = 5.0
+
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Decision:
     allowed: bool
     status: int = 200
     message: str = "OK"
+    location: str | None = None  # a 3xx answer's target (nginx-rtmp pulls an rtmp:// location)
 
     @classmethod
     def allow(cls) -> "Decision":
@@ -82,11 +86,13 @@ class Agent:
         self.work_dir = Path(settings.work_dir or tempfile.mkdtemp(prefix=f"node-agent-{settings.node_id}-"))
         self._reconciler: threading.Thread | None = None
         self._absent_once: set[tuple[str, str]] = set()
+        self._pulls: dict[str, float] = {}  # stream -> when nginx was told to pull it
+        self._pull_lock = threading.Lock()
         if settings.media == "nginx":
             self.media = NginxServer(NginxConfig(
                 work_dir=self.work_dir, host=settings.host, rtmp_port=settings.rtmp_port, stat_port=free_port(),
                 hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE))
-            if settings.role == ROLE_EDGE:
+            if settings.role == ROLE_EDGE and settings.relay == "ffmpeg":
                 self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
                                            node_id=settings.node_id, relay_secret=self.relay_secret,
                                            resolve_origin=self.origin_address)
@@ -212,10 +218,19 @@ class Agent:
         extra = {**self._log_extra, "scope": key.scope, "stream": key.name, "action": "publish"}
         if self.settings.role == ROLE_EDGE:
             given = args.get("relaykey", "")
+            if self.settings.relay == "nginx" and args.get("flashver") == NGINX_RELAY_FLASHVER:
+                # nginx's own pull, answering our 302: its addr is the URL it pulls from, which must
+                # be the stream's origin now
+                origin = self.origin_address(key)
+                pulled = args.get("addr", "").split("?", 1)[0]
+                if origin is not None and pulled == f"{origin}/{key.scope}/{key.name}":
+                    given = self.relay_secret
             if not (given and hmac.compare_digest(given.encode(), self.relay_secret.encode())):
-                log.info("refused a publisher on an edge", extra=extra)
+                log.info("refused a publisher on an edge (addr %s, flashver %s)", args.get("addr", "")[:80],
+                         args.get("flashver", "")[:40], extra=extra)
                 return Decision.refuse("edges accept no publishers: ask the stream manager for an origin")
             self.table.start_publish(key, clientid, now_ms())
+            self._end_pull(key)
             self.changed()
             return Decision.allow()
         if self.state != STATE_INSERVICE:
@@ -243,6 +258,7 @@ class Agent:
         session = self.table.end_publish(key, clientid)
         if session is None:
             return  # not the publisher (e.g. a refused duplicate)
+        self._end_pull(key)
         if self.settings.role == ROLE_ORIGIN:
             try:
                 self.claims.release(key, session)
@@ -265,9 +281,16 @@ class Agent:
             except KazooException:
                 pass  # registry unreachable: let the player wait for the stream
         self.table.add_player(key, clientid, relay)
+        self.changed()
+        if self.settings.role == ROLE_EDGE and self.settings.relay == "nginx" and self.media is not None \
+                and self._claim_pull(key):
+            origin = self.origin_address(key)
+            if origin is not None:  # nginx-rtmp pulls the stream itself (one pull per stream)
+                # ?relay= tells the origin this player is an edge's pull, not a viewer
+                return Decision(True, 302, "pull", f"rtmp://{origin}/{key.scope}/{key.name}"
+                                                   f"?relay={self.settings.node_id}")
         if self.relays is not None:
             self.relays.ensure(key)  # the player is held by nginx until the relay publishes
-        self.changed()
         return Decision.allow()
 
     def on_play_done(self, key: StreamKey, clientid: str) -> None:
@@ -280,6 +303,24 @@ class Agent:
             load = self.table.loads().get(str(key))
             if load is None or load.subscribers == 0:
                 self.relays.release(key)
+
+    def _claim_pull(self, key: StreamKey) -> bool:
+        """True for the one play that must start nginx's pull of ``key``: none is publishing here and
+        none is on its way (asked for, not yet published, less than PULL_PENDING_S ago). Players that
+        follow are held by nginx until the pull publishes."""
+        now = time.monotonic()
+        with self._pull_lock:
+            if self.table.publisher_of(key) is not None:
+                return False
+            if now - self._pulls.get(str(key), -PULL_PENDING_S) < PULL_PENDING_S:
+                return False
+            self._pulls[str(key)] = now
+            return True
+
+    def _end_pull(self, key: StreamKey) -> None:
+        """The pull asked for ``key`` has published or ended: the next play decides afresh."""
+        with self._pull_lock:
+            self._pulls.pop(str(key), None)
 
     # -- the media server ------------------------------------------------------------------------
     def origin_address(self, key: StreamKey) -> str | None:

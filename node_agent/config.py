@@ -29,6 +29,10 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "capacity: publishers on an origin (default 50), viewers on an edge (default 200)", positive(int)),
     Option("media", "AGENT_MEDIA", "nginx", "media server to run; none simulates a node", str.lower,
            ("nginx", "none")),
+    Option("relay", "AGENT_RELAY", "ffmpeg",
+           "how an edge pulls a stream from its origin: ffmpeg (one supervised relay per stream) or "
+           "nginx (nginx-rtmp's own pull, by answering on_play with the origin's URL)", str.lower,
+           ("ffmpeg", "nginx")),
     Option("node_id", "AGENT_NODE_ID", None, "node id (default: ROLE-HOST-HTTPPORT)"),
     Option("zk_hosts", "AGENT_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string"),
     Option("zk_root", "AGENT_ZK_ROOT", "/streammanager", "root znode of the cluster"),
@@ -56,6 +60,7 @@ class AgentSettings:
     rtmp_port: int = 1935
     capacity: int = 50
     media: str = "nginx"
+    relay: str = "ffmpeg"
     node_id: str = ""
     zk_hosts: str = "127.0.0.1:2181"
     zk_root: str = "/streammanager"

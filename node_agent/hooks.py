@@ -10,12 +10,11 @@ from urllib.parse import parse_qsl
 
 from flask import Flask, Response, jsonify, request
 
-from node_agent.agent import Agent, Decision
+from node_agent.agent import NGINX_RELAY_FLASHVER, Agent, Decision
 from streammanager.models import RecordError, StreamKey
 
 log = logging.getLogger(__name__)
 
-NGINX_RELAY_FLASHVER = "ngx-local-relay"
 MAX_CLIENT_ID_LENGTH = 64
 
 
@@ -44,6 +43,8 @@ def create_hooks_app(agent: Agent) -> Flask:
 
     @app.errorhandler(MalformedHook)
     def malformed(exc: MalformedHook):
+        log.warning("refused a malformed hook on %s: %s", request.path, exc,
+                    extra={"node_id": agent.settings.node_id})
         return Response(f"malformed hook: {exc}\n", status=400, mimetype="text/plain")
 
     @app.errorhandler(404)
@@ -64,7 +65,12 @@ def create_hooks_app(agent: Agent) -> Flask:
             raise MalformedHook(f"unknown call {str(call)[:40]!r}")
         if call in ("connect", "update_publish", "update_play"):
             return _nginx_answer(Decision.allow())
-        key = _key(form.get("app"), form.get("name"))
+        app_name = form.get("app")
+        if not app_name and form.get("flashver") == NGINX_RELAY_FLASHVER:
+            # nginx-rtmp's own pull reports an empty app; its addr is the URL it pulls: host:port/app/name
+            parts = form.get("addr", "").split("?", 1)[0].split("/")
+            app_name = parts[-2] if len(parts) >= 3 else app_name
+        key = _key(app_name, form.get("name"))
         clientid = _client_id(form.get("clientid"))
         args = {k: v for k, v in form.items()}
         relay = form.get("flashver", "") == NGINX_RELAY_FLASHVER or "relay" in args
@@ -128,7 +134,10 @@ def agent_streams_of(agent: Agent) -> list[StreamKey]:
 
 
 def _nginx_answer(decision: Decision) -> Response:
-    return Response(decision.message + "\n", status=decision.status, mimetype="text/plain")
+    response = Response(decision.message + "\n", status=decision.status, mimetype="text/plain")
+    if decision.location:
+        response.headers["Location"] = decision.location
+    return response
 
 
 def _srs_answer(decision: Decision) -> Response:

@@ -55,6 +55,7 @@ class LocalCluster:
     media: str = "none"
     access_token: str = "demo-token"
     zk_root: str = "/streammanager"
+    agent_args: tuple[str, ...] = ()  # extra node-agent options, e.g. ("--relay", "nginx")
     _zk: ZooKeeperServer | None = None
     _children: list[Supervised] = field(default_factory=list)
 
@@ -89,7 +90,7 @@ class LocalCluster:
             self._spawn(spec.node_id, [
                 self._bin("node-agent"), "--role", spec.role, "--region", spec.region, "--host", spec.host,
                 "--http-port", str(spec.http_port), "--capacity", str(spec.capacity), "--media", self.media,
-                "--node-id", spec.node_id, "--work-dir", str(self.work_dir / spec.node_id)], env)
+                "--node-id", spec.node_id, "--work-dir", str(self.work_dir / spec.node_id), *self.agent_args], env)
         self._wait_ready()
 
     def _spawn(self, name: str, argv: list[str], env: dict) -> None:
@@ -111,6 +112,14 @@ class LocalCluster:
                 pass
             time.sleep(0.2)
         raise ClusterError(f"the cluster did not come up within {timeout_s:.0f} s")
+
+    def agent_pid(self, node_id: str) -> int | None:
+        return next((c.pid for c in self._children if c.name == node_id), None)
+
+    def kill_agent(self, node_id: str) -> None:
+        """SIGKILL one node's agent (a crash): its media server dies with it."""
+        child = next(c for c in self._children if c.name == node_id)
+        child.kill()
 
     def check_alive(self) -> list[str]:
         return [c.name for c in self._children if not c.running]

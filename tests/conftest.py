@@ -163,6 +163,7 @@ class Proc:
     """A child process of a test, stopped by PID at teardown."""
 
     def __init__(self, argv, env=None, log_path: Path | None = None):
+        self.argv = list(argv)
         self.log_path = log_path
         out = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.popen = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out,
@@ -209,13 +210,15 @@ def procs():
 def spawn_agent(procs, zookeeper, zk_root, tmp_path):
     """Start ``node-agent --media none`` as a process; returns (proc, host, http_port, node_id)."""
 
-    def spawn(role: str, region: str, capacity: int = 100, extra_env=None, media: str = "none"):
+    def spawn(role: str, region: str, capacity: int = 100, extra_env=None, media: str = "none",
+              extra_args=()):
         host = next_loopback()
         port = free_port()
         node_id = f"{role}-{region}-{host}"
         argv = [str(BIN / "node-agent"), "--role", role, "--region", region, "--host", host,
                 "--http-port", str(port), "--capacity", str(capacity), "--media", media,
-                "--node-id", node_id, "--log-format", "text", "--work-dir", str(tmp_path / node_id)]
+                "--node-id", node_id, "--log-format", "text", "--work-dir", str(tmp_path / node_id),
+                *extra_args]
         env = {"AGENT_ZK_HOSTS": zookeeper.hosts, "AGENT_ZK_ROOT": zk_root, **(extra_env or {})}
         proc = procs(argv, env, tmp_path / f"{node_id}.log")
         wait_until(lambda: _agent_up(host, port) or proc.popen.poll() is not None, 15,

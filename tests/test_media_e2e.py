@@ -43,16 +43,17 @@ def gone(pid: int) -> bool:
     return state == "Z"
 
 
-@pytest.fixture
-def media_cluster(api, spawn_agent):
+@pytest.fixture(params=["ffmpeg"])
+def media_cluster(request, api, spawn_agent):
     nodes = {
         "us_origin": spawn_agent("origin", "us-east-1", media="nginx"),
-        "eu_edge": spawn_agent("edge", "eu-west-1", media="nginx"),
+        "eu_edge": spawn_agent("edge", "eu-west-1", media="nginx", extra_args=("--relay", request.param)),
     }
     wait_for_nodes(api, 2)
     return nodes
 
 
+@pytest.mark.parametrize("media_cluster", ["ffmpeg", "nginx"], indirect=True)
 def test_a_viewer_in_another_region_plays_the_stream_through_the_edge_its_lookup_names(api, media_cluster, procs,
                                                                                      tmp_path):
     broadcast = api.get(f"{P}/event/live/cam1?action=broadcast&region=us-east-1").get_json()
@@ -70,9 +71,16 @@ def test_a_viewer_in_another_region_plays_the_stream_through_the_edge_its_lookup
     assert frames_read(f"rtmp://{edge_host}/live/cam1") >= 90
     wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").get_json()["currentSubscribers"] >= 1, 5,
                what="the players in /stats")
-    assert len(relays_of(edge_proc.pid)) == 1  # one relay however many players
+    second_viewer = procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/cam1",
+                           "-t", "30", "-f", "null", "-"])
+    assert frames_read(f"rtmp://{edge_host}/live/cam1") >= 90
+    wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").get_json()["currentSubscribers"] >= 2, 5,
+               what="both players in /stats")
+    ffmpeg_relays = 1 if "ffmpeg" in edge_proc.argv else 0  # nginx pulls inside its own process
+    assert len(relays_of(edge_proc.pid)) == ffmpeg_relays  # one relay however many players
     origin_doc = api.get(f"{P}/admin/node/{media_cluster['us_origin'][3]}?accessToken=s3cret-token").get_json()
     assert origin_doc["streams"][0]["relays"] == 1 and origin_doc["streams"][0]["subscribers"] == 0
+    second_viewer.stop()
 
     stopped = time.monotonic()
     publisher.signal(signal.SIGINT)
@@ -80,6 +88,10 @@ def test_a_viewer_in_another_region_plays_the_stream_through_the_edge_its_lookup
     assert time.monotonic() - stopped < 3
     viewer.stop()
     wait_until(lambda: not relays_of(edge_proc.pid), 20, what="the edge's relay to exit")
+    edge_doc = api.get(f"{P}/admin/node/{media_cluster['eu_edge'][3]}?accessToken=s3cret-token").get_json()
+    wait_until(lambda: api.get(f"{P}/admin/node/{media_cluster['eu_edge'][3]}?accessToken=s3cret-token"
+                               ).get_json()["streams"] == [], 10, what="the edge carrying nothing")
+    assert edge_doc["state"] == "inservice"
 
 
 def test_killing_nginx_on_an_edge_is_repaired_by_its_agent(api, media_cluster, procs):
