@@ -77,6 +77,7 @@ class Agent:
         self._last_content: tuple | None = None
         self._last_write = 0.0
         self._wake = threading.Event()
+        self._urgent = threading.Event()
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
         self._log_extra = {"node_id": settings.node_id, "role": settings.role, "region": settings.region}
@@ -122,6 +123,7 @@ class Agent:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self._urgent.set()
         self._wake.set()
         if self._reporter is not None:
             self._reporter.join(5.0)
@@ -194,7 +196,11 @@ class Agent:
                 log.warning("stream was claimed elsewhere while this node was away: %s", owner.node_id,
                             extra={**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name})
 
-    def changed(self) -> None:
+    def changed(self, urgent: bool = False) -> None:
+        """Report soon. Load changes coalesce to one write per report interval; ``urgent`` ones (a
+        stream appearing or leaving, which lookups depend on) are written at once."""
+        if urgent:
+            self._urgent.set()
         self._wake.set()
 
     def _report_loop(self) -> None:
@@ -205,9 +211,10 @@ class Agent:
             if self._stopping.is_set():
                 break
             self._wake.clear()
+            self._urgent.clear()
             try:
                 if self.report():
-                    self._stopping.wait(self.settings.report_interval_s)
+                    self._urgent.wait(self.settings.report_interval_s)
             except KazooException as exc:
                 log.warning("load report failed: %s", exc, extra=self._log_extra)
             except Exception:
@@ -251,7 +258,7 @@ class Agent:
             log.info("refused: stream is live on %s", owner.node_id, extra=extra)
             return Decision.refuse(f"stream {key} is already live on node {owner.node_id}")
         log.info("stream published", extra=extra)
-        self.changed()
+        self.changed(urgent=True)
         return Decision.allow()
 
     def on_publish_done(self, key: StreamKey, clientid: str) -> None:
@@ -266,7 +273,7 @@ class Agent:
                 log.warning("could not release stream: %s", exc, extra=self._log_extra)
         log.info("stream unpublished", extra={**self._log_extra, "scope": key.scope, "stream": key.name,
                                                "action": "publish_done"})
-        self.changed()
+        self.changed(urgent=True)
 
     def on_play(self, key: StreamKey, clientid: str, relay: bool) -> Decision:
         if self.state == "stopping":
@@ -359,12 +366,13 @@ class Agent:
                     changed = True
                 else:
                     absent_now.add((key_text, cid))
+        table = self.table.snapshot()
         for key_text, seen in stat.items():
             try:
                 key = StreamKey.parse(key_text)
             except RecordError:
                 continue
-            known = self.table.snapshot().get(key_text)
+            known = table.get(key_text)
             for cid in seen.clients:
                 if known is None or cid not in known.clients:
                     self.table.add_player(key, cid, relay=False)

@@ -257,3 +257,18 @@ def test_an_idle_agent_only_heartbeats_but_reports_a_change_at_once(api, make_no
     node.play("hb", clientid="v")
     wait_until(lambda: zk.get(path)[1].version > idle.version and b"live/hb" in zk.get(path)[0], 0.8,
                what="the change reported well before the next heartbeat")
+
+
+def test_a_publish_reaches_lookups_at_once_even_right_after_a_load_report(api, make_node):
+    origin = make_node("origin", "us-east-1", report_interval_s=5.0)
+    edge = make_node("edge", "us-east-1", report_interval_s=5.0)
+    wait_for_nodes(api, 2)
+    origin.publish("first")
+    wait_until(lambda: api.get(f"{P}/event/live/first/stats").status_code == 200, 1.0, what="first live")
+    edge.play("first", clientid="v1")  # a load change: the edge now coalesces for 5 s
+    origin.publish("second", clientid="pub-2")  # right after the origin's last report
+    wait_until(lambda: api.get(f"{P}/event/live/second/stats").status_code == 200, 0.5,
+               what="the second stream live at once")
+    origin.hook("publish_done", "second", clientid="pub-2")
+    wait_until(lambda: api.get(f"{P}/event/live/second/stats").status_code == 404, 0.5,
+               what="the second stream gone at once")

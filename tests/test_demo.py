@@ -68,10 +68,11 @@ def test_the_demo_with_simulated_nodes_works_through_the_hooks_it_prints(procs, 
     origin = subprocess.run(broadcast, shell=True, capture_output=True, text=True, timeout=10).stdout
     assert '"scope":"/live"' in origin
     assert subprocess.run(publish, shell=True, capture_output=True, text=True, timeout=10).stdout.strip() == "OK"
+    stats = f"http://127.0.0.1:{api_port}/streammanager/api/2.0/event/live/demo/stats"
+    wait_until(lambda: requests.get(stats, timeout=2).status_code == 200, 1, what="the published stream live")
     edge = subprocess.run(subscribe, shell=True, capture_output=True, text=True, timeout=10).stdout
     assert '"region":"eu-west-1"' in edge
     assert subprocess.run(play, shell=True, capture_output=True, text=True, timeout=10).stdout.strip() == "OK"
-    stats = f"http://127.0.0.1:{api_port}/streammanager/api/2.0/event/live/demo/stats"
     wait_until(lambda: requests.get(stats, timeout=2).json().get("currentSubscribers") == 1, 3,
                what="the viewer in the stats")
 

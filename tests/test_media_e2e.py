@@ -25,6 +25,19 @@ def frames_read(url: str, frames: int = 90, timeout_s: float = 30) -> int:
     return max(counts) if result.returncode == 0 and counts else 0
 
 
+def publish_live(api, procs, origin_host: str, name: str):
+    """An ffmpeg test pattern published to ``origin_host``, once the API shows the stream live."""
+    publisher = procs(PUBLISH + [f"rtmp://{origin_host}/live/{name}"])
+    wait_until(lambda: api.get(f"{P}/event/live/{name}/stats").status_code == 200, 10, what=f"{name} live")
+    return publisher
+
+
+def watch(procs, edge_host: str, name: str, seconds: int = 30):
+    """An ffmpeg player on ``edge_host`` for ``seconds``."""
+    return procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/{name}",
+                  "-t", str(seconds), "-f", "null", "-"])
+
+
 def relays_of(agent_pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(agent_pid), "ffmpeg"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -66,13 +79,11 @@ def test_a_viewer_in_another_region_plays_the_stream_through_the_edge_its_lookup
     subscribe = api.get(f"{P}/event/live/cam1?action=subscribe&region=eu-west-1").get_json()
     edge_proc, edge_host = media_cluster["eu_edge"][0], media_cluster["eu_edge"][1]
     assert (subscribe["serverAddress"], subscribe["region"]) == (edge_host, "eu-west-1")
-    viewer = procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/cam1", "-t", "30",
-                    "-f", "null", "-"])
+    viewer = watch(procs, edge_host, "cam1")
     assert frames_read(f"rtmp://{edge_host}/live/cam1") >= 90
     wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").get_json()["currentSubscribers"] >= 1, 5,
                what="the players in /stats")
-    second_viewer = procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/cam1",
-                           "-t", "30", "-f", "null", "-"])
+    second_viewer = watch(procs, edge_host, "cam1")
     assert frames_read(f"rtmp://{edge_host}/live/cam1") >= 90
     wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").get_json()["currentSubscribers"] >= 2, 5,
                what="both players in /stats")
@@ -101,18 +112,15 @@ def test_killing_nginx_on_an_edge_is_repaired_by_its_agent(api, media_cluster, p
     wait_until(lambda: nginx_of(edge_proc.pid) and nginx_of(edge_proc.pid) != [nginx], 10,
                what="a new nginx under the agent")
     origin_host = media_cluster["us_origin"][1]
-    procs(PUBLISH + [f"rtmp://{origin_host}/live/after-crash"])
-    wait_until(lambda: api.get(f"{P}/event/live/after-crash/stats").status_code == 200, 10, what="live")
+    publish_live(api, procs, origin_host, "after-crash")
     assert frames_read(f"rtmp://{edge_host}/live/after-crash") >= 90
 
 
 def test_a_sigkilled_agent_leaves_no_nginx_or_ffmpeg_behind(api, media_cluster, procs):
     edge_proc, edge_host = media_cluster["eu_edge"][0], media_cluster["eu_edge"][1]
     origin_host = media_cluster["us_origin"][1]
-    procs(PUBLISH + [f"rtmp://{origin_host}/live/orphans"])
-    wait_until(lambda: api.get(f"{P}/event/live/orphans/stats").status_code == 200, 10, what="live")
-    procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/orphans", "-t", "30",
-           "-f", "null", "-"])
+    publish_live(api, procs, origin_host, "orphans")
+    watch(procs, edge_host, "orphans")
     wait_until(lambda: relays_of(edge_proc.pid), 10, what="a relay on the edge")
     children = nginx_of(edge_proc.pid) + relays_of(edge_proc.pid)
     edge_proc.signal(signal.SIGKILL)
@@ -153,10 +161,8 @@ def test_a_lost_hook_cannot_leave_a_wrong_count(api, media_cluster, procs):
     removed by the reconciliation with nginx's /stat."""
     edge_host, edge_port = media_cluster["eu_edge"][1], media_cluster["eu_edge"][2]
     origin_host = media_cluster["us_origin"][1]
-    procs(PUBLISH + [f"rtmp://{origin_host}/live/recon"])
-    wait_until(lambda: api.get(f"{P}/event/live/recon/stats").status_code == 200, 10, what="live")
-    procs(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", f"rtmp://{edge_host}/live/recon", "-t", "40",
-           "-f", "null", "-"])
+    publish_live(api, procs, origin_host, "recon")
+    watch(procs, edge_host, "recon", seconds=40)
 
     def subscribers():
         return api.get(f"{P}/event/live/recon/stats").get_json()["currentSubscribers"]
