@@ -83,13 +83,16 @@ class Agent:
         self._log_extra = {"node_id": settings.node_id, "role": settings.role, "region": settings.region}
         self.media: NginxServer | None = None
         self.relays: RelayManager | None = None
-        self._own_work_dir = settings.work_dir is None
-        self.work_dir = Path(settings.work_dir or tempfile.mkdtemp(prefix=f"node-agent-{settings.node_id}-"))
+        self._own_work_dir = False
+        self.work_dir: Path | None = Path(settings.work_dir) if settings.work_dir else None
         self._reconciler: threading.Thread | None = None
         self._absent_once: set[tuple[str, str]] = set()
         self._pulls: dict[str, float] = {}  # stream -> when nginx was told to pull it
         self._pull_lock = threading.Lock()
         if settings.media == "nginx":
+            if self.work_dir is None:  # only a media server needs files
+                self.work_dir = Path(tempfile.mkdtemp(prefix=f"node-agent-{settings.node_id}-"))
+                self._own_work_dir = True
             self.media = NginxServer(NginxConfig(
                 work_dir=self.work_dir, host=settings.host, rtmp_port=settings.rtmp_port, stat_port=free_port(),
                 hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE))
@@ -136,7 +139,7 @@ class Agent:
             self.relays.stop_all()
         if self.media is not None:
             self.media.stop()
-        if self._own_work_dir:
+        if self._own_work_dir and self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- reporting -------------------------------------------------------------------------------
@@ -276,8 +279,6 @@ class Agent:
         self.changed(urgent=True)
 
     def on_play(self, key: StreamKey, clientid: str, relay: bool) -> Decision:
-        if self.state == "stopping":
-            return Decision.refuse("node is stopping")
         if self.settings.role == ROLE_ORIGIN:
             if self.table.publisher_of(key) is None:
                 return Decision.refuse(f"stream {key} is not published on this origin", 404)
