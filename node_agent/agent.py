@@ -253,11 +253,11 @@ class Agent:
         try:
             owner = self.claims.claim(key, record)
         except KazooException as exc:
-            self.table.abort_publish(key, clientid)
+            self.table.end_publish(key, clientid)  # undo: refused
             log.warning("could not claim stream: %s", exc, extra=extra)
             return Decision.refuse("the registry is unreachable", 503)
         if owner.session_id != record.session_id:
-            self.table.abort_publish(key, clientid)
+            self.table.end_publish(key, clientid)  # undo: refused
             log.info("refused: stream is live on %s", owner.node_id, extra=extra)
             return Decision.refuse(f"stream {key} is already live on node {owner.node_id}")
         log.info("stream published", extra=extra)

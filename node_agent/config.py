@@ -31,7 +31,8 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            ("nginx", "none")),
     Option("relay", "AGENT_RELAY", "ffmpeg",
            "how an edge pulls a stream from its origin: ffmpeg (one supervised relay per stream) or "
-           "nginx (nginx-rtmp's own pull, by answering on_play with the origin's URL)", str.lower,
+           "nginx (experimental, for comparison only: nginx-rtmp's own pull, started by answering on_play "
+           "with the origin's URL; it ends when the player that started it leaves)", str.lower,
            ("ffmpeg", "nginx")),
     Option("node_id", "AGENT_NODE_ID", None, "node id (default: ROLE-HOST-HTTPPORT)"),
     Option("zk_hosts", "AGENT_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string"),

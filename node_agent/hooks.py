@@ -116,6 +116,8 @@ SRS_ACTIONS = {"on_connect": "connect", "on_close": "done", "on_publish": "publi
 
 def dispatch(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[str, str],
              relay: bool) -> Decision:
+    log.debug("hook %s client %s%s", call, clientid, " (relay)" if relay else "",
+              extra={"node_id": agent.settings.node_id, "scope": key.scope, "stream": key.name})
     if call == "publish":
         return agent.on_publish(key, clientid, args)
     if call == "play":

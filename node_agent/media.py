@@ -126,13 +126,11 @@ def parse_stat(xml_text: str) -> dict[str, StreamStat]:
 class NginxServer:
     """nginx as a supervised child: restarted with backoff (1 s doubling to 30 s) while we run."""
 
-    def __init__(self, config: NginxConfig, on_restart=None):
+    def __init__(self, config: NginxConfig):
         self.config = config
         self._proc: Supervised | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._on_restart = on_restart
-        self.restarts = 0
 
     def _argv(self) -> list[str]:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -187,10 +185,7 @@ class NginxServer:
             try:
                 self._spawn()
                 self._wait_ready(10)
-                self.restarts += 1
                 backoff = 1.0
-                if self._on_restart is not None:
-                    self._on_restart()
             except MediaError as exc:
                 log.error("nginx restart failed: %s", exc)
                 backoff = min(backoff * 2, 30.0)
@@ -203,14 +198,6 @@ class NginxServer:
             return parse_stat(response.text)
         except (requests.RequestException, ET.ParseError):
             return None
-
-    def drop_publisher(self, app: str, name: str) -> bool:
-        try:
-            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/publisher",
-                                    params={"app": app, "name": name}, timeout=2)
-            return response.status_code == 200
-        except requests.RequestException:
-            return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()

@@ -70,10 +70,6 @@ class RelayManager:
                 relay.stop_at = time.monotonic() + self._grace_s
         self._wake.set()
 
-    def pids(self) -> dict[str, int]:
-        with self._lock:
-            return {k: r.proc.pid for k, r in self._relays.items() if r.proc is not None and r.proc.running}
-
     def _argv(self, key: StreamKey, origin: str) -> list[str]:
         return ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "warning", "-rw_timeout", "5000000",
                 "-i", f"rtmp://{origin}/{key.scope}/{key.name}?relay={self._node_id}",

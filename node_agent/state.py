@@ -36,15 +36,11 @@ class ClientSet:
 
 
 class StreamTable:
-    """Thread-safe table of streams on this node. ``version`` grows with every change."""
+    """Thread-safe table of streams on this node."""
 
     def __init__(self) -> None:
         self._streams: dict[str, StreamState] = {}
         self._lock = threading.Lock()
-        self.version = 0
-
-    def _changed(self) -> None:
-        self.version += 1
 
     def publisher_of(self, key: StreamKey) -> str | None:
         with self._lock:
@@ -61,12 +57,7 @@ class StreamTable:
                 state.publisher = clientid
                 state.session_id = uuid.uuid4().hex
                 state.start_ms = now_ms
-                self._changed()
             return StreamState(key, state.publisher, state.session_id, state.start_ms)
-
-    def abort_publish(self, key: StreamKey, clientid: str) -> None:
-        """Undo ``start_publish`` when the registry refused the stream."""
-        self.end_publish(key, clientid)
 
     def end_publish(self, key: StreamKey, clientid: str) -> str | None:
         """Remove the publisher if it is ``clientid``; return its session id (None: not the publisher)."""
@@ -78,14 +69,12 @@ class StreamTable:
             state.publisher, state.session_id, state.start_ms = None, None, 0
             if state.empty:
                 del self._streams[str(key)]
-            self._changed()
             return session
 
     def add_player(self, key: StreamKey, clientid: str, relay: bool) -> None:
         with self._lock:
             state = self._streams.setdefault(str(key), StreamState(key))
             (state.relays if relay else state.players).add(clientid)
-            self._changed()
 
     def remove_player(self, key: StreamKey, clientid: str) -> bool:
         with self._lock:
@@ -96,7 +85,6 @@ class StreamTable:
             state.relays.discard(clientid)
             if state.empty:
                 del self._streams[str(key)]
-            self._changed()
             return True
 
     def snapshot(self) -> dict[str, "ClientSet"]:
@@ -114,10 +102,3 @@ class StreamTable:
     def loads(self) -> dict[str, StreamLoad]:
         with self._lock:
             return {key: state.load() for key, state in self._streams.items()}
-
-    def clear(self) -> list[StreamState]:
-        with self._lock:
-            gone = list(self._streams.values())
-            self._streams.clear()
-            self._changed()
-            return gone

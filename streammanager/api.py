@@ -39,6 +39,8 @@ LOOKUP_SECONDS = Histogram("sm_lookup_seconds", "Time to answer a lookup", ["act
 VIEW_NODES = Gauge("sm_view_nodes", "Nodes in this worker's registry view", multiprocess_mode="max")
 VIEW_STREAMS = Gauge("sm_view_live_streams", "Live streams in this worker's registry view",
                      multiprocess_mode="max")
+VIEW_DECODE_ERRORS = Gauge("sm_view_decode_errors", "Node records this worker dropped as undecodable",
+                           multiprocess_mode="max")
 VIEW_AGE = Gauge("sm_view_age_seconds", "Age of this worker's registry view (0 while connected)",
                  multiprocess_mode="max")
 
@@ -329,6 +331,7 @@ def metrics():
     VIEW_NODES.set(view.node_count())
     VIEW_STREAMS.set(view.stream_count())
     VIEW_AGE.set(view.age_ms() / 1000)
+    VIEW_DECODE_ERRORS.set(view.decode_errors)
     registry = current_app.config.get("PROMETHEUS_REGISTRY")
     payload = generate_latest(registry) if registry is not None else generate_latest()
     return Response(payload, mimetype=CONTENT_TYPE_LATEST)

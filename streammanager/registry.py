@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import quote, unquote
 
 from kazoo.client import KazooClient, KazooState
@@ -109,9 +108,7 @@ class RegistryView:
         self._starter: threading.Thread | None = None
         self._connected = False
         self._disconnected_since_ms: int | None = now_ms()
-        self._last_change_ms = 0
-        self.decode_errors = 0
-        self._listeners: list[Callable[[str, NodeRecord | None], None]] = []
+        self.decode_errors = 0  # node records dropped because they did not decode
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,10 +141,6 @@ class RegistryView:
         if self._cache is not None:
             self._cache.close()
         self._client.remove_listener(self._on_state)
-
-    def add_listener(self, listener: Callable[[str, NodeRecord | None], None]) -> None:
-        """``listener(node_id, record_or_None)`` after each change, on the cache's thread."""
-        self._listeners.append(listener)
 
     # -- connection state ------------------------------------------------------------------------
     def _on_state(self, state: str) -> None:
@@ -251,12 +244,6 @@ class RegistryView:
                 before = old_streams.get(key)
                 if before is not None and (before.publishing, before.start_ms) != (load.publishing, load.start_ms):
                     self._reindex_origin(key)
-        self._last_change_ms = now_ms()
-        for listener in self._listeners:
-            try:
-                listener(node_id, record)
-            except Exception:  # a listener must not break the cache thread
-                log.exception("registry listener failed")
 
     def _drop_carrier(self, key: str, node_id: str) -> None:
         carriers = tuple(n for n in self._carriers.get(key, ()) if n != node_id)
