@@ -117,16 +117,21 @@ def test_lookups_and_publishes_survive_the_loss_of_the_ensemble_leader(serve, sp
         url = serve(hosts)
         wait_until(lambda: node_count(url) == 2, 10, what="2 nodes in view")
         assert publish(o_host, o_port, "before").status_code == 200
+        before = f"{url}{P}/event/live/before?action=subscribe"
+        # both gunicorn workers know the stream (ten answers in a row reach both)
+        wait_until(lambda: all(requests.get(before, timeout=2).ok for _ in range(10)), 10,
+                   what="the stream in every worker's view")
 
         leader = next(s for s in servers if "Mode: leader" in four_letter(s.config.port, "srvr"))
         leader.kill()
-        for _ in range(20):
+        for _ in range(20):  # every answer during the fail-over comes from the views
             assert requests.get(f"{url}{P}/event/list", timeout=2).ok
+            assert requests.get(before, timeout=2).ok
         wait_until(lambda: publish(o_host, o_port, "after", clientid="p2").status_code == 200, 15,
                    what="a publish accepted by the surviving ensemble")
         wait_until(lambda: requests.get(f"{url}{P}/event/live/after/stats", timeout=2).ok, 10,
                    what="the new stream visible")
-        assert requests.get(f"{url}{P}/event/live/before?action=subscribe", timeout=2).ok
+        assert requests.get(before, timeout=2).ok
     finally:
         for server in servers:
             server.stop()
