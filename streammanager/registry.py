@@ -47,6 +47,11 @@ class ZkPaths:
         self.nodes = f"{self.base}/nodes"
         self.streams = f"{self.base}/streams"
         self.reservations = f"{self.base}/reservations"
+        self.groups = f"{self.base}/groups"
+        self.instances = f"{self.base}/instances"
+        self.election = f"{self.base}/controller/election"
+        self.callbacks = f"{self.base}/callbacks"
+        self.commands = f"{self.base}/commands"
 
     def node(self, node_id: str) -> str:
         return f"{self.nodes}/{quote(node_id, safe='')}"
@@ -56,6 +61,15 @@ class ZkPaths:
 
     def reservation(self, key: StreamKey) -> str:
         return f"{self.reservations}/{quote(key.scope, safe='')}/{quote(key.name, safe='')}"
+
+    def group(self, name: str) -> str:
+        return f"{self.groups}/{quote(name, safe='')}"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.instances}/{quote(instance_id, safe='')}"
+
+    def node_commands(self, node_id: str) -> str:
+        return f"{self.commands}/{quote(node_id, safe='')}"
 
     @staticmethod
     def decode(segment: str) -> str:

@@ -26,7 +26,8 @@ from streammanager.zookeeper import ZooKeeperConfig, ZooKeeperServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-_loopback = itertools.count(10)
+# TEST_LOOPBACK_START lets two suites run side by side without sharing 127.0.1.x:1935
+_loopback = itertools.count(int(os.environ.get("TEST_LOOPBACK_START", "10")))
 
 
 def next_loopback() -> str:
