@@ -1,0 +1,111 @@
+"""What the controller needs from a cloud: launch a tagged instance, list its own, destroy one.
+
+Every provider is a thin adapter over a libcloud ``NodeDriver`` (ours for ``local``, libcloud's for
+``ec2`` and ``gce``). Instances carry the cluster id, group, region and role as tags (EC2) or labels
+(GCE); ``list_instances`` returns only instances tagged with the given cluster id, and ``destroy``
+refuses an instance that does not carry it: the controller never touches what it did not launch.
+"""
+from __future__ import annotations
+
+import abc
+import re
+import string
+from dataclasses import dataclass, field
+
+# tag / label keys; GCE labels allow only lowercase letters, digits, '-' and '_'
+TAG_CLUSTER = "sm-cluster"
+TAG_GROUP = "sm-group"
+TAG_REGION = "sm-region"
+TAG_ROLE = "sm-role"
+
+LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+
+
+class ProviderError(RuntimeError):
+    """A provider call failed (the cloud refused it, or could not be reached)."""
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    cluster_id: str
+    group: str
+    region: str
+    role: str  # origin | edge
+    name: str  # unique instance name, lowercase letters, digits and '-'
+    image: str
+    size: str
+    boot_script: str  # user data / startup-script, already rendered
+    capacity: int
+    media: str = "nginx"  # nginx | none (the local provider runs the agent with this)
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_CLUSTER: self.cluster_id, TAG_GROUP: self.group, TAG_REGION: self.region,
+                TAG_ROLE: self.role}
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str  # provider's instance id (what destroy takes)
+    name: str
+    state: str  # libcloud NodeState value as a string: running, pending, terminated, stopped, unknown...
+    cluster_id: str
+    group: str
+    region: str
+    role: str
+    address: str | None = None  # public (or only) IP
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+class CloudProvider(abc.ABC):
+    """One cloud account (or the local machine) as the controller sees it."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def launch(self, request: LaunchRequest) -> Instance:
+        """Create one instance with the request's tags and boot script; raise ProviderError on failure."""
+
+    @abc.abstractmethod
+    def list_instances(self, cluster_id: str) -> list[Instance]:
+        """Instances (not yet gone) tagged with ``cluster_id``; raise ProviderError on failure."""
+
+    @abc.abstractmethod
+    def destroy(self, instance_id: str, cluster_id: str) -> bool:
+        """Destroy an instance of this cluster; False when it is already gone. Refuses (ProviderError)
+        an instance whose cluster tag differs."""
+
+    def close(self) -> None:
+        """Release what the provider holds (connections, local processes it must not orphan)."""
+
+
+DEFAULT_BOOT_SCRIPT = """#!/bin/sh
+# streammanager node boot script: installs and starts the node agent for this instance
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends python3-venv nginx libnginx-mod-rtmp ffmpeg
+python3 -m venv /opt/streammanager
+/opt/streammanager/bin/pip install -q '${package}'
+cat > /etc/systemd/system/node-agent.service <<UNIT
+[Unit]
+Description=streammanager node agent
+After=network-online.target
+[Service]
+Environment=AGENT_ZK_HOSTS=${zk_hosts}
+Environment=AGENT_ZK_ROOT=${zk_root}
+ExecStart=/opt/streammanager/bin/node-agent --role ${role} --region ${region} --group ${group} --capacity ${capacity} --media ${media} --node-id ${node_id} --host $$(hostname -I | cut -d' ' -f1)
+Restart=always
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl daemon-reload
+systemctl enable --now node-agent
+"""
+
+BOOT_SCRIPT_VARIABLES = ("package", "zk_hosts", "zk_root", "role", "region", "group", "capacity", "media",
+                         "node_id", "cluster_id")
+
+
+def render_boot_script(template: str, **values: object) -> str:
+    """Fill ``${name}`` placeholders; an unknown placeholder is an error (KeyError), ``$$`` is a '$'."""
+    return string.Template(template).substitute({k: str(v) for k, v in values.items()})
