@@ -124,6 +124,8 @@ class ServerSettings:
     best_few: int = 2
     log_level: str = "INFO"
     log_format: str = "json"
+    # COMMANDS_API_AUTH and its credentials (coordinator_config.COMMANDS_API_OPTIONS); None: no auth
+    commands_auth: "HttpAuth | None" = None  # noqa: F821 (its repr hides the secrets)
 
     def __repr__(self) -> str:  # never print the token
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -133,5 +135,114 @@ class ServerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None
                  ) -> "ServerSettings":
-        return cls(**resolve(SERVER_OPTIONS, args or argparse.Namespace(),
-                             os.environ if env is None else env))
+        from streammanager.coordinator_config import commands_auth_from  # it imports this module
+
+        env = os.environ if env is None else env
+        return cls(**resolve(SERVER_OPTIONS, args or argparse.Namespace(), env),
+                   commands_auth=commands_auth_from(args, env))
+
+
+def loopback_pool(text: str) -> str:
+    from streammanager.cloud.local import address_pool
+
+    address_pool(text)
+    return text
+
+
+def bind_or_off(text: str) -> str:
+    return text if text.lower() in ("", "off") else host_port(text)
+
+
+CONTROLLER_OPTIONS: tuple[Option, ...] = (
+    Option("zk_hosts", "SM_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string (host:port,...)"),
+    Option("zk_root", "SM_ZK_ROOT", "/streammanager", "root znode of this cluster"),
+    Option("zk_timeout_s", "SM_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
+    Option("cluster_id", "SM_CLUSTER_ID", "streammanager",
+           "this cluster's id, put on every instance as a tag/label; the controller touches no instance "
+           "without it (lowercase letters, digits, '-')"),
+    Option("controller_id", "SM_CONTROLLER_ID", None, "this controller's name in the election "
+           "(default: host name and pid)"),
+    Option("tick_s", "SM_CONTROLLER_TICK_S", 0.5,
+           "how often the leader advances instance lifecycles; each group's policy is evaluated at its "
+           "own evaluationIntervalS", positive(float)),
+    Option("sweep_interval_s", "SM_CONTROLLER_SWEEP_S", 30.0,
+           "how often the leader lists the providers' instances to adopt or remove strays", positive(float)),
+    Option("metrics_bind", "SM_CONTROLLER_METRICS_BIND", "off",
+           "address of the controller's Prometheus /metrics (host:port, or off)", bind_or_off),
+    Option("node_package", "SM_NODE_PACKAGE", "streammanager",
+           "what a cloud node's boot script pip-installs (a version pin or a wheel URL)"),
+    Option("local_state_dir", "SM_LOCAL_STATE_DIR", "var/local-cloud",
+           "local provider: where instances' state and logs live"),
+    Option("local_pool", "SM_LOCAL_POOL", "127.0.1.64/26",
+           "local provider: loopback addresses for instances (CIDR or first-last)", loopback_pool),
+    Option("local_http_port", "SM_LOCAL_HTTP_PORT", 8090, "local provider: agents' HTTP port",
+           positive(int)),
+    Option("local_agent_args", "SM_LOCAL_AGENT_ARGS", "",
+           "local provider: extra node-agent options, space-separated"),
+    Option("ec2_access_key", "SM_EC2_ACCESS_KEY", None, "ec2 provider: access key id", secret=True),
+    Option("ec2_secret_key", "SM_EC2_SECRET_KEY", None, "ec2 provider: secret access key", secret=True),
+    Option("ec2_region", "SM_EC2_REGION", "us-east-1", "ec2 provider: home region (where strays are looked for)"),
+    Option("ec2_endpoint", "SM_EC2_ENDPOINT", None,
+           "ec2 provider: endpoint URL instead of AWS's (e.g. a moto_server for tests)"),
+    Option("gce_project", "SM_GCE_PROJECT", None, "gce provider: project id"),
+    Option("gce_service_account", "SM_GCE_SERVICE_ACCOUNT", None, "gce provider: service account email"),
+    Option("gce_key_file", "SM_GCE_KEY_FILE", None, "gce provider: service account key file (JSON)"),
+    Option("gce_endpoint", "SM_GCE_ENDPOINT", None,
+           "gce provider: Compute API endpoint URL instead of Google's (tests)"),
+    Option("log_level", "SM_LOG_LEVEL", "INFO", "log level", str.upper,
+           ("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("log_format", "SM_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
+)
+
+_SECRET_CONTROLLER_FIELDS = ("ec2_access_key", "ec2_secret_key")
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    zk_hosts: str = "127.0.0.1:2181"
+    zk_root: str = "/streammanager"
+    zk_timeout_s: float = 4.0
+    cluster_id: str = "streammanager"
+    controller_id: str | None = None
+    tick_s: float = 0.5
+    sweep_interval_s: float = 30.0
+    metrics_bind: str = "off"
+    node_package: str = "streammanager"
+    local_state_dir: str = "var/local-cloud"
+    local_pool: str = "127.0.1.64/26"
+    local_http_port: int = 8090
+    local_agent_args: str = ""
+    ec2_access_key: str | None = None
+    ec2_secret_key: str | None = None
+    ec2_region: str = "us-east-1"
+    ec2_endpoint: str | None = None
+    gce_project: str | None = None
+    gce_service_account: str | None = None
+    gce_key_file: str | None = None
+    gce_endpoint: str | None = None
+    log_level: str = "INFO"
+    log_format: str = "json"
+    # EVENT_CALLBACK_URL, its auth and retry settings (coordinator_config.EVENT_CALLBACK_OPTIONS);
+    # None: no URL, events are consumed and none is sent
+    event_callback: "EventCallbackSettings | None" = None  # noqa: F821 (its repr hides the secrets)
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", self.cluster_id or ""):
+            raise ConfigError("SM_CLUSTER_ID: lowercase letters, digits, '-' and '_', at most 63 characters")
+
+    def __repr__(self) -> str:  # never print credentials
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _SECRET_CONTROLLER_FIELDS:
+            shown[name] = "(set)" if shown[name] else None
+        return f"ControllerSettings({shown})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None
+                 ) -> "ControllerSettings":
+        from streammanager.coordinator_config import event_callback_from  # it imports this module
+
+        env = os.environ if env is None else env
+        return cls(**resolve(CONTROLLER_OPTIONS, args or argparse.Namespace(), env),
+                   event_callback=event_callback_from(args, env))

@@ -1,0 +1,1 @@
+"""Local stand-ins for services that cannot run on a test machine (GCE has no emulator)."""
