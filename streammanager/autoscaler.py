@@ -25,12 +25,14 @@ from streammanager.groups import (
     InstanceRecord,
     NodeGroup,
     PoolLimits,
+    ScalePolicy,
 )
 from streammanager.models import STATE_DRAINING, STATE_INSERVICE, NodeRecord
 
 REQUEST_TIMEOUT_MS = 60_000  # a launch the provider never confirmed
 TERMINATE_RETRY_MS = 10_000  # how often a failing destroy is retried
-GONE_KEPT_MS = 60_000  # a gone instance without failure is listed this long, then forgotten
+GONE_KEPT_MS = 60_000
+DESTROY_FAILED = "destroy failed"  # reason prefix the controller writes after a failed attempt  # a gone instance without failure is listed this long, then forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,7 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
         return record
     if group is None and record.state in (STARTING, INSERVICE):
         return move(DRAINING, "its node group was deleted", drain=True,
-                    drain_deadline_ms=now)  # no group: no drain timeout to honour beyond the agent's
+                    drain_deadline_ms=now + _drain_ms(None))  # no group: the default drain timeout
     if record.state == STARTING:
         if node is not None:
             if node.state == STATE_DRAINING:
@@ -197,11 +199,14 @@ def _destroy_due(now: int, before: InstanceRecord, after: InstanceRecord) -> boo
     ``state_since_ms`` after each failed attempt)."""
     if after.state not in (TERMINATING, FAILED) or not after.provider_id:
         return False
-    return after is not before or now - after.state_since_ms >= TERMINATE_RETRY_MS
+    if after is not before or not after.reason.startswith(DESTROY_FAILED):
+        return True  # just moved here (by us or an operator), or never attempted
+    return now - after.state_since_ms >= TERMINATE_RETRY_MS
 
 
 def _drain_ms(group: NodeGroup | None) -> int:
-    return int((group.policy.drain_timeout_s if group is not None else 0) * 1000)
+    policy = group.policy if group is not None else ScalePolicy()
+    return int(policy.drain_timeout_s * 1000)
 
 
 def _failure_budget_spent(now: int, group: NodeGroup, records: Iterable[InstanceRecord]) -> set[str]:

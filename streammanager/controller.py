@@ -232,7 +232,7 @@ class Controller:
         except ProviderError as exc:
             DESTROYS.labels("failed").inc()
             log.warning("destroying %s failed (retrying): %s", record.id, exc, extra=_fields(record))
-            self._write(record.moved(record.state, now_ms(), f"destroy failed: {exc}"[:300]))
+            self._write(record.moved(record.state, now_ms(), f"{autoscaler.DESTROY_FAILED}: {exc}"[:300]))
             return
         DESTROYS.labels("ok").inc()
         log.info("destroyed %s", record.id, extra=_fields(record))

@@ -6,7 +6,33 @@ import sys
 
 from streammanager import logs
 from streammanager.process import stop_event_on_signals
-from streammanager.localcluster import ClusterError, LocalCluster, default_layout
+import requests
+
+from streammanager.localcluster import ClusterError, LocalCluster
+
+
+def demo_group(regions: list[str], media: str) -> dict:
+    """The demo's node group: an origin and an edge per region to start with, room to grow."""
+    return {
+        "name": "demo",
+        "launchConfig": {"provider": "local", "media": media, "capacity": {"origin": 50, "edge": 200}},
+        "regions": {r: {"origin": {"min": 1, "max": 2, "increment": 1},
+                        "edge": {"min": 1, "max": 3, "increment": 1}} for r in regions},
+        "scalePolicy": {"scaleOutAt": 0.6, "scaleInBelow": 0.2, "evaluationIntervalS": 2, "warmUpS": 5,
+                        "coolDownS": 30, "drainTimeoutS": 60},
+    }
+
+
+class Node:
+    def __init__(self, doc: dict):
+        self.role, self.region, self.host = doc["role"], doc["region"], doc["serverAddress"]
+        self.agent_url = doc["agentUrl"]
+
+
+def running_nodes(cluster: LocalCluster) -> list[Node]:
+    docs = requests.get(f"{cluster.api_url}/streammanager/api/2.0/admin/node",
+                        params={"accessToken": cluster.access_token}, timeout=5).json()
+    return sorted((Node(d) for d in docs), key=lambda n: (n.region, n.role))
 
 
 def usage(cluster: LocalCluster, regions: list[str]) -> str:
@@ -18,22 +44,24 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
         f"  API          {cluster.api_url}   (admin token: {cluster.access_token})",
         f"  ZooKeeper    {cluster.zk_hosts}",
     ]
-    lines += [f"  {n.role:<6} {n.region:<14} {n.host}  agent http://{n.host}:{n.http_port}" for n in cluster.nodes]
+    nodes = running_nodes(cluster)
+    lines += ["  controller   leads node group 'demo' (local provider): grows and shrinks it with the load"]
+    lines += [f"  {n.role:<6} {n.region:<14} {n.host}  agent {n.agent_url}" for n in nodes]
     lines += [
         "",
         "Ask where to publish (broadcaster in %s):" % first,
         f"  curl -s '{api}/event/live/demo?action=broadcast&region={first}'",
     ]
     if cluster.media == "none":
-        origin = next(n for n in cluster.nodes if n.role == "origin" and n.region == first)
-        edge = next(n for n in cluster.nodes if n.role == "edge" and n.region == second)
+        origin = next(n for n in nodes if n.role == "origin" and n.region == first)
+        edge = next(n for n in nodes if n.role == "edge" and n.region == second)
         lines += [
             "The nodes are simulated (--media none): publish and play by calling their agents' hooks,",
             "exactly as nginx-rtmp would:",
-            f"  curl -s -d call=publish -d app=live -d name=demo -d clientid=1 http://{origin.host}:{origin.http_port}/hooks/nginx",
+            f"  curl -s -d call=publish -d app=live -d name=demo -d clientid=1 {origin.agent_url}/hooks/nginx",
             f"Ask where to play (viewer in {second}), then play from that edge:",
             f"  curl -s '{api}/event/live/demo?action=subscribe&region={second}'",
-            f"  curl -s -d call=play -d app=live -d name=demo -d clientid=2 http://{edge.host}:{edge.http_port}/hooks/nginx",
+            f"  curl -s -d call=play -d app=live -d name=demo -d clientid=2 {edge.agent_url}/hooks/nginx",
         ]
     else:
         pick = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"rtmpUrl\"])'"
@@ -52,6 +80,7 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
         "Watch it:",
         f"  curl -s {api}/event/list/stats",
         f"  curl -s '{api}/admin/node?accessToken={cluster.access_token}'",
+        f"  curl -s '{api}/admin/nodegroup/demo/node?accessToken={cluster.access_token}'",
         f"  curl -s {cluster.api_url}/metrics",
         "",
         "Ctrl-C stops everything.",
@@ -65,8 +94,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if not regions:
         print("streammanager demo: --regions is empty", file=sys.stderr)
         return 2
-    cluster = LocalCluster(work_dir=args.work_dir, nodes=default_layout(regions, args.agent_base_port), api_port=args.api_port,
-                           zk_port=args.zk_port, media=args.media)
+    cluster = LocalCluster(work_dir=args.work_dir, nodes=[], api_port=args.api_port, zk_port=args.zk_port,
+                           media=args.media, group=demo_group(regions, args.media),
+                           agent_http_port=args.agent_base_port)
     stop = stop_event_on_signals()
     try:
         cluster.start(progress=lambda line: print(line, flush=True))

@@ -56,6 +56,10 @@ class LocalCluster:
     access_token: str = "demo-token"
     zk_root: str = "/streammanager"
     agent_args: tuple[str, ...] = ()  # extra node-agent options, e.g. ("--relay", "nginx")
+    # a node group for a controller (local provider) to launch, instead of fixed ``nodes``
+    group: dict | None = None
+    cluster_id: str = "demo"
+    agent_http_port: int = 8090  # the controller's local instances' HTTP port (each on its own address)
     _zk: ZooKeeperServer | None = None
     _children: list[Supervised] = field(default_factory=list)
 
@@ -85,6 +89,8 @@ class LocalCluster:
                "AGENT_LOG_FORMAT": "text"}
         progress(f"starting the API server on {self.api_url}")
         self._spawn("api", [self._bin("streammanager"), "serve"], env)
+        if self.group is not None:
+            self._start_controller(env, progress)
         for spec in self.nodes:
             progress(f"starting {spec.role} {spec.node_id} ({spec.region}) on {spec.host}")
             self._spawn(spec.node_id, [
@@ -92,6 +98,47 @@ class LocalCluster:
                 "--http-port", str(spec.http_port), "--capacity", str(spec.capacity), "--media", self.media,
                 "--node-id", spec.node_id, "--work-dir", str(self.work_dir / spec.node_id), *self.agent_args], env)
         self._wait_ready()
+
+    @property
+    def expected_nodes(self) -> int:
+        if self.group is None:
+            return len(self.nodes)
+        return len(self.nodes) + sum(pool["min"] for roles in self.group["regions"].values()
+                                     for pool in roles.values())
+
+    def controller_settings(self):
+        from streammanager.config import ControllerSettings
+
+        return ControllerSettings(zk_hosts=self.zk_hosts, zk_root=self.zk_root, cluster_id=self.cluster_id,
+                                  local_state_dir=str(self.work_dir / "local-cloud"),
+                                  local_http_port=self.agent_http_port,
+                                  local_agent_args=" ".join(["--log-format", "text", *self.agent_args]))
+
+    def _start_controller(self, env: dict, progress) -> None:
+        settings = self.controller_settings()
+        progress(f"starting the controller (local provider, instances under {settings.local_state_dir})")
+        self._spawn("controller", [self._bin("streammanager"), "controller"], {
+            **env, "SM_CLUSTER_ID": settings.cluster_id, "SM_LOCAL_STATE_DIR": settings.local_state_dir,
+            "SM_LOCAL_AGENT_ARGS": settings.local_agent_args,
+            "SM_LOCAL_HTTP_PORT": str(settings.local_http_port), "SM_CONTROLLER_METRICS_BIND": "off"})
+        self._wait_api()
+        response = requests.post(f"{self.api_url}/streammanager/api/2.0/admin/nodegroup",
+                                 params={"accessToken": self.access_token}, json=self.group, timeout=10)
+        if response.status_code != 201:
+            raise ClusterError(f"creating node group {self.group.get('name')} failed: {response.text}")
+        progress(f"node group {self.group['name']} created: the controller launches "
+                 f"{self.expected_nodes - len(self.nodes)} node(s)")
+
+    def _wait_api(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.api_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise ClusterError(f"the API did not answer within {timeout_s:.0f} s")
 
     def _spawn(self, name: str, argv: list[str], env: dict) -> None:
         child = Supervised(name, argv, env=env, log_name=f"cluster.{name}")
@@ -106,7 +153,7 @@ class LocalCluster:
                 raise ClusterError(f"{', '.join(dead)} exited during start-up; see the log above")
             try:
                 health = requests.get(f"{self.api_url}/healthz", timeout=1).json()
-                if health.get("nodes") == len(self.nodes):
+                if health.get("nodes") == self.expected_nodes:
                     return
             except (requests.RequestException, ValueError):
                 pass
@@ -128,6 +175,13 @@ class LocalCluster:
         for child in reversed(self._children):
             child.stop(10)
         self._children.clear()
+        if self.group is not None:  # the controller's instances outlive it, like VMs: destroy them
+            from streammanager.cloud import build_providers
+
+            settings = self.controller_settings()
+            for provider in build_providers(settings).values():
+                for instance in provider.list_instances(settings.cluster_id):
+                    provider.destroy(instance.id, settings.cluster_id)
         if self._zk is not None:
             self._zk.stop()
             self._zk = None

@@ -1,4 +1,5 @@
 """``streammanager demo`` brings a cluster up, its printed commands work, and Ctrl-C stops it all."""
+import json
 import re
 import signal
 import subprocess
@@ -13,6 +14,11 @@ from tests.conftest import BIN, wait_until
 def children_of(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def instance_pids(tmp_path) -> list[int]:
+    """The node agents the demo's controller launched (local provider: detached, like VMs)."""
+    return [json.loads(p.read_text())["pid"] for p in (tmp_path / "demo" / "local-cloud").glob("*.json")]
 
 
 def start_demo(procs, tmp_path, *extra):
@@ -31,15 +37,16 @@ def stop_demo(proc, children):
     assert proc.popen.wait(30) == 0
     time.sleep(0.5)
     for pid in children:
-        assert subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
-                              ).stdout.strip() in ("", "Z"), f"pid {pid} still running"
+        stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+        assert stat.strip() == "" or stat.startswith("Z"), f"pid {pid} still running"  # gone or a zombie
     assert "nothing is left running" in proc.log()
 
 
 def test_the_demo_plays_real_video_with_the_commands_it_prints_and_ctrl_c_stops_everything(procs, tmp_path):
     proc, api_port = start_demo(procs, tmp_path)
     out = proc.log()
-    children = children_of(proc.pid)
+    children = children_of(proc.pid) + instance_pids(tmp_path)
+    assert len(children) == 7  # ZooKeeper, the API server, the controller and four node agents
     lines = [line.strip() for line in out.splitlines()]
     publish_url = next(line for line in lines if line.startswith("URL=") and "broadcast" in line)
     publish = next(line for line in lines if line.startswith("ffmpeg -re"))
@@ -59,8 +66,8 @@ def test_the_demo_plays_real_video_with_the_commands_it_prints_and_ctrl_c_stops_
 def test_the_demo_with_simulated_nodes_works_through_the_hooks_it_prints(procs, tmp_path):
     proc, api_port = start_demo(procs, tmp_path, "--media", "none")
     out = proc.log()
-    children = children_of(proc.pid)
-    assert len(children) >= 6  # ZooKeeper, the API server and four agents
+    children = children_of(proc.pid) + instance_pids(tmp_path)
+    assert len(children) == 7  # ZooKeeper, the API server, the controller and four node agents
 
     commands = re.findall(r"^  (curl -s .*)$", out, re.M)
     broadcast, publish, subscribe, play = commands[0], commands[1], commands[2], commands[3]

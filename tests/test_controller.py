@@ -1,0 +1,243 @@
+"""The controller with the local provider: real ZooKeeper, real node-agent processes on 127.0.1.x.
+
+Viewers are simulated through the agents' nginx hooks (``--media none``), so load moves the way a real
+edge reports it; lookups go through the real API.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import requests
+
+from streammanager.cloud import build_providers
+from streammanager.config import ControllerSettings
+from streammanager.controller import Controller
+from streammanager.scaling_store import read_instances
+from streammanager.registry import ZkPaths
+from streammanager.zookeeper import free_port
+from tests.conftest import BIN, wait_until
+
+TOKEN = "s3cret-token"
+GROUP = "/streammanager/api/2.0/admin/nodegroup"
+
+
+def group_doc(name="g1", region="us-east-1", edge=(1, 3, 1), origin=None, capacity_edge=4, **policy):
+    roles = {"edge": dict(zip(("min", "max", "increment"), edge))}
+    if origin:
+        roles["origin"] = dict(zip(("min", "max", "increment"), origin))
+    return {"name": name,
+            "launchConfig": {"provider": "local", "media": "none",
+                             "capacity": {"origin": 10, "edge": capacity_edge}},
+            "regions": {region: roles},
+            "scalePolicy": {"scaleOutAt": 0.6, "scaleInBelow": 0.2, "evaluationIntervalS": 0.5,
+                            "warmUpS": 0.5, "coolDownS": 1, "drainTimeoutS": 30, "bootTimeoutS": 20, **policy}}
+
+
+@pytest.fixture
+def controller_settings(zookeeper, zk_root, tmp_path):
+    return ControllerSettings(
+        zk_hosts=zookeeper.hosts, zk_root=zk_root, cluster_id="test-cluster", controller_id="c1",
+        tick_s=0.2, sweep_interval_s=5, local_state_dir=str(tmp_path / "cloud"),
+        local_pool="127.0.1.160-127.0.1.200", local_http_port=free_port(),
+        local_agent_args="--log-format text --report-interval-s 0.3", log_format="text")
+
+
+class Running:
+    def __init__(self, controller: Controller):
+        self.controller = controller
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=controller.run, args=(self.stop,), daemon=True)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(20)
+
+
+@pytest.fixture
+def start_controller(controller_settings):
+    running: list[Running] = []
+
+    def start(**overrides) -> Controller:
+        settings = ControllerSettings(**{**controller_settings.__dict__, **overrides})
+        controller = Controller(settings, build_providers(settings))
+        run = Running(controller)
+        run.thread.start()
+        running.append(run)
+        return controller
+
+    yield start
+    for run in running:
+        run.close()
+    # every instance the tests launched is destroyed by PID, whatever the test did
+    for provider in build_providers(controller_settings).values():
+        for instance in provider.list_instances(controller_settings.cluster_id):
+            provider.destroy(instance.id, controller_settings.cluster_id)
+
+
+def admin(api, method, path, **kw):
+    return getattr(api, method)(f"{path}?accessToken={TOKEN}", **kw)
+
+
+def group_instances(zk, zk_root, group="g1", states=None):
+    found = read_instances(zk, ZkPaths(zk_root))
+    return sorted((r for r, _ in found.values() if r.group == group and (states is None or r.state in states)),
+                  key=lambda r: r.created_ms)
+
+
+def in_service_nodes(api, group="g1"):
+    nodes = admin(api, "get", f"{GROUP}/{group}/node").get_json()
+    return [n for n in nodes if n["state"] == "inservice"]
+
+
+def play(node: dict, stream: str, clientid: str):
+    response = requests.post(f"{node['agentUrl']}/hooks/nginx", timeout=5, data={
+        "call": "play", "app": "live", "name": stream, "clientid": clientid, "addr": "127.0.0.1"})
+    assert response.status_code == 200, response.text
+
+
+def stop_playing(node: dict, stream: str, clientid: str):
+    requests.post(f"{node['agentUrl']}/hooks/nginx", timeout=5, data={
+        "call": "play_done", "app": "live", "name": stream, "clientid": clientid, "addr": "127.0.0.1"})
+
+
+def publish(node: dict, stream: str):
+    response = requests.post(f"{node['agentUrl']}/hooks/nginx", timeout=5, data={
+        "call": "publish", "app": "live", "name": stream, "clientid": "pub", "addr": "127.0.0.1", "type": "live"})
+    assert response.status_code == 200, response.text
+
+
+def test_a_new_group_is_brought_to_its_minimum_with_registered_nodes(api, zk, zk_root, start_controller):
+    assert admin(api, "post", GROUP, json=group_doc(edge=(2, 3, 1), origin=(1, 1, 1))).status_code == 201
+    start_controller()
+    nodes = wait_until(lambda: len(in_service_nodes(api)) == 3 and in_service_nodes(api), 30,
+                       what="3 nodes in service")
+    assert sorted(n["role"] for n in nodes) == ["edge", "edge", "origin"]
+    assert {n["region"] for n in nodes} == {"us-east-1"}
+    assert len({n["serverAddress"] for n in nodes}) == 3  # each on its own loopback address
+    assert all(n["managed"] for n in nodes)
+    # a broadcaster and a viewer are sent to the launched nodes
+    origin = next(n for n in nodes if n["role"] == "origin")
+    answer = api.get("/streammanager/api/2.0/event/live/s1?action=broadcast").get_json()
+    assert answer["serverAddress"] == origin["serverAddress"]
+
+
+def test_a_group_scales_out_under_load_and_back_in_when_viewers_leave(api, zk, zk_root, start_controller):
+    assert admin(api, "post", GROUP, json=group_doc(edge=(1, 3, 1), origin=(1, 1, 1))).status_code == 201
+    start_controller()
+
+    def edges():
+        return [n for n in in_service_nodes(api) if n["role"] == "edge"]
+
+    def edge_instances(*states):
+        return [r for r in group_instances(zk, zk_root, states=states) if r.role == "edge"]
+
+    origin = wait_until(lambda: [n for n in in_service_nodes(api) if n["role"] == "origin"], 30, what="origin")[0]
+    publish(origin, "s1")
+    first = wait_until(edges, 30, what="the first edge")[0]
+    for i in range(3):  # 3 of 4 seats: 0.75 >= 0.6
+        play(first, "s1", f"v{i}")
+    wait_until(lambda: len(edges()) == 2, 30, what="a second edge after scale-out")
+    threading.Event().wait(2)  # load 3/8 is under 0.6: no third edge, and over 0.2: no scale-in
+    assert len(edge_instances("requested", "starting", "inservice")) == 2
+    for i in range(3):
+        stop_playing(first, "s1", f"v{i}")
+    # idle: one edge drained and terminated, back to min 1
+    wait_until(lambda: len(edge_instances("requested", "starting", "inservice", "draining", "terminating")) == 1,
+               30, what="scale-in back to one edge")
+    gone = edge_instances("gone")
+    assert len(gone) == 1 and gone[0].reason.startswith("drained"), gone
+    assert len(edges()) == 1
+
+
+def test_a_dead_node_is_replaced(api, zk, zk_root, start_controller, controller_settings):
+    assert admin(api, "post", GROUP, json=group_doc(edge=(1, 2, 1))).status_code == 201
+    start_controller()
+    first = wait_until(lambda: in_service_nodes(api), 30, what="the first edge")[0]
+    provider = build_providers(controller_settings)["local"]
+    instance = next(i for i in provider.list_instances("test-cluster") if i.name == first["id"])
+    os.killpg(instance.extra["pid"], signal.SIGKILL)  # the machine dies
+    replaced = wait_until(lambda: [n for n in in_service_nodes(api) if n["id"] != first["id"]], 30,
+                          what="a replacement edge")
+    assert len(replaced) == 1
+    failed = [r for r in group_instances(zk, zk_root) if r.id == first["id"]][0]
+    assert failed.failure == "node died"
+    # max holds: exactly one active instance after the replacement
+    active = group_instances(zk, zk_root, states=("requested", "starting", "inservice"))
+    assert [r.id for r in active] == [replaced[0]["id"]]
+
+
+def test_a_draining_edge_keeps_its_viewers_gets_no_new_ones_and_ends_when_empty(
+        api, zk, zk_root, start_controller):
+    assert admin(api, "post", GROUP, json=group_doc(edge=(1, 3, 1), origin=(1, 1, 1))).status_code == 201
+    start_controller()
+    origin = wait_until(lambda: [n for n in in_service_nodes(api) if n["role"] == "origin"], 30, what="origin")[0]
+    publish(origin, "s1")
+    edge = wait_until(lambda: [n for n in in_service_nodes(api) if n["role"] == "edge"], 30, what="edge")[0]
+    for i in range(3):
+        play(edge, "s1", f"v{i}")
+    second = wait_until(lambda: [n for n in in_service_nodes(api) if n["role"] == "edge"
+                                 and n["id"] != edge["id"]], 30, what="scale-out")[0]
+    response = admin(api, "post", f"/streammanager/api/2.0/admin/node/{edge['id']}/sunset")
+    assert response.status_code == 200, response.get_json()
+    wait_until(lambda: [r for r in group_instances(zk, zk_root) if r.id == edge["id"]][0].state == "draining",
+               10, what="the sunset edge to drain")
+    for _ in range(3):  # no new viewer is sent to the draining edge (the second has 4 seats)
+        answer = api.get("/streammanager/api/2.0/event/live/s1?action=subscribe").get_json()
+        assert answer["serverAddress"] == second["serverAddress"]
+    # its viewers stay: the instance is not terminated while they watch
+    threading.Event().wait(2)
+    record = [r for r in group_instances(zk, zk_root) if r.id == edge["id"]][0]
+    assert record.state == "draining"
+    for i in range(3):
+        stop_playing(edge, "s1", f"v{i}")
+    wait_until(lambda: [r for r in group_instances(zk, zk_root) if r.id == edge["id"]][0].state == "gone",
+               15, what="the drained edge to be terminated")
+
+
+def test_launch_failures_spend_the_budget_and_pause_scaling(api, zk, zk_root, start_controller, tmp_path):
+    doc = group_doc(edge=(2, 3, 1), failureBudget=2, failureWindowS=600)
+    assert admin(api, "post", GROUP, json=doc).status_code == 201
+    start_controller(local_pool="127.0.1.201-127.0.1.201")  # room for one instance only
+    wait_until(lambda: len(group_instances(zk, zk_root, states=("failed", "gone"))) >= 2, 20,
+               what="two failed launches")
+    threading.Event().wait(2)
+    records = group_instances(zk, zk_root)
+    assert len([r for r in records if r.failure]) == 2  # paused: no third attempt
+    assert len([r for r in records if r.state in ("starting", "inservice")]) == 1
+
+
+def test_killing_the_leading_controller_hands_over_without_a_double_launch(
+        api, zk, zk_root, procs, controller_settings, tmp_path):
+    assert admin(api, "post", GROUP, json=group_doc(edge=(2, 2, 1))).status_code == 201
+    env = {"SM_ZK_HOSTS": controller_settings.zk_hosts, "SM_ZK_ROOT": zk_root, "SM_CLUSTER_ID": "test-cluster",
+           "SM_LOCAL_STATE_DIR": controller_settings.local_state_dir, "SM_LOCAL_POOL": controller_settings.local_pool,
+           "SM_LOCAL_HTTP_PORT": str(controller_settings.local_http_port),
+           "SM_LOCAL_AGENT_ARGS": controller_settings.local_agent_args, "SM_CONTROLLER_TICK_S": "0.2",
+           "SM_LOG_FORMAT": "text"}
+    try:
+        first = procs([str(BIN / "streammanager"), "controller", "--controller-id", "first"], env,
+                      tmp_path / "first.log")
+        wait_until(lambda: len(in_service_nodes(api)) == 2, 30, what="two edges from the first controller")
+        second = procs([str(BIN / "streammanager"), "controller", "--controller-id", "second"], env,
+                       tmp_path / "second.log")
+        threading.Event().wait(1.5)  # the second is campaigning, not leading
+        assert "leads" not in second.log()
+        first.signal(signal.SIGKILL)
+        wait_until(lambda: "second leads" in second.log(), 15, what="the second controller to lead")
+        # the new leader keeps the same two instances and launches nothing more
+        threading.Event().wait(3)
+        records = group_instances(zk, zk_root)
+        assert len(records) == 2, [(r.id, r.state) for r in records]
+        assert all(r.state == "inservice" for r in records)
+        # and it acts: raising the minimum launches exactly one more
+        doc = group_doc(edge=(3, 3, 1))
+        assert admin(api, "put", f"{GROUP}/g1", json=doc).status_code == 200
+        wait_until(lambda: len(in_service_nodes(api)) == 3, 30, what="a third edge from the new leader")
+        assert len(group_instances(zk, zk_root)) == 3
+    finally:
+        for provider in build_providers(controller_settings).values():
+            for instance in provider.list_instances("test-cluster"):
+                provider.destroy(instance.id, "test-cluster")
