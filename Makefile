@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := zookeeper nginx libnginx-mod-rtmp ffmpeg wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages venv test demo bench bench-media loadtest clean
+.PHONY: setup system-packages venv test demo bench bench-media bench-scale loadtest clean lint-terraform
 
 setup: system-packages venv
 
@@ -36,11 +36,21 @@ demo: setup
 bench: setup
 	$(PY) loadtests/bench_lookup.py
 
+bench-scale: setup
+	$(PY) loadtests/bench_scale.py
+
 bench-media: setup
 	$(PY) loadtests/bench_media.py
 
 loadtest: setup
 	$(PY) loadtests/run_locust.py
+
+# checkov lives in its own virtualenv: it pins versions of packages the test suite needs newer.
+CHECKOV_VENV := .venv-checkov
+lint-terraform:
+	@test -x $(CHECKOV_VENV)/bin/checkov || { $(PYTHON) -m venv $(CHECKOV_VENV) && \
+	  $(CHECKOV_VENV)/bin/pip install -q --upgrade pip && $(CHECKOV_VENV)/bin/pip install -q checkov; }
+	BC_SKIP_MAPPING=TRUE $(CHECKOV_VENV)/bin/checkov -d terraform --framework terraform --quiet --compact
 
 clean:
 	rm -rf $(VENV) var *.egg-info .pytest_cache

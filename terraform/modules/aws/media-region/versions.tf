@@ -1,0 +1,12 @@
+terraform {
+  required_version = ">= 1.5.0"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.40, < 7.0"
+      # aws: the media region; aws.home: the home region (peering accepter, return routes, ZooKeeper rule)
+      configuration_aliases = [aws.home]
+    }
+  }
+}
