@@ -24,19 +24,26 @@ from pathlib import Path
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
+from node_agent.artifacts import MediaLayout
+from node_agent.commands import CommandWatcher
 from node_agent.config import AgentSettings
 from node_agent.media import NginxConfig, NginxServer
 from node_agent.relay import RelayManager
+from node_agent.sessions import SessionTracker
 from node_agent.state import StreamTable
+from node_agent.verification import KeyVerifier
 from streammanager.models import (
     ROLE_EDGE,
     ROLE_ORIGIN,
+    STATE_DRAINING,
     STATE_INSERVICE,
     NodeRecord,
     RecordError,
     StreamKey,
     StreamRecord,
 )
+from streammanager.commands import COMMAND_CLOSE, COMMAND_DRAIN
+from streammanager.events import EventQueue
 from streammanager.registry import StreamClaims, ZkPaths, ensure_layout, make_client, now_ms
 from streammanager.zookeeper import free_port
 
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 
 NGINX_RELAY_FLASHVER = "ngx-local-relay"
 PULL_PENDING_S = 5.0
+CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher's publish_done
 
 
 
@@ -89,17 +97,27 @@ class Agent:
         self._absent_once: set[tuple[str, str]] = set()
         self._pulls: dict[str, float] = {}  # stream -> when nginx was told to pull it
         self._pull_lock = threading.Lock()
+        # the coordinator contract: key verification, events owed per publish session, commands
+        self.verifier = KeyVerifier(settings.key_verification)
+        self.media_layout: MediaLayout | None = None
+        self.commands = CommandWatcher(self.client, self.paths, settings.node_id,
+                                       {COMMAND_CLOSE: self._command_close, COMMAND_DRAIN: self._command_drain})
         if settings.media == "nginx":
             if self.work_dir is None:  # only a media server needs files
                 self.work_dir = Path(tempfile.mkdtemp(prefix=f"node-agent-{settings.node_id}-"))
                 self._own_work_dir = True
+            if settings.role == ROLE_ORIGIN:  # origins write live HLS, recordings and previews there
+                self.media_layout = MediaLayout(Path(settings.media_root or self.work_dir / "media").resolve())
             self.media = NginxServer(NginxConfig(
                 work_dir=self.work_dir, host=settings.host, rtmp_port=settings.rtmp_port, stat_port=free_port(),
-                hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE))
+                hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE,
+                media_root=self.media_layout.root if self.media_layout else None))
             if settings.role == ROLE_EDGE and settings.relay == "ffmpeg":
                 self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
                                            node_id=settings.node_id, relay_secret=self.relay_secret,
                                            resolve_origin=self.origin_address)
+        self.sessions = SessionTracker(EventQueue(self.client, self.paths), settings.node_id, self.started_ms,
+                                       layout=self.media_layout, preview_interval_s=settings.preview_interval_s)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, connect_timeout_s: float = 30.0) -> None:
@@ -113,6 +131,8 @@ class Agent:
         self.client.start(timeout=connect_timeout_s)
         ensure_layout(self.client, self.paths)
         self.report(force=True)
+        self.sessions.start()
+        self.commands.start()
         self._reporter = threading.Thread(target=self._report_loop, name="agent-reporter", daemon=True)
         self._reporter.start()
         if self.media is not None:
@@ -130,6 +150,8 @@ class Agent:
         self._wake.set()
         if self._reporter is not None:
             self._reporter.join(5.0)
+        self.commands.stop()
+        self.sessions.stop()  # queues what is ready; open sessions are closed by the controller's reaper
         try:
             self.client.stop()
         finally:
@@ -146,9 +168,10 @@ class Agent:
     def record(self) -> NodeRecord:
         s = self.settings
         return NodeRecord(
-            id=s.node_id, group=s.group, region=s.region, role=s.role, host=s.host, rtmp_port=s.rtmp_port,
-            agent_url=s.agent_url, capacity=s.capacity, state=self.state, streams=self.table.loads(),
-            cpu=_cpu_load(), updated_ms=now_ms(), started_ms=self.started_ms,
+            id=s.node_id, group=s.group, region=s.region, role=s.role, host=s.advertise_host or s.host,
+            rtmp_port=s.rtmp_port, agent_url=s.agent_url, capacity=s.capacity, state=self.state,
+            streams=self.table.loads(), cpu=_cpu_load(), updated_ms=now_ms(), started_ms=self.started_ms,
+            private_host=s.host if s.advertise_host and s.advertise_host != s.host else "",
         )
 
     def report(self, force: bool = False) -> bool:
@@ -245,6 +268,9 @@ class Agent:
             return Decision.allow()
         if self.state != STATE_INSERVICE:
             return Decision.refuse(f"node is {self.state}")
+        verdict = self.verifier.verify(str(key), args.get("key", ""), args.get("addr", ""))
+        if not verdict.allowed:
+            return Decision.refuse(verdict.reason)
         started = self.table.start_publish(key, clientid, now_ms())
         if started is None:
             log.info("refused a second publisher", extra=extra)
@@ -256,13 +282,35 @@ class Agent:
             self.table.end_publish(key, clientid)  # undo: refused
             log.warning("could not claim stream: %s", exc, extra=extra)
             return Decision.refuse("the registry is unreachable", 503)
+        if owner.session_id != record.session_id and owner.node_id == self.settings.node_id:
+            owner = self._replace_stale_claim(key, owner, record)
         if owner.session_id != record.session_id:
             self.table.end_publish(key, clientid)  # undo: refused
             log.info("refused: stream is live on %s", owner.node_id, extra=extra)
             return Decision.refuse(f"stream {key} is already live on node {owner.node_id}")
+        try:  # from now on a stream-closed is owed, whatever happens to this agent
+            self.sessions.opened(key, record.session_id, clientid, started.start_ms)
+        except Exception as exc:  # kazoo's errors and timeouts
+            log.warning("could not record the publish session: %s", exc, extra=extra)
+            self.table.end_publish(key, clientid)  # undo: refused
+            try:
+                self.claims.release(key, record.session_id)
+            except KazooException:
+                pass
+            return Decision.refuse("the registry is unreachable", 503)
         log.info("stream published", extra=extra)
         self.changed(urgent=True)
         return Decision.allow()
+
+    def _replace_stale_claim(self, key: StreamKey, stale: StreamRecord, record: StreamRecord) -> StreamRecord:
+        """A claim of this node whose session is not in the table (left by a publish refused half-way,
+        e.g. when ZooKeeper timed out after the claim): replace it with ``record``. Returns the owner."""
+        try:
+            if self.claims.release(key, stale.session_id):
+                return self.claims.claim(key, record)
+        except KazooException as exc:
+            log.warning("could not replace a stale claim: %s", exc, extra=self._log_extra)
+        return stale
 
     def on_publish_done(self, key: StreamKey, clientid: str) -> None:
         session = self.table.end_publish(key, clientid)
@@ -274,9 +322,42 @@ class Agent:
                 self.claims.release(key, session)
             except KazooException as exc:
                 log.warning("could not release stream: %s", exc, extra=self._log_extra)
+            self.sessions.ended(session)
         log.info("stream unpublished", extra={**self._log_extra, "scope": key.scope, "stream": key.name,
                                                "action": "publish_done"})
         self.changed(urgent=True)
+
+    def on_record_done(self, key: StreamKey, clientid: str, path: str) -> None:
+        """nginx-rtmp closed a recording (an origin's session): it becomes the session's VOD."""
+        self.sessions.recorded(key, clientid, path)
+
+    # -- commands (node_agent.commands; each idempotent) -----------------------------------------
+    def _command_close(self, args) -> None:
+        """Drop the publisher of ``args["channel"]`` if its session is ``args["session"]`` (or ``*``),
+        and wait (bounded) for its publish_done: the stream-closed event follows from it."""
+        key = StreamKey.parse(str(args.get("channel", "")))
+        wanted = str(args.get("session", "*"))
+        for stream in self.table.published():
+            if stream.key != key or (wanted != "*" and stream.session_id != wanted):
+                continue
+            extra = {**self._log_extra, "scope": key.scope, "stream": key.name, "action": "close"}
+            log.info("closing session %s on command", stream.session_id, extra=extra)
+            if self.media is not None and self.media.drop_publisher(key.scope, key.name):
+                deadline = time.monotonic() + CLOSE_WAIT_S
+                while time.monotonic() < deadline and self._publishing(stream.session_id):
+                    time.sleep(0.05)
+            if self._publishing(stream.session_id):  # no media server, or its publish_done was lost
+                self.on_publish_done(key, stream.publisher or "")
+
+    def _publishing(self, session_id: str | None) -> bool:
+        return any(s.session_id == session_id for s in self.table.published())
+
+    def _command_drain(self, args) -> None:
+        """Stop taking new work: lookups stop choosing this node as soon as the record is written."""
+        if self.state != STATE_DRAINING:
+            log.info("draining on command", extra=self._log_extra)
+        self.state = STATE_DRAINING
+        self.changed(urgent=True)  # the reporter writes the record at once
 
     def on_play(self, key: StreamKey, clientid: str, relay: bool) -> Decision:
         if self.settings.role == ROLE_ORIGIN:
@@ -339,7 +420,7 @@ class Agent:
                 return None
             data, _ = self.client.get_async(self.paths.node(owner.node_id)).get(timeout=2)
             node = NodeRecord.from_json(data)
-            return f"{node.host}:{node.rtmp_port}"
+            return f"{node.relay_host}:{node.rtmp_port}"
         except (KazooException, RecordError, self.client.handler.timeout_exception) as exc:
             log.warning("cannot resolve the origin of %s: %s", key, exc, extra=self._log_extra)
             return None

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
+import time
 
 from werkzeug.serving import make_server
 
 from node_agent.agent import Agent
-from node_agent.config import AGENT_OPTIONS, AgentSettings
+from node_agent.config import AGENT_COORDINATOR_OPTIONS, AGENT_OPTIONS, AgentSettings
 from node_agent.hooks import create_hooks_app
 from node_agent.media import MediaError
 from streammanager import logs
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "answers its media server's hooks. Every option is also an AGENT_ environment variable.",
     )
     add_options(parser, AGENT_OPTIONS)
+    add_options(parser, AGENT_COORDINATOR_OPTIONS)
     return parser
 
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port}: {exc}", file=sys.stderr)
         return 1
     stop = stop_event_on_signals()
+    threading.Thread(target=_exit_if_stop_hangs, args=(stop,), name="stop-watchdog", daemon=True).start()
     # serve hooks before nginx starts: its first hook may come at once
     serving = threading.Thread(target=server.serve_forever, name="agent-http", daemon=True)
     serving.start()
@@ -71,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     return 0
+
+
+STOP_DEADLINE_S = 20.0
+
+
+def _exit_if_stop_hangs(stop: threading.Event) -> None:
+    """Whatever the agent is doing when asked to stop (waiting on an unreachable ZooKeeper at start-up,
+    a stuck child), the process ends within STOP_DEADLINE_S; its children die with it (PDEATHSIG)."""
+    stop.wait()
+    time.sleep(STOP_DEADLINE_S)
+    log.error("stopping took over %.0f s: exiting now", STOP_DEADLINE_S)
+    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from streammanager.config import ConfigError, Option, positive, resolve
+from streammanager.coordinator_config import (
+    KEY_VERIFICATION_OPTIONS,
+    MEDIA_OPTIONS,
+    CallbackTarget,
+    key_verification_from,
+    media_from,
+)
 from streammanager.models import ROLES, RecordError, validate_name
 
 
@@ -23,6 +30,9 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("host", "AGENT_HOST", "127.0.0.1", "address clients reach the media server on (serverAddress)",
            address),
     Option("http_port", "AGENT_HTTP_PORT", 8090, "port of the agent's hook endpoints", positive(int)),
+    Option("advertise_host", "AGENT_ADVERTISE_HOST", None,
+           "the address clients are told (serverAddress) when it is not --host, e.g. a cloud VM's public IP, "
+           "which is not on any interface; other nodes still relay from --host", address),
     Option("http_host", "AGENT_HTTP_HOST", None, "address of the hook endpoints (default: --host)", address),
     Option("rtmp_port", "AGENT_RTMP_PORT", 1935, "RTMP port of the media server", positive(int)),
     Option("capacity", "AGENT_CAPACITY", None,
@@ -48,6 +58,8 @@ AGENT_OPTIONS: tuple[Option, ...] = (
 )
 
 DEFAULT_CAPACITY = {"origin": 50, "edge": 200}
+# the coordinator's options an agent takes besides its own (same flags, the specification's variables)
+AGENT_COORDINATOR_OPTIONS: tuple[Option, ...] = KEY_VERIFICATION_OPTIONS + MEDIA_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class AgentSettings:
     host: str = "127.0.0.1"
     http_port: int = 8090
     http_host: str = "127.0.0.1"
+    advertise_host: str | None = None
     rtmp_port: int = 1935
     capacity: int = 50
     media: str = "nginx"
@@ -71,6 +84,10 @@ class AgentSettings:
     work_dir: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"
+    # the coordinator contract (streammanager.coordinator_config): KEY_VERIFICATION_*, SM_MEDIA_ROOT
+    key_verification: CallbackTarget = CallbackTarget()
+    media_root: str | None = None  # None: media/ in the work directory
+    preview_interval_s: float = 5.0
 
     @property
     def agent_url(self) -> str:
@@ -79,7 +96,11 @@ class AgentSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None
                  ) -> "AgentSettings":
-        values = resolve(AGENT_OPTIONS, args or argparse.Namespace(), os.environ if env is None else env)
+        env = os.environ if env is None else env
+        values = resolve(AGENT_OPTIONS, args or argparse.Namespace(), env)
+        values["key_verification"] = key_verification_from(args, env)
+        media = media_from(args, env)
+        values["media_root"], values["preview_interval_s"] = media.media_root, media.preview_interval_s
         if not values["role"]:
             raise ConfigError("--role (AGENT_ROLE) is required: origin or edge")
         if not values["region"]:

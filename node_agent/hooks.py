@@ -5,8 +5,10 @@ status (2xx allows); SRS wants HTTP 200 with a body of exactly ``0`` to allow.
 """
 from __future__ import annotations
 
+import collections
 import logging
-from urllib.parse import parse_qsl
+import threading
+from urllib.parse import parse_qsl, urlsplit
 
 from flask import Flask, Response, jsonify, request
 
@@ -16,6 +18,7 @@ from streammanager.models import RecordError, StreamKey
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_ID_LENGTH = 64
+MAX_REMEMBERED_CONNECTS = 4096  # SRS clients whose on_connect arguments wait for their on_publish
 
 
 class MalformedHook(ValueError):
@@ -38,8 +41,42 @@ def _key(app: str | None, name: str | None) -> StreamKey:
         raise MalformedHook(str(exc)) from None
 
 
+class ConnectArgs:
+    """Query arguments of each SRS client's ``tcUrl`` from its ``on_connect`` (where SRS's documented
+    bodies carry the stream key), until its ``on_close``; bounded, oldest forgotten first."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED_CONNECTS):
+        self._args: collections.OrderedDict[str, dict[str, str]] = collections.OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def remember(self, clientid: str, args: dict[str, str]) -> None:
+        with self._lock:
+            self._args[clientid] = args
+            self._args.move_to_end(clientid)
+            while len(self._args) > self._limit:
+                self._args.popitem(last=False)
+
+    def get(self, clientid: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._args.get(clientid, {}))
+
+    def forget(self, clientid: str) -> None:
+        with self._lock:
+            self._args.pop(clientid, None)
+
+
+def _query_args(text, what: str) -> dict[str, str]:
+    if text is None:
+        return {}
+    if not isinstance(text, str):
+        raise MalformedHook(f"{what} must be a string")
+    return dict(parse_qsl(text.lstrip("?")))
+
+
 def create_hooks_app(agent: Agent) -> Flask:
     app = Flask("node_agent")
+    connects = ConnectArgs()
 
     @app.errorhandler(MalformedHook)
     def malformed(exc: MalformedHook):
@@ -84,19 +121,26 @@ def create_hooks_app(agent: Agent) -> Flask:
         action = body.get("action")
         if action not in SRS_ACTIONS:
             raise MalformedHook(f"unknown action {str(action)[:40]!r}")
+        tc_url = body.get("tcUrl")
+        tc_args = _query_args(urlsplit(tc_url).query if isinstance(tc_url, str) else tc_url, "tcUrl")
         if action == "on_connect":
+            # the key may be only here (tcUrl): remember it for this client's on_publish
+            if body.get("client_id") is not None and tc_args:
+                connects.remember(_client_id(body.get("client_id")), tc_args)
             return _srs_answer(Decision.allow())
         clientid = _client_id(body.get("client_id"))
         if action == "on_close":
             # on_close has no stream: the client leaves whatever it held
+            connects.forget(clientid)
             for key in agent_streams_of(agent):
                 agent.on_done(key, clientid)
             return _srs_answer(Decision.allow())
         key = _key(body.get("app"), body.get("stream"))
-        param = body.get("param") or ""
-        if not isinstance(param, str):
-            raise MalformedHook("param must be a string")
-        args = dict(parse_qsl(param.lstrip("?")))
+        ip = body.get("ip") or ""
+        if not isinstance(ip, str):
+            raise MalformedHook("ip must be a string")
+        # the stream key: in param (current SRS), else in tcUrl, else in the client's on_connect tcUrl
+        args = {**connects.get(clientid), **tc_args, **_query_args(body.get("param"), "param"), "addr": ip}
         relay = "relay" in args
         return _srs_answer(dispatch(agent, SRS_ACTIONS[action], key, clientid, args, relay))
 
@@ -109,7 +153,7 @@ def create_hooks_app(agent: Agent) -> Flask:
 
 
 NGINX_CALLS = ("connect", "publish", "play", "publish_done", "play_done", "done", "update_publish",
-               "update_play")
+               "update_play", "record_done")
 SRS_ACTIONS = {"on_connect": "connect", "on_close": "done", "on_publish": "publish",
                "on_unpublish": "publish_done", "on_play": "play", "on_stop": "play_done"}
 
@@ -128,6 +172,8 @@ def dispatch(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[
         agent.on_play_done(key, clientid)
     elif call == "done":
         agent.on_done(key, clientid)
+    elif call == "record_done":
+        agent.on_record_done(key, clientid, args.get("path", ""))
     return Decision.allow()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import requests
 
+from node_agent.artifacts import MediaLayout
 from streammanager.process import Supervised
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,27 @@ class NginxConfig:
     hook_url: str  # the agent's /hooks/nginx
     applications: tuple[str, ...] = ("live",)
     idle_streams: bool = True  # edges hold players until the relay publishes; origins end relays at once
+    media_root: Path | None = None  # origins: live HLS and recordings there (node_agent.artifacts)
+
+    def _media_lines(self, app: str) -> str:
+        if self.media_root is None:
+            return "            record off;"
+        layout = MediaLayout(self.media_root)
+        return f"""            hls on;
+            hls_path {layout.hls_dir(app)};
+            hls_nested on;
+            hls_fragment 2s;
+            hls_playlist_length 10s;
+            record all;
+            record_path {layout.record_dir(app)};
+            record_unique on;
+            on_record_done {self.hook_url};"""
 
     def render(self) -> str:
         w = self.work_dir
         apps = "\n".join(f"""        application {app} {{
             live on;
-            record off;
+{self._media_lines(app)}
             idle_streams {"on" if self.idle_streams else "off"};
             drop_idle_publisher 10s;
             on_publish {self.hook_url};
@@ -142,6 +158,8 @@ class NginxServer:
         work = self.config.work_dir
         (work / "tmp").mkdir(parents=True, exist_ok=True)
         (work / "logs").mkdir(parents=True, exist_ok=True)
+        if self.config.media_root is not None:
+            MediaLayout(self.config.media_root).prepare(self.config.applications)
         (work / "nginx.conf").write_text(self.config.render())
         self._spawn()
         self._wait_ready(wait_s)
@@ -198,6 +216,17 @@ class NginxServer:
             return parse_stat(response.text)
         except (requests.RequestException, ET.ParseError):
             return None
+
+    def drop_publisher(self, app: str, name: str) -> bool:
+        """Disconnect the publisher of ``app/name`` (nginx-rtmp's control module); its publish_done
+        hook follows. True if nginx dropped one."""
+        try:
+            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/publisher",
+                                    params={"app": app, "name": name}, timeout=2)
+        except requests.RequestException as exc:
+            log.warning("could not ask nginx to drop the publisher of %s/%s: %s", app, name, exc)
+            return False
+        return response.status_code == 200 and response.text.strip() not in ("", "0")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()

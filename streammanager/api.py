@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from streammanager.commands_api import commands_api
 from streammanager.config import ServerSettings
 from streammanager.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
 from streammanager.models import NodeRecord, RecordError, StreamKey, validate_name
@@ -97,8 +98,12 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     app = Flask("streammanager")
     app.json.sort_keys = False
     app.extensions["sm"] = Services(settings, client, view, placement, paths, housekeeper)
+    from streammanager.admin_groups import admin_groups
+
     app.register_blueprint(api)
+    app.register_blueprint(admin_groups)
     app.register_blueprint(ops)
+    app.register_blueprint(commands_api)  # POST /commands/close (the coordinator API)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)

@@ -1,4 +1,4 @@
-"""``streammanager``: serve the API, run a local ZooKeeper, run a demo cluster."""
+"""``streammanager``: serve the API, run the controller, run a local ZooKeeper, run a demo cluster."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,15 @@ import sys
 import threading
 from pathlib import Path
 
-from streammanager.config import SERVER_OPTIONS, ConfigError, ServerSettings, add_options
+from streammanager.config import (
+    CONTROLLER_OPTIONS,
+    SERVER_OPTIONS,
+    ConfigError,
+    ControllerSettings,
+    ServerSettings,
+    add_options,
+)
+from streammanager.coordinator_config import COMMANDS_API_OPTIONS, EVENT_CALLBACK_OPTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the Stream Manager 2.0 API. Every option is also an SM_ "
                                        "environment variable.")
     add_options(serve, SERVER_OPTIONS)
+    add_options(serve, COMMANDS_API_OPTIONS)
+
+    controller = sub.add_parser(
+        "controller", help="run the controller (autoscaler and leader-only duties; one of several leads)",
+        description="Run a controller. Several may run; one leads (ZooKeeper election) and keeps every node "
+                    "group at the right size through its cloud provider. Every option is also an SM_ "
+                    "environment variable.")
+    add_options(controller, CONTROLLER_OPTIONS)
+    add_options(controller, EVENT_CALLBACK_OPTIONS)
 
     zk = sub.add_parser("zookeeper", help="run a standalone ZooKeeper on 127.0.0.1 in the foreground",
                         description="Run ZooKeeper from the Debian package on 127.0.0.1 (admin server off, "
@@ -33,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tickTime in ms; small means fast failure detection [default 500]")
 
     demo = sub.add_parser("demo", help="run a whole local cluster until Ctrl-C",
-                          description="Start ZooKeeper, the API server and an origin and an edge in two "
-                                      "regions on loopback addresses, print how to use them, and stop "
+                          description="Start ZooKeeper, the API server and a controller whose node group "
+                                      "launches an origin and an edge in each of two regions on loopback "
+                                      "addresses (and more under load), print how to use them, and stop "
                                       "everything on Ctrl-C.")
     demo.add_argument("--api-port", type=int, default=5080, help="API port on 127.0.0.1 [default 5080]")
     demo.add_argument("--zk-port", type=int, default=2181, help="ZooKeeper port [default 2181]")
@@ -43,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--media", choices=("nginx", "none"), default="nginx",
                       help="media server of the nodes: nginx-rtmp, or none for simulated nodes [default nginx]")
     demo.add_argument("--agent-base-port", type=int, default=8700,
-                      help="agents' HTTP ports start here [default 8700]")
+                      help="agents' HTTP port (each node listens on its own loopback address) [default 8700]")
     demo.add_argument("--work-dir", type=Path, default=Path("var/demo"), help="state and logs [default var/demo]")
     return parser
 
@@ -59,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         from streammanager.server import serve
 
         return serve(settings)
+    if args.command == "controller":
+        return run_controller(args)
     if args.command == "zookeeper":
         return run_zookeeper(args)
     if args.command == "demo":
@@ -66,6 +86,29 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args)
     return 2
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    from streammanager import logs
+    from streammanager.cloud import ProviderError, build_providers
+    from streammanager.controller import Controller
+    from streammanager.process import stop_event_on_signals
+
+    try:
+        settings = ControllerSettings.from_env(args=args)
+        logs.configure(settings.log_level, settings.log_format)
+        providers = build_providers(settings)
+    except (ConfigError, ProviderError, ValueError, OSError) as exc:
+        print(f"streammanager controller: {exc}", file=sys.stderr)
+        return 2
+    stop = stop_event_on_signals()
+    if settings.metrics_bind != "off":
+        from prometheus_client import start_http_server
+
+        host, _, port = settings.metrics_bind.rpartition(":")
+        start_http_server(int(port), addr=host)
+    Controller(settings, providers).run(stop)
+    return 0
 
 
 def run_zookeeper(args: argparse.Namespace) -> int:

@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:  # coordinator_config imports this module
+    from streammanager.coordinator_config import EventCallbackSettings, HttpAuth
 
 
 class ConfigError(ValueError):
@@ -125,7 +128,7 @@ class ServerSettings:
     log_level: str = "INFO"
     log_format: str = "json"
     # COMMANDS_API_AUTH and its credentials (coordinator_config.COMMANDS_API_OPTIONS); None: no auth
-    commands_auth: "HttpAuth | None" = None  # noqa: F821 (its repr hides the secrets)
+    commands_auth: HttpAuth | None = None  # its repr hides the secrets
 
     def __repr__(self) -> str:  # never print the token
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -179,14 +182,27 @@ CONTROLLER_OPTIONS: tuple[Option, ...] = (
            positive(int)),
     Option("local_agent_args", "SM_LOCAL_AGENT_ARGS", "",
            "local provider: extra node-agent options, space-separated"),
+    Option("ec2_credentials", "SM_EC2_CREDENTIALS", "static",
+           "ec2 provider: where its AWS credentials come from: static (SM_EC2_ACCESS_KEY and SM_EC2_SECRET_KEY; "
+           "the provider is on when both are set) or instance-role (the provider is on, with AWS's default "
+           "credential chain through botocore: on EC2 the instance role's temporary credentials from IMDSv2, "
+           "elsewhere AWS_* environment variables, a profile or a container role; refreshed before they expire)",
+           str.lower, ("static", "instance-role")),
     Option("ec2_access_key", "SM_EC2_ACCESS_KEY", None, "ec2 provider: access key id", secret=True),
     Option("ec2_secret_key", "SM_EC2_SECRET_KEY", None, "ec2 provider: secret access key", secret=True),
     Option("ec2_region", "SM_EC2_REGION", "us-east-1", "ec2 provider: home region (where strays are looked for)"),
     Option("ec2_endpoint", "SM_EC2_ENDPOINT", None,
            "ec2 provider: endpoint URL instead of AWS's (e.g. a moto_server for tests)"),
-    Option("gce_project", "SM_GCE_PROJECT", None, "gce provider: project id"),
-    Option("gce_service_account", "SM_GCE_SERVICE_ACCOUNT", None, "gce provider: service account email"),
+    Option("gce_project", "SM_GCE_PROJECT", None, "gce provider: project id (the provider is on when set)"),
+    Option("gce_auth", "SM_GCE_AUTH", "service-account-key",
+           "gce provider: how it authenticates: service-account-key (SM_GCE_SERVICE_ACCOUNT and SM_GCE_KEY_FILE) "
+           "or metadata (the VM's own service account, tokens from the metadata server; no key)",
+           str.lower, ("service-account-key", "metadata")),
+    Option("gce_service_account", "SM_GCE_SERVICE_ACCOUNT", None,
+           "gce provider: service account email (with SM_GCE_AUTH=metadata: optional, which of the VM's accounts)"),
     Option("gce_key_file", "SM_GCE_KEY_FILE", None, "gce provider: service account key file (JSON)"),
+    Option("gce_metadata_url", "SM_GCE_METADATA_URL", "http://metadata.google.internal/computeMetadata/v1",
+           "gce provider with SM_GCE_AUTH=metadata: the metadata server's base URL (tests: a local fake)"),
     Option("gce_endpoint", "SM_GCE_ENDPOINT", None,
            "gce provider: Compute API endpoint URL instead of Google's (tests)"),
     Option("log_level", "SM_LOG_LEVEL", "INFO", "log level", str.upper,
@@ -212,19 +228,22 @@ class ControllerSettings:
     local_pool: str = "127.0.1.64/26"
     local_http_port: int = 8090
     local_agent_args: str = ""
+    ec2_credentials: str = "static"  # static | instance-role
     ec2_access_key: str | None = None
     ec2_secret_key: str | None = None
     ec2_region: str = "us-east-1"
     ec2_endpoint: str | None = None
     gce_project: str | None = None
+    gce_auth: str = "service-account-key"  # service-account-key | metadata
     gce_service_account: str | None = None
     gce_key_file: str | None = None
+    gce_metadata_url: str = "http://metadata.google.internal/computeMetadata/v1"
     gce_endpoint: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"
     # EVENT_CALLBACK_URL, its auth and retry settings (coordinator_config.EVENT_CALLBACK_OPTIONS);
     # None: no URL, events are consumed and none is sent
-    event_callback: "EventCallbackSettings | None" = None  # noqa: F821 (its repr hides the secrets)
+    event_callback: EventCallbackSettings | None = None  # its repr hides the secrets
 
     def __post_init__(self) -> None:
         import re

@@ -86,7 +86,7 @@ class LocalCluster:
         env = {**os.environ, "SM_ZK_HOSTS": self.zk_hosts, "SM_ZK_ROOT": self.zk_root,
                "SM_ACCESS_TOKEN": self.access_token, "SM_BIND": f"127.0.0.1:{self.api_port}",
                "SM_LOG_FORMAT": "text", "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root,
-               "AGENT_LOG_FORMAT": "text"}
+               "AGENT_LOG_FORMAT": "text", "SM_MEDIA_ROOT": str((self.work_dir / "media").resolve())}
         progress(f"starting the API server on {self.api_url}")
         self._spawn("api", [self._bin("streammanager"), "serve"], env)
         if self.group is not None:

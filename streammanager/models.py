@@ -113,6 +113,11 @@ class NodeRecord:
     cpu: float = 0.0
     updated_ms: int = 0
     started_ms: int = 0
+    private_host: str = ""  # where other nodes reach its media server, when not ``host`` (a cloud's private IP)
+
+    @property
+    def relay_host(self) -> str:
+        return self.private_host or self.host
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -158,6 +163,8 @@ class NodeRecord:
             "updated_ms": self.updated_ms,
             "started_ms": self.started_ms,
         }
+        if self.private_host:
+            doc["private_host"] = self.private_host
         return orjson.dumps(doc)
 
     @classmethod
@@ -193,6 +200,7 @@ class NodeRecord:
                 cpu=float(doc.get("cpu", 0.0)),
                 updated_ms=int(doc.get("updated_ms", 0)),
                 started_ms=int(doc.get("started_ms", 0)),
+                private_host=str(doc.get("private_host", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RecordError(f"bad node record: {exc}") from exc

@@ -71,6 +71,30 @@ class ZkPaths:
     def node_commands(self, node_id: str) -> str:
         return f"{self.commands}/{quote(node_id, safe='')}"
 
+    def node_command(self, node_id: str, name: str = "cmd-") -> str:
+        """One command to a node (``cmd-`` is the prefix of a sequential create)."""
+        return f"{self.node_commands(node_id)}/{name}"
+
+    # the durable callback queue: events per channel in znode (sequence) order, and the open
+    # publish sessions whose stream-closed is still owed
+    @property
+    def callback_queue(self) -> str:
+        return f"{self.callbacks}/queue"
+
+    def callback_channel(self, channel: str) -> str:
+        return f"{self.callback_queue}/{quote(channel, safe='')}"
+
+    def callback_event(self, channel: str, name: str = "ev-") -> str:
+        """One queued event (``ev-`` is the prefix of a sequential create)."""
+        return f"{self.callback_channel(channel)}/{name}"
+
+    @property
+    def callback_sessions(self) -> str:
+        return f"{self.callbacks}/sessions"
+
+    def callback_session(self, channel: str, session_id: str) -> str:
+        return f"{self.callback_sessions}/{quote(channel, safe='')}@{quote(session_id, safe='')}"
+
     @staticmethod
     def decode(segment: str) -> str:
         return unquote(segment)
@@ -444,5 +468,5 @@ def delete_children_twice_deep(client: KazooClient, parent: str) -> int:
 
 
 def ensure_layout(client: KazooClient, paths: ZkPaths) -> None:
-    for path in (paths.nodes, paths.streams, paths.reservations):
+    for path in (paths.nodes, paths.streams, paths.reservations, paths.groups, paths.instances):
         client.retry(client.ensure_path, path)

@@ -95,3 +95,12 @@ def test_decoding_against_a_previous_record_still_refuses_a_bad_new_stream():
     doc["streams"]["live/../x"] = [0, 0, 1, 0]
     with pytest.raises(RecordError):
         NodeRecord.from_json(json.dumps(doc).encode(), previous)
+
+
+def test_a_node_behind_a_public_address_is_relayed_from_its_private_one():
+    record = NodeRecord("edge-1", "g", "us-east-1", "edge", "203.0.113.7", 1935, "http://10.0.0.7:8090", 200,
+                        private_host="10.0.0.7")
+    decoded = NodeRecord.from_json(record.to_json())
+    assert decoded.host == "203.0.113.7" and decoded.relay_host == "10.0.0.7"
+    plain = NodeRecord.from_json(NodeRecord("o", "g", "us-east-1", "origin", "127.0.1.9", 1935, "", 50).to_json())
+    assert plain.relay_host == "127.0.1.9"

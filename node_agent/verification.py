@@ -1,0 +1,52 @@
+"""Publish key verification against the application (``KEY_VERIFICATION_URL``).
+
+A POST with an empty body and the headers ``x-streaming-channel``, ``x-streaming-key``, ``x-user-ip``
+and ``Authorization`` (per ``KEY_VERIFICATION_AUTH``). Only a 200 answer allows the publisher; any
+other status, a redirect, a connection error or no answer within the timeout refuses it. Without a URL
+every key is accepted. The key is never logged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import requests
+
+from streammanager.coordinator_config import CallbackTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    reason: str
+
+
+class KeyVerifier:
+    def __init__(self, target: CallbackTarget):
+        self.target = target
+
+    @property
+    def enabled(self) -> bool:
+        return self.target.enabled
+
+    def verify(self, channel: str, key: str, user_ip: str) -> Verdict:
+        if not self.target.enabled:
+            return Verdict(True, "no KEY_VERIFICATION_URL: every key is accepted")
+        headers = self.target.headers(**{"x-streaming-channel": channel, "x-streaming-key": key,
+                                         "x-user-ip": user_ip})
+        try:
+            response = requests.post(self.target.url, data=b"", headers=headers,
+                                            timeout=self.target.timeout_s, allow_redirects=False)
+            status = response.status_code
+            response.close()
+        except requests.RequestException as exc:
+            log.warning("key verification got no answer (%s): publisher refused", type(exc).__name__,
+                        extra={"stream": channel, "action": "publish"})
+            return Verdict(False, "the key verification endpoint did not answer")
+        if status != 200:
+            log.info("key verification answered %d: publisher refused", status,
+                     extra={"stream": channel, "action": "publish", "status": status})
+            return Verdict(False, f"stream key refused (verification answered {status})")
+        return Verdict(True, "key accepted")

@@ -1,0 +1,262 @@
+"""Event callbacks: the durable queue in ZooKeeper, delivered to a real HTTP receiver of ours by the
+dispatcher, in order, with retries, across controller fail-over."""
+import signal
+import threading
+import time
+
+import pytest
+
+from streammanager.callbacks import CallbackDispatcher
+from streammanager.coordinator_config import CallbackTarget, EventCallbackSettings, HttpAuth
+from streammanager.events import (
+    STREAM_HLS_LIVE,
+    STREAM_HLS_VOD,
+    STREAM_IMG_PREVIEW,
+    CallbackEvent,
+    EventQueue,
+    OpenSession,
+)
+from streammanager.models import StreamKey
+from streammanager.registry import ZkPaths
+from tests.conftest import BIN, wait_until
+from tests.coordinator_helpers import Receiver, basic, event_tuple, fails_then_accepts
+
+P = "/streammanager/api/2.0"
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def paths(zk_root):
+    return ZkPaths(zk_root)
+
+
+@pytest.fixture
+def queue(zk, paths):
+    return EventQueue(zk, paths)
+
+
+@pytest.fixture
+def run_dispatcher(zk, paths):
+    """Start a dispatcher's ``run`` in a thread (as a controller leader would); stopped at teardown."""
+    running = []
+
+    def start(target: CallbackTarget, **kw) -> CallbackDispatcher:
+        settings = EventCallbackSettings(target, retry_initial_s=kw.pop("retry_initial_s", 0.1),
+                                         retry_max_s=kw.pop("retry_max_s", 0.4))
+        dispatcher = CallbackDispatcher(zk, paths, settings, **kw)
+        stop = threading.Event()
+        thread = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
+        thread.start()
+        running.append((stop, thread))
+        return dispatcher
+
+    yield start
+    for stop, thread in running:
+        stop.set()
+        thread.join(10)
+
+
+def session_events(channel: str, session: str) -> list[CallbackEvent]:
+    """What an origin queues for one full session, in order."""
+    root = f"/srv/media/sessions/{channel}/{session}"
+    return [
+        CallbackEvent.available(channel, session, STREAM_HLS_LIVE, "320x180-30", f"/srv/media/hls/{channel}/index.m3u8"),
+        CallbackEvent.available(channel, session, STREAM_IMG_PREVIEW, "320x180-30", f"{root}/preview/index.json"),
+        CallbackEvent.available(channel, session, STREAM_HLS_VOD, "320x180-30", f"{root}/vod/index.m3u8"),
+        CallbackEvent.closed(channel, session),
+    ]
+
+
+def queued(zk, paths) -> int:
+    if zk.exists(paths.callback_queue) is None:
+        return 0
+    return sum(len(zk.get_children(f"{paths.callback_queue}/{c}")) for c in zk.get_children(paths.callback_queue))
+
+
+@pytest.mark.parametrize("auth, expected", [
+    (HttpAuth(), None),
+    (HttpAuth("Basic", user="app", password="pa:ss"), basic("app", "pa:ss")),
+    (HttpAuth("Bearer", token="tok-1"), "Bearer tok-1"),
+    (HttpAuth("Custom", custom="ApiKey xyz"), "ApiKey xyz"),
+])
+def test_events_are_empty_posts_with_the_specified_headers_in_every_auth_mode(queue, run_dispatcher, receiver,
+                                                                              auth, expected):
+    live, closed = session_events("live/cam", "s1")[0], session_events("live/cam", "s1")[3]
+    queue.enqueue(live)
+    queue.enqueue(closed)
+    run_dispatcher(CallbackTarget(receiver.url, auth, 2.0))
+    first, second = receiver.wait_for(2)
+    assert first.method == "POST" and first.body == b"" and first["content-length"] in ("0", None)
+    assert first["authorization"] == expected and second["authorization"] == expected
+    assert (first["x-streaming-channel"], first["x-streaming-id"], first["x-event-type"]) == \
+        ("live/cam", "s1", "stream-available")
+    assert (first["x-stream-type"], first["x-resolution"], first["x-index-file"]) == \
+        ("HLS-LIVE", "320x180-30", "/srv/media/hls/live/cam/index.m3u8")
+    assert second["x-event-type"] == "stream-closed" and second["x-streaming-id"] == "s1"
+    for name in ("x-stream-type", "x-resolution", "x-index-file"):
+        assert second[name] is None  # only stream-available carries them
+
+
+def test_a_receiver_failing_three_times_then_answering_200_gets_every_event_exactly_once_in_order(
+        zk, paths, queue, run_dispatcher, receiver):
+    receiver.answer = fails_then_accepts(3)
+    events = session_events("live/show", "a1") + session_events("live/show", "b2")
+    for event in events:
+        queue.enqueue(event)
+    dispatcher = run_dispatcher(CallbackTarget(receiver.url, HttpAuth(), 2.0))
+    got = receiver.wait_for(len(events), 15)
+    assert [event_tuple(r) for r in got] == [(e.event_type, e.stream_type or None, e.session_id) for e in events]
+    assert [r.status for r in receiver.requests()] == [500, 500, 500] + [200] * len(events)
+    wait_until(lambda: queued(zk, paths) == 0, 5, what="the queue emptied")
+    time.sleep(0.3)
+    assert len(receiver.requests()) == len(events) + 3 and dispatcher.sent == len(events)
+
+
+def test_retries_back_off_and_a_failing_channel_never_holds_back_the_others(zk, paths, queue, run_dispatcher,
+                                                                            receiver):
+    receiver.answer = lambda h: 503 if h["x-streaming-channel"] == "live/broken" else 200
+    receiver.delay_s = 0.05
+    queue.enqueue(CallbackEvent.closed("live/broken", "x"))
+    for n in range(6):
+        queue.enqueue(CallbackEvent.closed(f"live/ok{n}", f"s{n}"))
+    run_dispatcher(CallbackTarget(receiver.url, HttpAuth(), 2.0), retry_initial_s=0.2, retry_max_s=0.8)
+    wait_until(lambda: {r["x-streaming-channel"] for r in receiver.accepted()} == {f"live/ok{n}" for n in range(6)},
+               5, what="every healthy channel delivered")
+    time.sleep(2.5)
+    attempts = [r for r in receiver.requests() if r["x-streaming-channel"] == "live/broken"]
+    # 0.2, 0.4, 0.8, 0.8 ... s apart: a handful of attempts in ~3 s, not a busy loop
+    assert 3 <= len(attempts) <= 7
+    assert queued(zk, paths) == 1  # the failing event is kept, never dropped
+
+
+def test_without_an_event_callback_url_events_are_consumed_and_none_is_sent(zk, paths, queue, run_dispatcher,
+                                                                          receiver):
+    for event in session_events("live/quiet", "q1"):
+        queue.enqueue(event)
+    run_dispatcher(CallbackTarget(None))
+    wait_until(lambda: queued(zk, paths) == 0, 5, what="the queue consumed")
+    assert receiver.requests() == []
+
+
+def test_a_copy_queued_by_a_retried_create_is_not_delivered_twice(zk, paths, queue, run_dispatcher, receiver):
+    event = CallbackEvent.closed("live/dup", "d1")
+    queue.enqueue(event)
+    queue.enqueue(event)  # same event id, as a create retried after a lost connection leaves it
+    queue.enqueue(CallbackEvent.closed("live/dup", "d2"))
+    run_dispatcher(CallbackTarget(receiver.url))
+    wait_until(lambda: queued(zk, paths) == 0, 5, what="the queue emptied")
+    assert [r["x-streaming-id"] for r in receiver.requests()] == ["d1", "d2"]
+
+
+def test_the_session_of_a_dead_origin_is_closed_by_the_reaper(zk, paths, queue, run_dispatcher, receiver):
+    queue.open_session(OpenSession("live/orphan", "o1", "origin-that-died", 123, 456))
+    run_dispatcher(CallbackTarget(receiver.url), reap_interval_s=0.2, orphan_grace_s=0.5)
+    [closed] = receiver.wait_for(1, 5)
+    assert (closed["x-event-type"], closed["x-streaming-channel"], closed["x-streaming-id"]) == \
+        ("stream-closed", "live/orphan", "o1")
+    wait_until(lambda: zk.get_children(paths.callback_sessions) == [], 3, what="the open session removed")
+
+
+def test_a_simulated_origin_sends_exactly_one_stream_closed_per_session_and_no_stream_available(
+        api, make_node, zk, paths, run_dispatcher, receiver):
+    origin = make_node("origin", "us-east-1")
+    run_dispatcher(CallbackTarget(receiver.url))
+    sessions = []
+    for clientid in ("pub-1", "pub-2"):
+        assert origin.publish("sim", clientid=clientid).status_code == 200
+        data, _ = zk.get(paths.stream(origin.agent.table.published()[0].key))
+        sessions.append(origin.agent.table.published()[0].session_id)
+        assert sessions[-1] in data.decode()  # x-streaming-id is the stream record's session id
+        origin.hook("publish_done", "sim", clientid=clientid)
+    got = receiver.wait_for(2, 5)
+    assert [event_tuple(r) for r in got] == [("stream-closed", None, s) for s in sessions]
+    wait_until(lambda: zk.get_children(paths.callback_sessions) == [], 3, what="no session left open")
+    time.sleep(0.5)
+    assert len(receiver.requests()) == 2
+
+
+def test_killing_the_controller_leader_mid_retry_loses_nothing(zk, zookeeper, zk_root, paths, queue, procs,
+                                                                 tmp_path, receiver):
+    failing = threading.Event()
+    failing.set()
+    receiver.answer = lambda h: 500 if failing.is_set() else 200
+    events = session_events("live/failover", "f1") + [CallbackEvent.closed("live/other", "o1")]
+    for event in events:
+        queue.enqueue(event)
+    env = {"SM_ZK_HOSTS": zookeeper.hosts, "SM_ZK_ROOT": zk_root, "SM_ZK_TIMEOUT_S": "2",
+           "SM_LOG_FORMAT": "text", "SM_LOCAL_STATE_DIR": str(tmp_path / "cloud"),
+           "EVENT_CALLBACK_URL": receiver.url, "SM_EVENT_CALLBACK_RETRY_MAX_S": "0.5"}
+    controllers = [procs([str(BIN / "streammanager"), "controller", "--controller-id", f"c{n}"], env,
+                         tmp_path / f"controller-{n}.log") for n in (1, 2)]
+
+    def leader_id():
+        children = zk.get_children(paths.election) if zk.exists(paths.election) else []
+        if not children:
+            return None
+        first = sorted(children, key=lambda c: c[-10:])[0]
+        return zk.get(f"{paths.election}/{first}")[0].decode()
+
+    wait_until(lambda: len(receiver.requests()) >= 3, 20, what="the leader retrying")
+    leader = leader_id()
+    assert leader in ("c1", "c2"), leader
+    dead = controllers[0] if leader == "c1" else controllers[1]
+    dead.signal(signal.SIGKILL)
+    dead.popen.wait(5)
+    before_takeover = len(receiver.requests())
+    failing.clear()  # the application recovers while the new leader takes over
+    got = receiver.wait_for(len(events), 20)
+    assert leader_id() not in (None, leader)
+    assert [event_tuple(r) for r in got if r["x-streaming-channel"] == "live/failover"] == \
+        [(e.event_type, e.stream_type or None, e.session_id) for e in events[:4]]
+    assert {r["x-streaming-id"] for r in got} == {"f1", "o1"}
+    assert len(got) == len(events)  # nothing was accepted before the kill: exactly once here
+    wait_until(lambda: queued(zk, paths) == 0, 5, what="the queue emptied")
+    assert before_takeover >= 3
+
+
+def test_an_origin_that_goes_away_with_a_live_stream_still_gets_its_stream_closed_sent(
+        api, make_node, zk, paths, run_dispatcher, receiver):
+    origin = make_node("origin", "us-east-1")
+    assert origin.publish("abandoned").status_code == 200
+    session = origin.agent.table.published()[0].session_id
+    run_dispatcher(CallbackTarget(receiver.url), reap_interval_s=0.2, orphan_grace_s=1.0)
+    time.sleep(1.5)
+    assert receiver.requests() == []  # a live origin's session is not the reaper's
+    origin.agent.stop()  # gone without a publish_done, as after a crash
+    [closed] = receiver.wait_for(1, 5)
+    assert event_tuple(closed) == ("stream-closed", None, session)
+    assert closed["x-streaming-channel"] == "live/abandoned"
+
+
+def test_a_publish_refused_half_way_blocks_neither_the_next_publish_nor_leaves_a_marker(api, make_node, zk, paths,
+                                                                                      monkeypatch):
+    from kazoo.exceptions import ConnectionLoss
+
+    origin = make_node("origin", "us-east-1")
+    agent = origin.agent
+    real_open, real_release = agent.sessions._queue.open_session, agent.claims.release
+
+    def open_then_time_out(marker, timeout_s=None):
+        real_open(marker)  # written, but the answer is lost
+        raise ConnectionLoss("ZooKeeper did not answer in time")
+
+    def release_lost(key, session_id):
+        raise ConnectionLoss("not connected")
+
+    monkeypatch.setattr(agent.sessions._queue, "open_session", open_then_time_out)
+    monkeypatch.setattr(agent.claims, "release", release_lost)
+    assert origin.publish("flaky", clientid="p1").status_code == 503
+    assert agent.table.published() == []
+    assert zk.exists(paths.stream(StreamKey("live", "flaky")))  # the refused publish's claim is left over
+    monkeypatch.setattr(agent.sessions._queue, "open_session", real_open)
+    monkeypatch.setattr(agent.claims, "release", real_release)
+    assert origin.publish("flaky", clientid="p2").status_code == 200  # our own stale claim is replaced
+    live_session = agent.table.published()[0].session_id
+    wait_until(lambda: [c.split("@")[-1] for c in zk.get_children(paths.callback_sessions)] == [live_session],
+               3, what="only the live session's marker left")

@@ -1,0 +1,102 @@
+"""Publish key verification against a real HTTP receiver of ours: headers, every auth mode, refusals,
+timeouts, and a real ffmpeg publisher refused at a real nginx-rtmp origin."""
+import subprocess
+import time
+
+import pytest
+
+from streammanager.coordinator_config import CallbackTarget, HttpAuth
+from tests.conftest import wait_until
+from tests.coordinator_helpers import Receiver, basic
+from tests.test_media_e2e import PUBLISH
+
+P = "/streammanager/api/2.0"
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def live(api, name):
+    return api.get(f"{P}/event/live/{name}/stats").status_code == 200
+
+
+@pytest.mark.parametrize("auth, expected", [
+    (HttpAuth(), None),
+    (HttpAuth("Basic", user="app", password="s3cret"), basic("app", "s3cret")),
+    (HttpAuth("Bearer", token="tok-123"), "Bearer tok-123"),
+    (HttpAuth("Custom", custom="X-Api-Key abc"), "X-Api-Key abc"),
+])
+def test_a_publish_is_verified_with_an_empty_post_carrying_channel_key_user_ip_and_auth(api, make_node, receiver,
+                                                                                      auth, expected):
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, auth, 2.0))
+    response = origin.hook("publish", "cam", clientid="p1", type="live", key="the-key", addr="198.51.100.7")
+    assert response.status_code == 200, response.text
+    [request] = receiver.requests()
+    assert request.method == "POST" and request.body == b""
+    assert request["x-streaming-channel"] == "live/cam"
+    assert request["x-streaming-key"] == "the-key"
+    assert request["x-user-ip"] == "198.51.100.7"
+    assert request["authorization"] == expected
+    wait_until(lambda: live(api, "cam"), 3, what="the verified stream live")
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 500, 201, 302])
+def test_any_answer_but_200_refuses_the_publisher_and_the_stream_never_goes_live(api, make_node, receiver, status):
+    receiver.answer = lambda headers: status
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 2.0))
+    response = origin.hook("publish", "denied", clientid="p1", type="live", key="bad")
+    assert response.status_code == 403 and "refused" in response.text
+    assert origin.agent.table.published() == []
+    time.sleep(0.3)
+    assert not live(api, "denied")
+
+
+def test_a_verifier_that_does_not_answer_within_the_timeout_refuses_the_publisher(make_node, receiver):
+    receiver.delay_s = 2.0
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 0.5))
+    started = time.monotonic()
+    response = origin.hook("publish", "slow", clientid="p1", type="live", key="k")
+    assert response.status_code == 403 and time.monotonic() - started < 1.5
+
+
+def test_an_unreachable_verifier_refuses_the_publisher(make_node):
+    from streammanager.zookeeper import free_port
+
+    origin = make_node("origin", "us-east-1",
+                       key_verification=CallbackTarget(f"http://127.0.0.1:{free_port()}/verify", HttpAuth(), 1.0))
+    assert origin.hook("publish", "nobody", clientid="p1", type="live", key="k").status_code == 403
+
+
+def test_without_a_verification_url_every_key_is_accepted(api, make_node, receiver):
+    origin = make_node("origin", "us-east-1")
+    assert origin.hook("publish", "open", clientid="p1", type="live").status_code == 200
+    assert receiver.requests() == []
+
+
+def test_an_edges_relay_publish_is_not_sent_to_the_verifier(make_node, receiver):
+    edge = make_node("edge", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 2.0))
+    relaykey = edge.agent.relay_secret
+    assert edge.hook("publish", "relayed", clientid="r1", type="live", relaykey=relaykey).status_code == 200
+    assert receiver.requests() == []
+
+
+def test_a_refused_key_stops_a_real_ffmpeg_publisher_and_the_right_key_goes_live(api, spawn_agent, receiver, procs,
+                                                                              tmp_path):
+    receiver.answer = lambda headers: 200 if headers.get("x-streaming-key") == "good" else 403
+    _, host, _, _ = spawn_agent("origin", "us-east-1", media="nginx", extra_env={
+        "KEY_VERIFICATION_URL": receiver.url, "KEY_VERIFICATION_AUTH": "Bearer",
+        "KEY_VERIFICATION_AUTH_TOKEN": "app-token", "SM_MEDIA_ROOT": str(tmp_path / "media")})
+    started = time.monotonic()
+    refused = subprocess.run(PUBLISH + [f"rtmp://{host}/live/keyed?key=bad"], capture_output=True, timeout=20)
+    assert refused.returncode != 0 and time.monotonic() - started < 10
+    [request] = receiver.requests()
+    assert (request["x-streaming-channel"], request["x-streaming-key"], request["x-user-ip"],
+            request["authorization"]) == ("live/keyed", "bad", "127.0.0.1", "Bearer app-token")
+    assert not live(api, "keyed")
+    publisher = procs(PUBLISH + [f"rtmp://{host}/live/keyed?key=good"], log_path=tmp_path / "good.log")
+    wait_until(lambda: live(api, "keyed"), 10, what="the stream with the right key live")
+    assert publisher.popen.poll() is None

@@ -1,0 +1,104 @@
+"""Real video: an origin (agent + nginx-rtmp) writes live HLS, preview images and a VOD of each
+session into the media root, announces each with stream-available to a real receiver of ours, then
+stream-closed; the close command drops a real ffmpeg publisher."""
+import json
+import signal
+import threading
+
+import pytest
+
+from streammanager.callbacks import CallbackDispatcher
+from streammanager.coordinator_config import CallbackTarget, EventCallbackSettings
+from streammanager.models import StreamKey, StreamRecord
+from streammanager.registry import ZkPaths
+from tests.conftest import wait_for_nodes, wait_until
+from tests.coordinator_helpers import Receiver, event_tuple
+from tests.test_media_e2e import PUBLISH
+
+P = "/streammanager/api/2.0"
+
+
+@pytest.fixture
+def receiver(zk, zk_root):
+    """The application's event endpoint, fed by a dispatcher as a controller leader runs it."""
+    server = Receiver()
+    stop = threading.Event()
+    dispatcher = CallbackDispatcher(zk, ZkPaths(zk_root), EventCallbackSettings(CallbackTarget(server.url)))
+    thread = threading.Thread(target=dispatcher.run, args=(stop,), daemon=True)
+    thread.start()
+    yield server
+    stop.set()
+    thread.join(10)
+    server.close()
+
+
+@pytest.fixture
+def origin(api, spawn_agent, tmp_path):
+    media = tmp_path / "media"
+    node = spawn_agent("origin", "us-east-1", media="nginx",
+                       extra_env={"SM_MEDIA_ROOT": str(media), "AGENT_PREVIEW_INTERVAL_S": "1"})
+    wait_for_nodes(api, 1)
+    return node, media
+
+
+def session_of(zk, zk_root, name: str) -> str:
+    data, _ = zk.get(ZkPaths(zk_root).stream(StreamKey("live", name)))
+    return StreamRecord.from_json(data).session_id
+
+
+def live(api, name):
+    return api.get(f"{P}/event/live/{name}/stats").status_code == 200
+
+
+def test_a_session_announces_live_hls_and_previews_then_its_vod_and_closes_last(api, origin, receiver, procs, zk,
+                                                                                 zk_root, tmp_path):
+    (_, host, _, _), media = origin
+    publisher = procs(PUBLISH + [f"rtmp://{host}/live/art"], log_path=tmp_path / "pub.log")
+    wait_until(lambda: live(api, "art"), 10, what="the stream live")
+    session = session_of(zk, zk_root, "art")
+    first, second = receiver.wait_for(2, 15)
+    assert [event_tuple(r) for r in (first, second)] == [("stream-available", "HLS-LIVE", session),
+                                                         ("stream-available", "IMG-PREVIEW", session)]
+    for event in (first, second):
+        assert event["x-streaming-channel"] == "live/art" and event["x-resolution"] == "320x180-30"
+    playlist = first["x-index-file"]
+    assert playlist == str(media.resolve() / "hls" / "live" / "art" / "index.m3u8")
+    assert "#EXTINF" in open(playlist).read()
+    index_path = second["x-index-file"]
+    assert index_path == str(media.resolve() / "sessions" / "live" / "art" / session / "preview" / "index.json")
+    wait_until(lambda: len(json.load(open(index_path))["images"]) >= 2, 8, what="previews every second")
+    index = json.load(open(index_path))
+    assert index["streamingId"] == session and index["channel"] == "live/art"
+    for image in index["images"]:
+        assert open(image["path"], "rb").read(3) == b"\xff\xd8\xff"  # JPEG
+
+    publisher.signal(signal.SIGINT)
+    events = receiver.wait_for(4, 20)
+    assert [event_tuple(r) for r in events] == [
+        ("stream-available", "HLS-LIVE", session), ("stream-available", "IMG-PREVIEW", session),
+        ("stream-available", "HLS-VOD", session), ("stream-closed", None, session)]
+    vod = events[2]["x-index-file"]
+    assert vod == str(media.resolve() / "sessions" / "live" / "art" / session / "vod" / "index.m3u8")
+    text = open(vod).read()
+    assert "#EXT-X-PLAYLIST-TYPE:VOD" in text and "#EXT-X-ENDLIST" in text
+    assert events[2]["x-resolution"] == "320x180-30"
+    assert not list((media / "record" / "live").glob("art-*.flv"))  # the recording became the VOD
+
+
+def test_the_close_command_stops_a_real_publisher_and_leads_to_stream_closed(api, origin, receiver, procs, zk,
+                                                                             zk_root, tmp_path):
+    (agent_proc, host, _, _), _ = origin
+    publisher = procs(PUBLISH + [f"rtmp://{host}/live/closeme"], log_path=tmp_path / "pub.log")
+    wait_until(lambda: live(api, "closeme"), 10, what="the stream live")
+    session = session_of(zk, zk_root, "closeme")
+    response = api.post("/commands/close", headers={"x-streaming-channel": "live/closeme",
+                                                    "x-streaming-id": session})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert publisher.popen.wait(10) != 0  # dropped by nginx: the publisher's connection ended
+    wait_until(lambda: not live(api, "closeme"), 3, what="the stream gone")
+    wait_until(lambda: any(r["x-event-type"] == "stream-closed" for r in receiver.accepted()), 15,
+               what="stream-closed delivered")
+    closing = receiver.accepted()
+    assert closing[-1]["x-streaming-id"] == session and closing[-1]["x-event-type"] == "stream-closed"
+    assert all(r["x-streaming-id"] == session for r in closing)
+    assert agent_proc.popen.poll() is None
