@@ -213,7 +213,8 @@ class Controller:
             instance = provider.launch(LaunchRequest(
                 cluster_id=self.settings.cluster_id, group=group.name, region=launch.region, role=launch.role,
                 name=instance_id, image=group.launch.image, size=group.launch.size, boot_script=script,
-                capacity=capacity, media=group.launch.media))
+                capacity=capacity, media=group.launch.media,
+                placement=group.launch.placement.get(launch.region, {})))
         except (ProviderError, KeyError, ValueError) as exc:
             LAUNCHES.labels(**labels, outcome="failed").inc()
             log.warning("launch of %s failed: %s", instance_id, exc, extra=_fields(record))
@@ -259,8 +260,11 @@ class Controller:
     def sweep(self, now: int) -> None:
         """Adopt launches whose confirmation was lost; destroy this cluster's instances no record knows."""
         records = self.instances.records()
-        used = {r.provider for r in records.values()} | {g.launch.provider for g in self.groups.all()}
+        groups = self.groups.all()
+        used = {r.provider for r in records.values()} | {g.launch.provider for g in groups}
+        regions = {r.region for r in records.values()} | {region for g in groups for region in g.regions}
         for name in sorted(used & set(self.providers)):
+            self.providers[name].know_regions(sorted(regions))
             try:
                 found = self.providers[name].list_instances(self.settings.cluster_id)
             except ProviderError as exc:

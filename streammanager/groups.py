@@ -29,6 +29,22 @@ MAX_BOOT_SCRIPT_BYTES = 16 * 1024  # EC2 user data is capped at 16 KB
 MAX_DURATION_S = 7 * 24 * 3600  # any policy duration; beyond it is a typo (and overflows ms arithmetic)
 MAX_CAPACITY = 1_000_000  # per node; ints must also fit the 64-bit JSON codec
 
+# launchConfig.placement: where a region's nodes are launched (per provider; see cloud.base)
+EC2_SUBNET = re.compile(r"subnet-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+EC2_SECURITY_GROUP = re.compile(r"sg-[0-9a-f]{8}(?:[0-9a-f]{9})?")
+_IAM_NAME = r"[\w+=,.@-]{1,128}"
+EC2_INSTANCE_PROFILE = re.compile(rf"{_IAM_NAME}|arn:aws:iam::\d{{12}}:instance-profile/(?:[\w+=,.@-]+/)*{_IAM_NAME}",
+                                  re.ASCII)
+_GCE_NAME = r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_GCE_LINK = r"(?:https://www\.googleapis\.com/compute/v1/)?projects/[a-z][-a-z0-9.:]{0,61}[a-z0-9]"
+GCE_NETWORK = re.compile(rf"{_GCE_NAME}|{_GCE_LINK}/global/networks/{_GCE_NAME}")
+GCE_SUBNETWORK = re.compile(rf"{_GCE_NAME}|{_GCE_LINK}/regions/(?P<region>[a-z0-9-]+)/subnetworks/{_GCE_NAME}")
+GCE_SERVICE_ACCOUNT = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}@[a-z0-9][a-z0-9.-]{0,99}\.gserviceaccount\.com")
+GCE_SCOPE = re.compile(r"(?:https://www\.googleapis\.com/auth/)?[a-z0-9][a-z0-9._-]{0,99}")
+MAX_SUBNETS = 16
+MAX_SECURITY_GROUPS = 16  # EC2's limit per network interface
+MAX_SCOPES = 32
+
 # instance lifecycle
 REQUESTED = "requested"
 STARTING = "starting"
@@ -64,7 +80,8 @@ def _field(doc: Mapping[str, Any], name: str, kind: type | tuple, where: str, de
 
 
 def _kind_name(kinds: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", bool: "a boolean"}
+    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", bool: "a boolean",
+             list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -170,13 +187,16 @@ class LaunchConfig:
     media: str = "nginx"
     capacity: Mapping[str, int] = field(default_factory=lambda: {"origin": 50, "edge": 200})
     boot_script: str | None = None  # template; None means the built-in one
+    # region -> where its nodes are launched: the provider's fields (cloud.base.EC2_/GCE_PLACEMENT_FIELDS,
+    # API names, every default filled in); a region without an entry gets the cloud's defaults
+    placement: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_api(cls, doc: Any) -> "LaunchConfig":
         if not isinstance(doc, dict):
             raise GroupError("launchConfig is required: an object with provider, image, size, capacity")
         where = "launchConfig."
-        _no_extra(doc, ("provider", "image", "size", "media", "capacity", "bootScript"), where)
+        _no_extra(doc, ("provider", "image", "size", "media", "capacity", "bootScript", "placement"), where)
         provider = _field(doc, "provider", str, where)
         if provider not in PROVIDERS:
             raise GroupError(f"launchConfig.provider {provider[:40]!r} is unknown (known: {', '.join(PROVIDERS)})")
@@ -200,14 +220,107 @@ class LaunchConfig:
             if len(boot_script.encode()) > MAX_BOOT_SCRIPT_BYTES:
                 raise GroupError(f"launchConfig.bootScript is longer than {MAX_BOOT_SCRIPT_BYTES} bytes")
             _check_template(boot_script)
-        return cls(provider, image, size, media, capacity, boot_script)
+        placement = _placement_from_api(provider, doc.get("placement"))
+        return cls(provider, image, size, media, capacity, boot_script, placement)
 
     def to_api(self) -> dict:
         doc = {"provider": self.provider, "image": self.image, "size": self.size, "media": self.media,
                "capacity": dict(self.capacity)}
         if self.boot_script is not None:
             doc["bootScript"] = self.boot_script
+        if self.placement:
+            doc["placement"] = {region: {name: list(value) if isinstance(value, (list, tuple)) else value
+                                         for name, value in entry.items()}
+                                for region, entry in self.placement.items()}
         return doc
+
+
+def _placement_from_api(provider: str, doc: Any) -> dict[str, dict[str, Any]]:
+    """``launchConfig.placement``: region -> the provider's placement fields, validated, defaults filled."""
+    where = "launchConfig.placement"
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise GroupError(f"{where} must be an object: region -> where that region's nodes are launched")
+    if provider not in ("ec2", "gce"):
+        if doc:
+            raise GroupError(f"{where} is not supported by provider {provider} (only ec2 and gce)")
+        return {}
+    placement = {}
+    for region, entry in doc.items():
+        try:
+            _check_region(provider, region)
+        except GroupError as exc:
+            raise GroupError(f"{where}: {exc}") from None
+        if not isinstance(entry, dict):
+            raise GroupError(f"{where}.{region} must be an object")
+        parse = _ec2_placement if provider == "ec2" else _gce_placement
+        placement[region] = parse(entry, f"{where}.{region}.", region)
+    return placement
+
+
+def _ec2_placement(doc: Mapping[str, Any], where: str, region: str) -> dict[str, Any]:
+    from streammanager.cloud.base import EC2_PLACEMENT_FIELDS
+
+    _no_extra(doc, EC2_PLACEMENT_FIELDS, where)
+    subnets = _string_list(doc, "subnets", where, EC2_SUBNET, MAX_SUBNETS, "a subnet id (subnet-...)")
+    groups = _string_list(doc, "securityGroups", where, EC2_SECURITY_GROUP, MAX_SECURITY_GROUPS,
+                          "a security group id (sg-...)")
+    if groups and not subnets:
+        raise GroupError(f"{where}securityGroups needs subnets (EC2 takes security group ids only with a subnet)")
+    profile = _field(doc, "instanceProfile", str, where, "")
+    if profile and not EC2_INSTANCE_PROFILE.fullmatch(profile):
+        raise GroupError(f"{where}instanceProfile {profile[:80]!r} is not an instance profile name or ARN "
+                         "(arn:aws:iam::ACCOUNT:instance-profile/NAME)")
+    public_ip = _field(doc, "publicIp", bool, where, True)
+    return {"subnets": subnets, "securityGroups": groups, "instanceProfile": profile, "publicIp": public_ip}
+
+
+def _gce_placement(doc: Mapping[str, Any], where: str, region: str) -> dict[str, Any]:
+    from streammanager.cloud.base import DEFAULT_GCE_SCOPES, GCE_PLACEMENT_FIELDS
+
+    _no_extra(doc, GCE_PLACEMENT_FIELDS, where)
+    network = _field(doc, "network", str, where, "")
+    if network and not GCE_NETWORK.fullmatch(network):
+        raise GroupError(f"{where}network {network[:80]!r} is not a network name or link "
+                         "(projects/PROJECT/global/networks/NAME)")
+    subnetwork = _field(doc, "subnetwork", str, where, "")
+    if subnetwork:
+        match = GCE_SUBNETWORK.fullmatch(subnetwork)
+        if not match:
+            raise GroupError(f"{where}subnetwork {subnetwork[:80]!r} is not a subnetwork name or link "
+                             "(projects/PROJECT/regions/REGION/subnetworks/NAME)")
+        if match.group("region") and match.group("region") != region:
+            raise GroupError(f"{where}subnetwork is in region {match.group('region')!r}, not {region!r}")
+        if not network:
+            raise GroupError(f"{where}subnetwork needs network (the VPC network the subnetwork belongs to)")
+    account = _field(doc, "serviceAccount", str, where, "")
+    if account and not GCE_SERVICE_ACCOUNT.fullmatch(account):
+        raise GroupError(f"{where}serviceAccount {account[:80]!r} is not a service account e-mail "
+                         "(NAME@PROJECT.iam.gserviceaccount.com)")
+    scopes = _string_list(doc, "scopes", where, GCE_SCOPE, MAX_SCOPES,
+                          "an OAuth scope (https://www.googleapis.com/auth/... or an alias such as cloud-platform)")
+    if scopes and not account:
+        raise GroupError(f"{where}scopes needs serviceAccount (the scopes are that account's)")
+    if account and not scopes:
+        scopes = list(DEFAULT_GCE_SCOPES)
+    public_ip = _field(doc, "publicIp", bool, where, True)
+    return {"network": network, "subnetwork": subnetwork, "serviceAccount": account, "scopes": scopes,
+            "publicIp": public_ip}
+
+
+def _string_list(doc: Mapping[str, Any], name: str, where: str, pattern: re.Pattern, max_items: int,
+                 what: str) -> list[str]:
+    values = _field(doc, name, list, where, [])
+    if len(values) > max_items:
+        raise GroupError(f"{where}{name} may hold at most {max_items} items")
+    for index, value in enumerate(values):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise GroupError(f"{where}{name}[{index}] {str(value)[:80]!r} is not {what}")
+    repeated = next((value for index, value in enumerate(values) if value in values[:index]), None)
+    if repeated is not None:
+        raise GroupError(f"{where}{name} lists {repeated!r} twice")
+    return list(values)
 
 
 def _check_template(text: str) -> None:
@@ -264,6 +377,10 @@ class NodeGroup:
             _no_extra(roles, ROLES, f"regions.{region}.")
             regions[region] = {role: PoolLimits.from_api(limits, f"regions.{region}.{role}")
                                for role, limits in roles.items()}
+        stray = [region for region in launch.placement if region not in regions]
+        if stray:
+            raise GroupError(f"launchConfig.placement.{stray[0]} is not a region of this group "
+                             f"(regions: {', '.join(regions)})")
         return cls(group_name, launch, regions, ScalePolicy.from_api(doc.get("scalePolicy")))
 
     def to_api(self) -> dict:

@@ -3,21 +3,36 @@
 EC2 runs against a real local ``moto_server`` (with AMI and instance type validation on, as on AWS);
 GCE runs against ``tests.fakes.gce_api``, a small stateful fake of the Compute REST API (GCE has no
 emulator). What a provider sent is read back from the cloud's side: boto3 against moto, the fake's state.
+
+Credentials without keys are tested on loopback only: AWS's chain with environment variables or with a
+fake instance metadata service (IMDSv2) on 127.0.0.1, GCE's metadata server played by the fake. Every
+test runs with AWS_EC2_METADATA_DISABLED unless it points the chain at that fake, so nothing ever asks
+169.254.169.254 or metadata.google.internal.
 """
 from __future__ import annotations
 
 import base64
+import json
+import secrets
+import threading
+import zlib
+from datetime import datetime, timedelta, timezone
 
 import boto3
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from libcloud.http import LibcloudConnection
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
+from streammanager.cloud import build_providers
 from streammanager.cloud.base import (DEFAULT_BOOT_SCRIPT, TAG_CLUSTER, TAG_GROUP, TAG_REGION, TAG_ROLE,
                                       LaunchRequest, ProviderError, render_boot_script)
-from streammanager.cloud.ec2 import Ec2Provider
-from streammanager.cloud.gce import GceProvider
+from streammanager.cloud.ec2 import AwsCredentials, Ec2Provider
+from streammanager.cloud.gce import GceProvider, MetadataServerToken
+from streammanager.config import ControllerSettings
 from streammanager.zookeeper import free_port
 from tests.conftest import BIN, Proc, wait_until
 from tests.fakes.gce_api import FakeComputeApi
@@ -27,17 +42,54 @@ EC2_SECRET = "ec2-secret-never-printed-0123456789"
 AMI = "ami-785db401"  # one of the default AMIs moto loads into every region
 GCE_PROJECT = "sm-test"
 GCE_ACCOUNT = "sm-controller@sm-test.iam.gserviceaccount.com"
+GCE_NODE_ACCOUNT = "sm-node@sm-test.iam.gserviceaccount.com"
+GCE_VM_ACCOUNT = "sm-vm-controller@sm-test.iam.gserviceaccount.com"  # the account of the controller's VM
+GCE_NETWORK_LINK = f"https://www.googleapis.com/compute/v1/projects/{GCE_PROJECT}/global/networks/sm-net"
 DEBIAN_12 = "projects/debian-cloud/global/images/family/debian-12"
+# AWS's credential chain: these variables decide where botocore looks; every test starts without them
+AWS_CHAIN_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                       "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                       "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                       "AWS_EC2_METADATA_SERVICE_ENDPOINT", "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE")
 
 
 def launch_request(name: str, cluster_id: str, region: str, image: str, size: str, role: str = "edge",
-                   group: str = "g1") -> LaunchRequest:
+                   group: str = "g1", placement: dict | None = None) -> LaunchRequest:
     script = render_boot_script(DEFAULT_BOOT_SCRIPT, package="streammanager==0.1.0",
                                 zk_hosts="10.0.0.5:2181,10.0.0.6:2181", zk_root="/streammanager", role=role,
                                 region=region, group=group, capacity=200, media="nginx", node_id=name,
                                 cluster_id=cluster_id)
     return LaunchRequest(cluster_id=cluster_id, group=group, region=region, role=role, name=name, image=image,
-                         size=size, boot_script=script, capacity=200)
+                         size=size, boot_script=script, capacity=200, placement=placement or {})
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_aws_credentials(monkeypatch, tmp_path):
+    """AWS's chain finds nothing of this machine's (files, variables) and never asks a metadata service."""
+    for name in AWS_CHAIN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """(method, url, headers) of every HTTP request libcloud sends, in order."""
+    requests_sent = []
+    original = LibcloudConnection.request
+
+    def record(self, method, url, body=None, headers=None, **kwargs):
+        requests_sent.append((method, url, {k.lower(): v for k, v in (headers or {}).items()}))
+        return original(self, method, url, body=body, headers=headers, **kwargs)
+
+    monkeypatch.setattr(LibcloudConnection, "request", record)
+    return requests_sent
+
+
+def session_tokens(sent_requests) -> set[str | None]:
+    """The AWS session tokens the requests were signed with (None: none)."""
+    return {headers.get("x-amz-security-token") for _, _, headers in sent_requests}
 
 
 # -- EC2 against moto_server ------------------------------------------------------------------------
@@ -74,14 +126,32 @@ def ec2(moto):
     provider.close()
 
 
-def boto3_ec2(moto, region: str):
+def boto3_ec2(moto, region: str, service: str = "ec2"):
     host, port, _ = moto
-    return boto3.client("ec2", region_name=region, endpoint_url=f"http://{host}:{port}",
+    return boto3.client(service, region_name=region, endpoint_url=f"http://{host}:{port}",
                         aws_access_key_id=EC2_KEY_ID, aws_secret_access_key=EC2_SECRET)
 
 
+@pytest.fixture
+def node_network(moto):
+    """What Terraform prepares for media nodes in eu-west-1: a VPC, two subnets in two zones, the media
+    security group, the node instance profile. Returns their ids."""
+    ec2, iam = boto3_ec2(moto, "eu-west-1"), boto3_ec2(moto, "eu-west-1", "iam")
+    vpc = ec2.create_vpc(CidrBlock="10.50.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.50.{n}.0/24", AvailabilityZone=f"eu-west-1{zone}")
+               ["Subnet"]["SubnetId"] for n, zone in ((1, "a"), (2, "b"))]
+    group = ec2.create_security_group(GroupName="sm-media", Description="media nodes", VpcId=vpc)["GroupId"]
+    iam.create_role(RoleName="sm-node", AssumeRolePolicyDocument="{}")
+    profile = iam.create_instance_profile(InstanceProfileName="sm-node")["InstanceProfile"]["Arn"]
+    iam.add_role_to_instance_profile(InstanceProfileName="sm-node", RoleName="sm-node")
+    return {"vpc": vpc, "subnets": subnets, "group": group, "profile_arn": profile}
+
+
 def ec2_instance(moto, region: str, instance_id: str) -> dict:
-    reservations = boto3_ec2(moto, region).describe_instances(InstanceIds=[instance_id])["Reservations"]
+    """EC2's own description of an instance; our ids are ``region/i-...``."""
+    assert instance_id.startswith(region + "/")
+    reservations = boto3_ec2(moto, region).describe_instances(
+        InstanceIds=[instance_id.rpartition("/")[2]])["Reservations"]
     return reservations[0]["Instances"][0]
 
 
@@ -98,7 +168,7 @@ def test_ec2_launch_tags_the_instance_and_passes_the_boot_script(ec2, moto):
         "Name": "edge-eu-1", TAG_CLUSTER: "c1", TAG_GROUP: "g1", TAG_REGION: "eu-west-1", TAG_ROLE: "edge"}
     assert (described["ImageId"], described["InstanceType"]) == (AMI, "t3.micro")
     user_data = boto3_ec2(moto, "eu-west-1").describe_instance_attribute(
-        InstanceId=instance.id, Attribute="userData")["UserData"]["Value"]
+        InstanceId=instance.extra["instance_id"], Attribute="userData")["UserData"]["Value"]
     script = base64.b64decode(user_data).decode()
     assert script == request.boot_script
     assert "--role edge --region eu-west-1 --group g1" in script
@@ -150,6 +220,21 @@ def test_ec2_instances_in_two_regions_are_listed_and_destroyed_by_a_fresh_provid
     assert [i.id for i in fresh.list_instances("c1")] == [eu.id]
 
 
+def test_ec2_a_restarted_controller_destroys_an_instance_in_a_region_it_was_not_told_about(ec2, moto):
+    eu = ec2.launch(launch_request("origin-eu", "c1", "eu-west-1", AMI, "t3.micro", role="origin"))
+    fresh = Ec2Provider(EC2_KEY_ID, EC2_SECRET, "us-east-1", endpoint=moto)  # home region only
+    assert fresh.destroy(eu.id, "c1") is True  # the id says where it is
+    assert ec2_instance(moto, "eu-west-1", eu.id)["State"]["Name"] in ("shutting-down", "terminated")
+
+
+def test_ec2_lists_instances_in_the_regions_the_controller_names(ec2, moto):
+    eu = ec2.launch(launch_request("origin-eu", "c1", "eu-west-1", AMI, "t3.micro", role="origin"))
+    fresh = Ec2Provider(EC2_KEY_ID, EC2_SECRET, "us-east-1", endpoint=moto)
+    assert fresh.list_instances("c1") == []
+    fresh.know_regions(["eu-west-1"])  # the controller's sweep names its groups' regions
+    assert [i.id for i in fresh.list_instances("c1")] == [eu.id]
+
+
 @pytest.mark.parametrize("image, size, error", [
     ("ami-0badbadbadbadbad0", "t3.micro", "InvalidAMIID"),
     (AMI, "t9.imaginary", "InvalidInstanceType"),
@@ -167,6 +252,173 @@ def test_ec2_an_unknown_region_becomes_provider_error(ec2):
         ec2.launch(launch_request("edge-bad", "c1", "mars-1", AMI, "t3.micro"))
 
 
+# -- EC2 placement: subnet, security groups, instance profile, public address -------------------------
+
+def test_ec2_launch_puts_the_instance_in_a_placement_subnet_with_its_groups_profile_and_a_public_ip(
+        ec2, moto, node_network):
+    placement = {"subnets": node_network["subnets"], "securityGroups": [node_network["group"]],
+                 "instanceProfile": "sm-node", "publicIp": True}
+
+    instance = ec2.launch(launch_request("edge-eu-1", "c1", "eu-west-1", AMI, "t3.micro", placement=placement))
+
+    described = ec2_instance(moto, "eu-west-1", instance.id)
+    chosen = node_network["subnets"][zlib.crc32(b"edge-eu-1") % 2]
+    assert (described["SubnetId"], described["VpcId"]) == (chosen, node_network["vpc"])
+    assert [g["GroupId"] for g in described["NetworkInterfaces"][0]["Groups"]] == [node_network["group"]]
+    assert described["IamInstanceProfile"]["Arn"] == node_network["profile_arn"]
+    assert described["PublicIpAddress"] and instance.address == described["PublicIpAddress"]
+    assert instance.extra["subnet_id"] == chosen
+
+
+def test_ec2_a_pool_spreads_over_the_placement_subnets(ec2, moto, node_network):
+    placement = {"subnets": node_network["subnets"], "securityGroups": [node_network["group"]], "publicIp": True}
+
+    instances = [ec2.launch(launch_request(f"edge-{n}", "c1", "eu-west-1", AMI, "t3.micro", placement=placement))
+                 for n in range(6)]
+
+    zones = {ec2_instance(moto, "eu-west-1", i.id)["Placement"]["AvailabilityZone"] for i in instances}
+    assert zones == {"eu-west-1a", "eu-west-1b"}
+
+
+def test_ec2_without_a_public_ip_request_the_instance_has_only_its_private_address(ec2, moto, node_network):
+    placement = {"subnets": node_network["subnets"][:1], "securityGroups": [node_network["group"]],
+                 "instanceProfile": node_network["profile_arn"], "publicIp": False}
+
+    instance = ec2.launch(launch_request("edge-private", "c1", "eu-west-1", AMI, "t3.micro", placement=placement))
+
+    described = ec2_instance(moto, "eu-west-1", instance.id)
+    assert "PublicIpAddress" not in described and instance.address == described["PrivateIpAddress"]
+    assert [g["GroupId"] for g in described["SecurityGroups"]] == [node_network["group"]]
+    assert described["IamInstanceProfile"]["Arn"] == node_network["profile_arn"]
+
+
+def test_ec2_a_subnet_the_account_does_not_have_becomes_provider_error(ec2):
+    placement = {"subnets": ["subnet-0123456789abcdef0"], "publicIp": True}
+
+    with pytest.raises(ProviderError, match="subnet-0123456789abcdef0"):
+        ec2.launch(launch_request("edge-lost", "c1", "eu-west-1", AMI, "t3.micro", placement=placement))
+
+
+# -- EC2 credentials without keys: AWS's chain ------------------------------------------------------
+
+def test_ec2_without_keys_signs_with_the_session_credentials_of_the_environment(moto, monkeypatch, sent):
+    requests.post(f"http://{moto[0]}:{moto[1]}/moto-api/reset", timeout=5).raise_for_status()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIAENVIRONMENT0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environment-secret-never-printed")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "environment-session-token")
+    provider = Ec2Provider(None, None, "eu-west-1", endpoint=moto)
+
+    instance = provider.launch(launch_request("edge-env", "c1", "eu-west-1", AMI, "t3.micro"))
+
+    assert ec2_instance(moto, "eu-west-1", instance.id)["State"]["Name"] in ("pending", "running")
+    assert session_tokens(sent) == {"environment-session-token"}
+    assert all("ASIAENVIRONMENT0001" in headers["authorization"] for _, _, headers in sent)
+    assert "environment-secret" not in repr(provider)
+
+
+class FakeInstanceMetadata:
+    """IMDSv2 as an EC2 instance with a role sees it: ``PUT /latest/api/token`` gives a session token,
+    which every GET must carry (401 otherwise); the role's name and its temporary credentials are under
+    ``/latest/meta-data/iam/security-credentials/``. Serves 127.0.0.1 only."""
+
+    ROLE = "sm-controller"
+
+    def __init__(self):
+        self.session_token = secrets.token_urlsafe(16)
+        self.issued: list[dict] = []
+        self.requests: list[tuple[str, str, bool]] = []  # (method, path, carried the session token)
+        self._server = make_server("127.0.0.1", 0, self.wsgi, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/"
+
+    def wsgi(self, environ, start_response):
+        request = Request(environ)
+        with_token = request.headers.get("X-aws-ec2-metadata-token") == self.session_token
+        self.requests.append((request.method, request.path, with_token))
+        base = "/latest/meta-data/iam/security-credentials/"
+        if request.method == "PUT" and request.path == "/latest/api/token":
+            response = Response(self.session_token)
+        elif not with_token:
+            response = Response("", status=401)
+        elif request.path == base:
+            response = Response(self.ROLE)
+        elif request.path == base + self.ROLE:
+            expiry = (datetime.now(timezone.utc) + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            credentials = {"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": f"ASIAROLE{len(self.issued):04d}",
+                           "SecretAccessKey": secrets.token_urlsafe(30), "Token": secrets.token_urlsafe(40),
+                           "Expiration": expiry, "LastUpdated": expiry}
+            self.issued.append(credentials)
+            response = Response(json.dumps(credentials), content_type="application/json")
+        else:
+            response = Response("", status=404)
+        return response(environ, start_response)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def test_ec2_on_an_instance_signs_with_its_role_credentials_from_imdsv2(moto, monkeypatch, sent):
+    requests.post(f"http://{moto[0]}:{moto[1]}/moto-api/reset", timeout=5).raise_for_status()
+    with FakeInstanceMetadata() as imds:
+        monkeypatch.delenv("AWS_EC2_METADATA_DISABLED")
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url)
+        provider = Ec2Provider(None, None, "eu-west-1", endpoint=moto)
+
+        instance = provider.launch(launch_request("edge-role", "c1", "eu-west-1", AMI, "t3.micro"))
+        listed = provider.list_instances("c1")
+
+    assert [i.id for i in listed] == [instance.id]
+    assert imds.requests[0] == ("PUT", "/latest/api/token", False)  # IMDSv2: a session first
+    assert all(with_token for method, _, with_token in imds.requests if method == "GET")
+    [role_credentials] = imds.issued
+    assert session_tokens(sent) == {role_credentials["Token"]}
+    assert role_credentials["SecretAccessKey"] not in repr(provider)
+
+
+class RotatingCredentials:
+    """A credential source whose temporary credentials are replaced on demand (as a refresh does)."""
+
+    def __init__(self):
+        self.generation = 0
+
+    def rotate(self) -> None:
+        self.generation += 1
+
+    def current(self) -> AwsCredentials:
+        return AwsCredentials(f"ASIAROTATING{self.generation:04d}", f"secret-{self.generation}",
+                              f"token-{self.generation}")
+
+
+def test_ec2_signs_with_refreshed_credentials_as_soon_as_the_source_has_them(moto, sent):
+    requests.post(f"http://{moto[0]}:{moto[1]}/moto-api/reset", timeout=5).raise_for_status()
+    source = RotatingCredentials()
+    provider = Ec2Provider(None, None, "eu-west-1", endpoint=moto, credentials=source)
+    first = provider.launch(launch_request("edge-1", "c1", "eu-west-1", AMI, "t3.micro"))
+    assert session_tokens(sent) == {"token-0"}
+    sent.clear()
+
+    source.rotate()
+    assert provider.destroy(first.id, "c1") is True
+
+    assert session_tokens(sent) == {"token-1"}
+
+
+def test_ec2_without_keys_and_without_any_credentials_becomes_provider_error(moto):
+    provider = Ec2Provider(None, None, "eu-west-1", endpoint=moto)
+
+    with pytest.raises(ProviderError, match="no credentials"):
+        provider.list_instances("c1")
+
+
 # -- GCE against the fake Compute API ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -181,9 +433,17 @@ def gce_key():
 
 @pytest.fixture(scope="module")
 def gce_api(gce_key):
-    api = FakeComputeApi(service_accounts={GCE_ACCOUNT: gce_key[1]}).start("127.0.0.1", free_port())
+    subnetworks = {("us-central1", "default"): "default", ("europe-west1", "default"): "default",
+                   ("us-central1", "sm-us-central1"): "sm-net", ("europe-west1", "sm-europe-west1"): "sm-net"}
+    api = FakeComputeApi(service_accounts={GCE_ACCOUNT: gce_key[1]}, networks=("default", "sm-net"),
+                         subnetworks=subnetworks, instance_accounts={GCE_NODE_ACCOUNT}, vm_account=GCE_VM_ACCOUNT)
+    api.start("127.0.0.1", free_port())
     yield api
     api.stop()
+
+
+def metadata_url(api: FakeComputeApi) -> str:
+    return f"http://{api.host}:{api.port}/computeMetadata/v1"
 
 
 @pytest.fixture
@@ -271,6 +531,162 @@ def test_gce_a_label_value_gce_would_refuse_becomes_provider_error_before_any_ca
         gce.launch(launch_request("edge-bad", "Cluster.One", "us-central1", DEBIAN_12, "e2-small"))
 
     assert not any(method == "POST" and path.endswith("/instances") for method, path in gce_api.requests)
+
+
+# -- GCE placement: network, subnetwork, the node's service account, external address -------------------
+
+def node_placement(region: str, **changes) -> dict:
+    placement = {"network": GCE_NETWORK_LINK,
+                 "subnetwork": f"projects/{GCE_PROJECT}/regions/{region}/subnetworks/sm-{region}",
+                 "serviceAccount": GCE_NODE_ACCOUNT, "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+                 "publicIp": True}
+    placement.update(changes)
+    return placement
+
+
+def test_gce_launch_puts_the_instance_in_the_placement_subnetwork_running_as_the_node_account(gce, gce_api):
+    request = launch_request("edge-us-1", "c1", "us-central1", DEBIAN_12, "e2-small",
+                             placement=node_placement("us-central1"))
+
+    instance = gce.launch(request)
+
+    stored = gce_api.instance(GCE_PROJECT, "us-central1-a", "edge-us-1")
+    [nic] = stored["networkInterfaces"]
+    assert nic["network"] == GCE_NETWORK_LINK
+    assert nic["subnetwork"].endswith(f"/projects/{GCE_PROJECT}/regions/us-central1/subnetworks/sm-us-central1")
+    assert [config["type"] for config in nic["accessConfigs"]] == ["ONE_TO_ONE_NAT"]
+    assert stored["serviceAccounts"] == [{"email": GCE_NODE_ACCOUNT,
+                                          "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+    assert instance.extra["service_accounts"] == [GCE_NODE_ACCOUNT]
+    assert instance.address == nic["accessConfigs"][0]["natIP"]
+
+
+def test_gce_a_subnetwork_name_is_taken_in_the_instances_region_and_short_scopes_are_expanded(gce, gce_api):
+    placement = node_placement("europe-west1", network="sm-net", subnetwork="sm-europe-west1",
+                               scopes=["logging-write", "monitoring-write"])
+
+    gce.launch(launch_request("edge-eu-1", "c1", "europe-west1", DEBIAN_12, "e2-small", placement=placement))
+
+    stored = gce_api.instance(GCE_PROJECT, "europe-west1-b", "edge-eu-1")
+    assert stored["networkInterfaces"][0]["subnetwork"].endswith("/regions/europe-west1/subnetworks/sm-europe-west1")
+    assert stored["serviceAccounts"][0]["scopes"] == ["https://www.googleapis.com/auth/logging.write",
+                                                      "https://www.googleapis.com/auth/monitoring.write"]
+
+
+def test_gce_without_a_public_ip_the_instance_has_no_external_address(gce, gce_api):
+    placement = node_placement("us-central1", publicIp=False)
+
+    instance = gce.launch(launch_request("edge-private", "c1", "us-central1", DEBIAN_12, "e2-small",
+                                         placement=placement))
+
+    assert "accessConfigs" not in gce_api.instance(GCE_PROJECT, "us-central1-a", "edge-private")["networkInterfaces"][0]
+    assert instance.address == instance.extra["private_ip"]
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"subnetwork": f"projects/{GCE_PROJECT}/regions/us-central1/subnetworks/default"}, "does not belong"),
+    ({"serviceAccount": "stranger@sm-test.iam.gserviceaccount.com"}, "stranger@sm-test"),
+])
+def test_gce_a_placement_the_api_refuses_becomes_provider_error(gce, gce_api, changes, error):
+    with pytest.raises(ProviderError, match=error):
+        gce.launch(launch_request("edge-bad", "c1", "us-central1", DEBIAN_12, "e2-small",
+                                  placement=node_placement("us-central1", **changes)))
+
+    assert gce.list_instances("c1") == []
+
+
+# -- GCE credentials without a key: the VM's service account through the metadata server -----------------
+
+def test_gce_with_metadata_auth_uses_the_vms_token_and_no_key(gce_api):
+    gce_api.reset()
+    provider = GceProvider.with_metadata_auth(GCE_PROJECT, metadata_url=metadata_url(gce_api),
+                                              endpoint=(gce_api.host, gce_api.port, False))
+
+    provider.launch(launch_request("edge-1", "c1", "us-central1", DEBIAN_12, "e2-small",
+                                   placement=node_placement("us-central1")))
+
+    assert [i.id for i in provider.list_instances("c1")] == ["edge-1"]
+    token_calls = [path for method, path in gce_api.requests if "/token" in path]
+    assert token_calls == ["/computeMetadata/v1/instance/service-accounts/default/token"]
+    assert {account for account, _ in gce_api.tokens.values()} >= {GCE_VM_ACCOUNT}
+
+
+def test_gce_metadata_auth_on_a_vm_without_that_service_account_becomes_provider_error(gce_api):
+    provider = GceProvider.with_metadata_auth(GCE_PROJECT, service_account="other@sm-test.iam.gserviceaccount.com",
+                                              metadata_url=metadata_url(gce_api),
+                                              endpoint=(gce_api.host, gce_api.port, False))
+
+    with pytest.raises(ProviderError, match="metadata server refused a token"):
+        provider.list_instances("c1")
+
+
+def test_a_metadata_token_is_reused_until_shortly_before_it_expires_then_fetched_again(gce_api):
+    gce_api.reset()
+    now = [1000.0]
+    token = MetadataServerToken(metadata_url(gce_api), refresh_margin_s=60.0, clock=lambda: now[0])
+
+    first = token.access_token
+    now[0] += gce_api.token_lifetime_s - 61
+    assert token.access_token == first
+    now[0] += 2
+    second = token.access_token
+
+    assert second != first
+    assert sum(1 for _, path in gce_api.requests if path.startswith("/computeMetadata/")) == 2
+
+
+def test_a_metadata_server_that_does_not_answer_becomes_provider_error():
+    provider = GceProvider.with_metadata_auth(GCE_PROJECT, metadata_url=f"http://127.0.0.1:{free_port()}/v1",
+                                              endpoint=("127.0.0.1", free_port(), False))
+
+    with pytest.raises(ProviderError, match="metadata server did not answer"):
+        provider.list_instances("c1")
+
+
+# -- the controller's settings choose the credentials ------------------------------------------------------
+
+def controller_settings(tmp_path, **env) -> ControllerSettings:
+    return ControllerSettings.from_env({"SM_LOCAL_STATE_DIR": str(tmp_path / "local"), **env})
+
+
+def test_ec2_instance_role_settings_make_an_ec2_provider_without_keys(tmp_path, moto, monkeypatch):
+    requests.post(f"http://{moto[0]}:{moto[1]}/moto-api/reset", timeout=5).raise_for_status()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIAENVIRONMENT0002")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environment-secret")
+    settings = controller_settings(tmp_path, SM_EC2_CREDENTIALS="instance-role", SM_EC2_REGION="eu-west-1",
+                                   SM_EC2_ENDPOINT=f"http://{moto[0]}:{moto[1]}")
+
+    providers = build_providers(settings)
+
+    assert providers["ec2"].list_instances("c1") == []
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"SM_EC2_CREDENTIALS": "instance-role", "SM_EC2_ACCESS_KEY": "AKID"}, "takes no SM_EC2_ACCESS_KEY"),
+    ({"SM_EC2_ACCESS_KEY": "AKID"}, "set both"),
+    ({"SM_GCE_PROJECT": GCE_PROJECT, "SM_GCE_AUTH": "metadata", "SM_GCE_KEY_FILE": "/k.json"}, "takes no SM_GCE_KEY"),
+    ({"SM_GCE_PROJECT": GCE_PROJECT}, "SM_GCE_KEY_FILE"),
+    ({"SM_GCE_PROJECT": GCE_PROJECT, "SM_GCE_AUTH": "metadata", "SM_GCE_METADATA_URL": "metadata"}, "http"),
+])
+def test_contradictory_or_incomplete_cloud_settings_are_refused_at_start(tmp_path, env, error):
+    with pytest.raises(ProviderError, match=error):
+        build_providers(controller_settings(tmp_path, **env))
+
+
+def test_without_cloud_settings_only_the_local_provider_exists(tmp_path):
+    assert set(build_providers(controller_settings(tmp_path))) == {"local"}
+
+
+def test_gce_metadata_settings_make_a_gce_provider_that_authenticates_as_the_vm(tmp_path, gce_api):
+    gce_api.reset()
+    settings = controller_settings(tmp_path, SM_GCE_PROJECT=GCE_PROJECT, SM_GCE_AUTH="metadata",
+                                   SM_GCE_SERVICE_ACCOUNT=GCE_VM_ACCOUNT, SM_GCE_METADATA_URL=metadata_url(gce_api),
+                                   SM_GCE_ENDPOINT=f"http://{gce_api.host}:{gce_api.port}")
+
+    providers = build_providers(settings)
+
+    assert providers["gce"].list_instances("c1") == []
+    assert ("GET", f"/computeMetadata/v1/instance/service-accounts/{GCE_VM_ACCOUNT}/token") in gce_api.requests
 
 
 def test_gce_a_key_the_token_endpoint_refuses_becomes_provider_error_without_the_key(gce_api):

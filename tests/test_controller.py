@@ -217,6 +217,7 @@ def test_killing_the_leading_controller_hands_over_without_a_double_launch(
            "SM_LOCAL_HTTP_PORT": str(controller_settings.local_http_port),
            "SM_LOCAL_AGENT_ARGS": controller_settings.local_agent_args, "SM_CONTROLLER_TICK_S": "0.2",
            "SM_LOG_FORMAT": "text"}
+    first = second = None
     try:
         first = procs([str(BIN / "streammanager"), "controller", "--controller-id", "first"], env,
                       tmp_path / "first.log")
@@ -237,7 +238,10 @@ def test_killing_the_leading_controller_hands_over_without_a_double_launch(
         assert admin(api, "put", f"{GROUP}/g1", json=doc).status_code == 200
         wait_until(lambda: len(in_service_nodes(api)) == 3, 30, what="a third edge from the new leader")
         assert len(group_instances(zk, zk_root)) == 3
-    finally:
+    finally:  # the controllers first: a running one would replace the instances destroyed below
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
         for provider in build_providers(controller_settings).values():
             for instance in provider.list_instances("test-cluster"):
                 provider.destroy(instance.id, "test-cluster")

@@ -251,6 +251,113 @@ def test_a_group_error_is_a_record_error():
     assert issubclass(GroupError, RecordError)
 
 
+# -- launch placement ---------------------------------------------------------------------------------
+SUBNET_A, SUBNET_B = "subnet-0a1b2c3d4e5f60718", "subnet-0b1c2d3e4f5a60718"
+MEDIA_GROUP = "sg-0123456789abcdef0"
+NODE_ACCOUNT = "sm-node@my-project.iam.gserviceaccount.com"
+NETWORK = "https://www.googleapis.com/compute/v1/projects/my-project/global/networks/sm-gce"
+
+
+def ec2_group(placement) -> dict:
+    return example(**{"launchConfig": {"provider": "ec2", "image": "ami-0abc", "size": "c6i.large",
+                                       "placement": placement},
+                      "regions": {"us-east-1": {"edge": {"min": 1, "max": 5}},
+                                  "eu-west-1": {"edge": {"min": 0, "max": 3}}}})
+
+
+def gce_group(placement) -> dict:
+    return example(**{"launchConfig": {"provider": "gce", "image": "debian-12", "size": "e2-small",
+                                       "placement": placement},
+                      "regions": {"us-central1": {"edge": {"min": 1, "max": 5}}}})
+
+
+def test_an_ec2_placement_per_region_is_accepted_with_its_defaults_filled_and_round_trips():
+    group = NodeGroup.from_api(ec2_group({
+        "us-east-1": {"subnets": [SUBNET_A, SUBNET_B], "securityGroups": [MEDIA_GROUP],
+                      "instanceProfile": "arn:aws:iam::123456789012:instance-profile/sm-aws-node", "publicIp": True},
+        "eu-west-1": {"subnets": [SUBNET_B], "securityGroups": [MEDIA_GROUP], "instanceProfile": "sm-aws-node"}}))
+
+    placement = group.to_api()["launchConfig"]["placement"]
+
+    assert placement["eu-west-1"] == {"subnets": [SUBNET_B], "securityGroups": [MEDIA_GROUP],
+                                      "instanceProfile": "sm-aws-node", "publicIp": True}
+    assert placement["us-east-1"]["subnets"] == [SUBNET_A, SUBNET_B]
+    assert NodeGroup.from_api(group.to_api()) == group
+    assert NodeGroup.from_json(group.to_json()) == group
+
+
+def test_an_empty_ec2_placement_entry_asks_only_for_a_public_address():
+    group = NodeGroup.from_api(ec2_group({"us-east-1": {}}))
+    assert group.launch.placement == {"us-east-1": {"subnets": [], "securityGroups": [], "instanceProfile": "",
+                                                    "publicIp": True}}
+
+
+def test_a_gce_placement_is_accepted_with_the_node_accounts_default_scope_and_round_trips():
+    group = NodeGroup.from_api(gce_group({"us-central1": {
+        "network": NETWORK,
+        "subnetwork": "projects/my-project/regions/us-central1/subnetworks/sm-gce-us-central1",
+        "serviceAccount": NODE_ACCOUNT}}))
+
+    assert group.launch.placement["us-central1"] == {
+        "network": NETWORK, "subnetwork": "projects/my-project/regions/us-central1/subnetworks/sm-gce-us-central1",
+        "serviceAccount": NODE_ACCOUNT, "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        "publicIp": True}
+    assert NodeGroup.from_api(group.to_api()) == group
+    assert NodeGroup.from_json(group.to_json()) == group
+
+
+def test_a_group_without_placement_shows_none():
+    assert "placement" not in NodeGroup.from_api(example()).to_api()["launchConfig"]
+
+
+@pytest.mark.parametrize("placement, field, why", [
+    ([], "launchConfig.placement", "object"),
+    ({"us-east-1": "subnet-1"}, "launchConfig.placement.us-east-1", "object"),
+    ({"us-east-1": {"subnet": SUBNET_A}}, "launchConfig.placement.us-east-1.", "'subnet'"),
+    ({"us-east-1": {"subnets": SUBNET_A}}, "launchConfig.placement.us-east-1.subnets", "list"),
+    ({"us-east-1": {"subnets": ["subnet-xyz"]}}, "launchConfig.placement.us-east-1.subnets[0]", "subnet id"),
+    ({"us-east-1": {"subnets": [SUBNET_A, SUBNET_A]}}, "launchConfig.placement.us-east-1.subnets", "twice"),
+    ({"us-east-1": {"subnets": [f"subnet-{n:017x}" for n in range(17)]}}, "subnets", "at most 16"),
+    ({"us-east-1": {"subnets": [SUBNET_A], "securityGroups": ["default"]}},
+     "launchConfig.placement.us-east-1.securityGroups[0]", "security group id"),
+    ({"us-east-1": {"securityGroups": [MEDIA_GROUP]}}, "launchConfig.placement.us-east-1.securityGroups", "subnets"),
+    ({"us-east-1": {"instanceProfile": "arn:aws:iam::123:role/sm-node"}},
+     "launchConfig.placement.us-east-1.instanceProfile", "instance profile"),
+    ({"us-east-1": {"instanceProfile": "sm node"}}, "launchConfig.placement.us-east-1.instanceProfile", "name"),
+    ({"us-east-1": {"publicIp": "yes"}}, "launchConfig.placement.us-east-1.publicIp", "boolean"),
+    ({"us-east-1": {"publicIp": 1}}, "launchConfig.placement.us-east-1.publicIp", "boolean"),
+    ({"ap-south-1": {}}, "launchConfig.placement.ap-south-1", "not a region of this group"),
+    ({"us-central1": {}}, "launchConfig.placement", "not an AWS region"),
+])
+def test_a_bad_ec2_placement_is_refused_naming_the_field(placement, field, why):
+    message = refusal(ec2_group(placement))
+    assert field in message and why in message
+
+
+@pytest.mark.parametrize("entry, field, why", [
+    ({"network": "Bad_Net"}, "launchConfig.placement.us-central1.network", "network name or link"),
+    ({"network": "sm-gce", "subnetwork": "projects/p1/regions/europe-west1/subnetworks/s"},
+     "launchConfig.placement.us-central1.subnetwork", "europe-west1"),
+    ({"subnetwork": "sm-gce-us-central1"}, "launchConfig.placement.us-central1.subnetwork", "needs network"),
+    ({"network": "sm-gce", "subnetwork": "https://evil.example/subnetworks/x"},
+     "launchConfig.placement.us-central1.subnetwork", "subnetwork name or link"),
+    ({"serviceAccount": "sm-node@example.com"}, "launchConfig.placement.us-central1.serviceAccount", "e-mail"),
+    ({"scopes": ["cloud-platform"]}, "launchConfig.placement.us-central1.scopes", "needs serviceAccount"),
+    ({"serviceAccount": NODE_ACCOUNT, "scopes": ["https://example.com/auth/x"]},
+     "launchConfig.placement.us-central1.scopes[0]", "OAuth scope"),
+    ({"publicIp": None, "externalIp": "ephemeral"}, "launchConfig.placement.us-central1.", "'externalIp'"),
+    ({"subnets": [SUBNET_A]}, "launchConfig.placement.us-central1.", "'subnets'"),
+])
+def test_a_bad_gce_placement_is_refused_naming_the_field(entry, field, why):
+    message = refusal(gce_group({"us-central1": entry}))
+    assert field in message and why in message
+
+
+def test_a_placement_for_the_local_provider_is_refused():
+    message = refusal(example(**{"launchConfig.placement": {"us-east-1": {}}}))
+    assert "launchConfig.placement" in message and "local" in message
+
+
 # -- codecs -------------------------------------------------------------------------------------------
 def test_a_group_survives_its_json_codec_unchanged():
     group = NodeGroup.from_api(example(**{

@@ -112,7 +112,7 @@ def test_killing_nginx_on_an_edge_is_repaired_by_its_agent(api, media_cluster, p
     edge_proc, edge_host = media_cluster["eu_edge"][0], media_cluster["eu_edge"][1]
     [nginx] = nginx_of(edge_proc.pid)
     os.kill(nginx, signal.SIGKILL)
-    wait_until(lambda: nginx_of(edge_proc.pid) and nginx_of(edge_proc.pid) != [nginx], 10,
+    wait_until(lambda: (found := nginx_of(edge_proc.pid)) and found != [nginx], 10,
                what="a new nginx under the agent")
     origin_host = media_cluster["us_origin"][1]
     publish_live(api, procs, origin_host, "after-crash")

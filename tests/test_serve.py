@@ -80,7 +80,9 @@ def test_the_api_answers_from_its_last_view_while_zookeeper_is_down_and_reconnec
         url = serve(zk.hosts)
         wait_until(lambda: node_count(url) == 2, 10, what="2 nodes in view")
         assert publish(o_host, o_port, "resilient").status_code == 200
-        wait_until(lambda: requests.get(f"{url}{P}/event/live/resilient/stats", timeout=2).ok, 5, what="live")
+        # both gunicorn workers know the stream (ten answers in a row reach both)
+        wait_until(lambda: all(requests.get(f"{url}{P}/event/live/resilient/stats", timeout=2).ok
+                               for _ in range(10)), 5, what="the stream live in every worker's view")
 
         zk.kill()
         wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).json()["zookeeper"] == "disconnected", 10,

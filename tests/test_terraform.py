@@ -777,6 +777,62 @@ def test_the_controllers_get_their_zookeeper_cluster_id_and_node_package(name):
     assert used <= known, f"streammanager controller has no {sorted(used - known)}"
 
 
+@pytest.mark.parametrize("name, setting, value", [
+    ("modules/aws", "SM_EC2_CREDENTIALS", "instance-role"),
+    ("modules/gce", "SM_GCE_AUTH", "metadata"),
+])
+def test_the_controllers_authenticate_as_their_instance_with_no_key(name, setting, value):
+    text = (module(name).path / "templates" / "controller.sh.tftpl").read_text()
+    assert re.search(rf"^{setting}={value}$", text, re.MULTILINE), f"{name}: the controller needs {setting}={value}"
+    option = next(o for o in streammanager_config.CONTROLLER_OPTIONS if o.env == setting)
+    assert value in option.choices
+
+
+# plausible values for what Terraform fills in at apply time (resource ids and links)
+SAMPLE_PLACEMENT_VALUES = {
+    "subnets": ["subnet-0a1b2c3d4e5f60718", "subnet-0b1c2d3e4f5a60718"],
+    "securityGroups": ["sg-0123456789abcdef0"],
+    "instanceProfile": "sm-aws-node",
+    "network": "https://www.googleapis.com/compute/v1/projects/my-project/global/networks/sm-gce",
+    "subnetwork": "projects/my-project/regions/{region}/subnetworks/sm-gce-{region}",
+    "serviceAccount": "sm-gce-node@my-project.iam.gserviceaccount.com",
+}
+
+
+def node_launch_placement(mod: Module) -> dict:
+    """The ``placement`` of a module's node_launch output, keys as written, values as parsed (a GCE
+    output is a for expression: its object is read from the text)."""
+    value = mod.outputs["node_launch"]["value"]
+    if isinstance(value, dict):
+        return value["placement"]
+    body = re.search(r"placement = \{(.*?)\}", value).group(1)
+    placement = {}
+    for key, raw in re.findall(r"(\w+) = (\[[^\]]*\]|[^,]+)", body):
+        raw = raw.strip()
+        placement[key] = {"true": True, "false": False}.get(raw, json.loads(raw) if raw.startswith("[") else raw)
+    return placement
+
+
+@pytest.mark.parametrize("name, provider, region", [
+    ("modules/aws", "ec2", "us-east-1"),
+    ("modules/aws/media-region", "ec2", "eu-west-1"),
+    ("modules/gce", "gce", "us-central1"),
+])
+def test_the_node_launch_placement_is_an_entry_the_node_group_api_accepts(name, provider, region):
+    from streammanager.cloud.base import EC2_PLACEMENT_FIELDS, GCE_PLACEMENT_FIELDS
+    from streammanager.groups import NodeGroup
+
+    placement = node_launch_placement(module(name))
+    assert set(placement) == set(EC2_PLACEMENT_FIELDS if provider == "ec2" else GCE_PLACEMENT_FIELDS)
+    entry = {key: value if isinstance(value, bool) or (isinstance(value, list) and "${" not in json.dumps(value))
+             else json.loads(json.dumps(SAMPLE_PLACEMENT_VALUES[key]).replace("{region}", region))
+             for key, value in placement.items()}
+    group = NodeGroup.from_api({"name": "g1", "regions": {region: {"edge": {"min": 0, "max": 1}}},
+                                "launchConfig": {"provider": provider, "image": "img", "size": "small",
+                                                 "placement": {region: entry}}})
+    assert group.launch.placement[region]["publicIp"] is True  # media nodes serve RTMP to the internet
+
+
 def test_every_checkov_skip_states_its_reason():
     skips = [(path, match) for mod in modules().values() for path, text in mod.texts.items()
              for match in re.finditer(r"#\s*checkov:skip=([A-Z0-9_]+)(?::(.*))?", text)]

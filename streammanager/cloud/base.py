@@ -10,7 +10,9 @@ from __future__ import annotations
 import abc
 import re
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # tag / label keys; GCE labels allow only lowercase letters, digits, '-' and '_'
 TAG_CLUSTER = "sm-cluster"
@@ -19,6 +21,14 @@ TAG_REGION = "sm-region"
 TAG_ROLE = "sm-role"
 
 LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+
+# what one region's entry of ``launchConfig.placement`` may hold, per provider (the API's names; groups.py
+# validates them, the provider reads them from ``LaunchRequest.placement``)
+EC2_PLACEMENT_FIELDS = ("subnets", "securityGroups", "instanceProfile", "publicIp")
+GCE_PLACEMENT_FIELDS = ("network", "subnetwork", "serviceAccount", "scopes", "publicIp")
+# the scopes of a GCE node's service account unless its placement names others: Google's advice for a
+# custom service account (what the node may do is then decided by the account's IAM roles)
+DEFAULT_GCE_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 
 class ProviderError(RuntimeError):
@@ -37,6 +47,9 @@ class LaunchRequest:
     boot_script: str  # user data / startup-script, already rendered
     capacity: int
     media: str = "nginx"  # nginx | none (the local provider runs the agent with this)
+    # this region's entry of launchConfig.placement (EC2_/GCE_PLACEMENT_FIELDS, validated); empty: the
+    # cloud's defaults (default VPC / network, no instance profile, the project's default service account)
+    placement: Mapping[str, Any] = field(default_factory=dict)
 
     def tags(self) -> dict[str, str]:
         return {TAG_CLUSTER: self.cluster_id, TAG_GROUP: self.group, TAG_REGION: self.region,
@@ -73,6 +86,10 @@ class CloudProvider(abc.ABC):
     def destroy(self, instance_id: str, cluster_id: str) -> bool:
         """Destroy an instance of this cluster; False when it is already gone. Refuses (ProviderError)
         an instance whose cluster tag differs."""
+
+    def know_regions(self, regions) -> None:
+        """Regions where this cluster may have instances (the groups' regions): a provider whose API
+        is per region lists them too."""
 
     def close(self) -> None:
         """Release what the provider holds (connections, local processes it must not orphan)."""

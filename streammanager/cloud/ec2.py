@@ -9,18 +9,28 @@ The driver is libcloud's ``EC2NodeDriver`` with two small compatibility changes 
 works against AWS and against a local ``moto_server`` (see :class:`CompatEC2NodeDriver`). It is registered
 with libcloud under :data:`EC2_DRIVER` and loaded by that name.
 
+Credentials are static keys (:class:`StaticCredentials`) or AWS's default credential chain
+(:class:`DefaultChainCredentials`, botocore's resolver: on an EC2 instance, its role's temporary
+credentials through IMDSv2). They are asked for before every use of a driver, and a driver is rebuilt
+when they changed, so refreshed temporary credentials (with their session token) take effect at once.
+
+A launch places the instance as its request's ``placement`` says (subnet, security groups, instance
+profile, public address); without one, EC2's defaults apply (the default VPC and security group).
+
 Not thread-safe: one controller loop owns a provider.
 """
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterable
+from typing import NamedTuple, Protocol
 
 import requests
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
-from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NodeDriver, EC2Response
+from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NetworkSubnet, EC2NodeDriver, EC2Response
 from libcloud.compute.providers import DRIVERS, get_driver, set_driver
 from libcloud.compute.types import NodeState
 
@@ -95,34 +105,110 @@ register_driver()
 _CLOUD_ERRORS = (LibcloudError, BaseHTTPError, requests.RequestException, OSError)
 
 
+class AwsCredentials(NamedTuple):
+    key_id: str
+    secret: str
+    token: str | None = None  # the session token of temporary credentials
+
+    def __repr__(self) -> str:  # never the secret nor the token
+        return f"AwsCredentials(key_id={self.key_id!r}, temporary={self.token is not None})"
+
+
+class CredentialSource(Protocol):
+    def current(self) -> AwsCredentials:
+        """Credentials valid now (refreshed first when they are about to expire); ProviderError when
+        there are none."""
+
+
+class StaticCredentials:
+    """An access key id and its secret, as configured."""
+
+    def __init__(self, key_id: str, secret: str):
+        if not key_id or not secret:
+            raise ValueError("ec2 provider needs an access key id and a secret access key")
+        self._credentials = AwsCredentials(key_id, secret)
+
+    def current(self) -> AwsCredentials:
+        return self._credentials
+
+    def __repr__(self) -> str:
+        return f"StaticCredentials(key_id={self._credentials.key_id!r})"
+
+
+class DefaultChainCredentials:
+    """AWS's default credential chain, resolved by botocore the way the AWS CLI and SDKs do it: the
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` environment variables, the
+    shared credentials and config files (profiles, assume-role, SSO), a container role, then the EC2
+    instance role through IMDSv2 (``AWS_EC2_METADATA_SERVICE_ENDPOINT`` moves it, e.g. to a local fake).
+
+    Nothing is asked before the first :meth:`current`. Temporary credentials come back as botocore's
+    refreshable credentials, which fetch new ones ahead of expiry (an instance role's 15 minutes before);
+    :meth:`current` reads them each time, so a caller that asks before every use never signs with expired
+    ones. A chain that found nothing is asked again on the next call.
+    """
+
+    def __init__(self, session=None):
+        self._session = session  # a botocore Session; None: a new one on first use
+        self._credentials = None
+
+    def current(self) -> AwsCredentials:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            if self._credentials is None:
+                if self._session is None:
+                    import botocore.session
+
+                    self._session = botocore.session.Session()
+                self._credentials = self._session.get_credentials()
+            if self._credentials is None:
+                raise ProviderError("ec2: AWS's credential chain found no credentials (no instance role, no "
+                                    "AWS_* environment variables, no profile)")
+            frozen = self._credentials.get_frozen_credentials()
+        except BotoCoreError as exc:
+            raise ProviderError(f"ec2: could not obtain AWS credentials: {exc}") from None
+        if not frozen.access_key or not frozen.secret_key:
+            raise ProviderError("ec2: AWS's credential chain returned incomplete credentials")
+        return AwsCredentials(frozen.access_key, frozen.secret_key, frozen.token or None)
+
+    def __repr__(self) -> str:
+        method = getattr(self._credentials, "method", None)
+        return f"DefaultChainCredentials(method={method!r})"
+
+
 class Ec2Provider(CloudProvider):
     """EC2 instances of one AWS account, in any region.
 
-    ``region`` is the home region; a launch goes to ``request.region``. ``list_instances`` and a
-    ``destroy`` of an instance this process has not seen scan the home region, ``regions`` and every
-    region launched into since start: pass the group's regions as ``regions`` so that a restarted
-    controller still finds all of its instances. ``endpoint`` (host, port, secure) replaces AWS's regional
-    endpoints, e.g. ``("127.0.0.1", 5000, False)`` for a local ``moto_server``.
+    ``key_id`` and ``secret`` are a static access key; without them (both None) the provider takes its
+    credentials from ``credentials``, by default AWS's credential chain (:class:`DefaultChainCredentials`:
+    an instance role on EC2). ``region`` is the home region; a launch goes to ``request.region``.
+    ``list_instances`` and a ``destroy`` of an instance this process has not seen scan the home region,
+    ``regions`` and every region launched into since start: pass the group's regions as ``regions`` so that
+    a restarted controller still finds all of its instances. ``endpoint`` (host, port, secure) replaces
+    AWS's regional endpoints, e.g. ``("127.0.0.1", 5000, False)`` for a local ``moto_server``.
     """
 
     name = "ec2"
 
-    def __init__(self, key_id: str, secret: str, region: str,
+    def __init__(self, key_id: str | None, secret: str | None, region: str,
                  endpoint: tuple[str, int, bool] | None = None, regions: Iterable[str] = (),
-                 timeout_s: float = 30.0):
-        if not key_id or not secret:
-            raise ValueError("ec2 provider needs an access key id and a secret access key")
-        self._key_id = key_id
-        self._secret = secret
+                 timeout_s: float = 30.0, *, credentials: CredentialSource | None = None):
+        if key_id is not None or secret is not None:
+            if credentials is not None:
+                raise ValueError("ec2 provider: give static keys or a credential source, not both")
+            credentials = StaticCredentials(key_id or "", secret or "")
+        self._credentials: CredentialSource = credentials or DefaultChainCredentials()
+        self._in_use: AwsCredentials | None = None  # what the drivers were last built with
         self._home_region = region
         self._endpoint = endpoint
         self._timeout_s = timeout_s
         self._regions = list(dict.fromkeys([region, *regions]))
-        self._drivers: dict[str, EC2NodeDriver] = {}
+        self._drivers: dict[str, tuple[AwsCredentials, EC2NodeDriver]] = {}
         self._region_of: dict[str, str] = {}  # instance id -> region, as seen by launch/list
 
     def __repr__(self) -> str:  # never the secret
-        return f"Ec2Provider(key_id={self._key_id!r}, region={self._home_region!r}, endpoint={self._endpoint!r})"
+        return (f"Ec2Provider(credentials={self._credentials!r}, region={self._home_region!r}, "
+                f"endpoint={self._endpoint!r})")
 
     # -- CloudProvider -----------------------------------------------------------------------------
 
@@ -133,7 +219,8 @@ class Ec2Provider(CloudProvider):
         size = NodeSize(id=request.size, name=request.size, ram=None, disk=None, bandwidth=None, price=None,
                         driver=driver)
         node = self._call("launch", request.region, driver.create_node, name=request.name, image=image,
-                          size=size, ex_metadata=request.tags(), ex_userdata=request.boot_script)
+                          size=size, ex_metadata=request.tags(), ex_userdata=request.boot_script,
+                          **placement_arguments(request))
         if not isinstance(node, Node):  # libcloud returns [] when it cannot read the answer
             raise ProviderError(f"ec2 launch of {request.name} in {request.region}: no instance in the answer")
         self._region_of[node.id] = request.region
@@ -157,6 +244,11 @@ class Ec2Provider(CloudProvider):
         return instances
 
     def destroy(self, instance_id: str, cluster_id: str) -> bool:
+        """``instance_id`` is ``region/i-...`` as :meth:`launch` and :meth:`list_instances` answer it (a
+        bare ``i-...`` is looked for in every known region)."""
+        region_hint, _, instance_id = instance_id.rpartition("/")
+        if region_hint:
+            self._region_of.setdefault(instance_id, region_hint)
         found = self._find(instance_id)
         if found is None:
             return False
@@ -171,25 +263,37 @@ class Ec2Provider(CloudProvider):
         log.info("destroyed instance", extra={"node_id": node.name, "region": region, "action": "destroy"})
         return True
 
+    def know_regions(self, regions) -> None:
+        for region in regions:
+            if region not in self._regions:
+                self._regions.append(region)
+
     def close(self) -> None:
         self._drivers.clear()
 
     # -- helpers -----------------------------------------------------------------------------------
 
     def _driver(self, region: str) -> EC2NodeDriver:
-        driver = self._drivers.get(region)
-        if driver is None:
-            kwargs: dict = {"region": region, "timeout": self._timeout_s}
-            if self._endpoint is not None:
-                host, port, secure = self._endpoint
-                kwargs.update(host=host, port=port, secure=secure)
-            try:
-                driver = get_driver(EC2_DRIVER)(self._key_id, self._secret, **kwargs)
-            except ValueError as exc:  # libcloud: "Invalid region: ..."
-                raise ProviderError(f"ec2: {self._scrub(exc)}") from None
-            self._drivers[region] = driver
-            if region not in self._regions:
-                self._regions.append(region)
+        """The region's driver, signing with the credentials valid now (rebuilt when they changed)."""
+        credentials = self._credentials.current()
+        if credentials != self._in_use:
+            if self._in_use is not None:
+                log.info("ec2 credentials were refreshed: new drivers", extra={"action": "credentials"})
+            self._in_use = credentials
+        cached = self._drivers.get(region)
+        if cached is not None and cached[0] == credentials:
+            return cached[1]
+        kwargs: dict = {"region": region, "timeout": self._timeout_s, "token": credentials.token}
+        if self._endpoint is not None:
+            host, port, secure = self._endpoint
+            kwargs.update(host=host, port=port, secure=secure)
+        try:
+            driver = get_driver(EC2_DRIVER)(credentials.key_id, credentials.secret, **kwargs)
+        except ValueError as exc:  # libcloud: "Invalid region: ..."
+            raise ProviderError(f"ec2: {self._scrub(exc)}") from None
+        self._drivers[region] = (credentials, driver)
+        if region not in self._regions:
+            self._regions.append(region)
         return driver
 
     def _known_regions(self) -> list[str]:
@@ -219,23 +323,55 @@ class Ec2Provider(CloudProvider):
             raise ProviderError(f"ec2 {action} in {region} failed: {message}") from None
 
     def _scrub(self, exc: BaseException) -> str:
-        """The error's text without the secret (libcloud error texts carry request details)."""
+        """The error's text without the secret or the session token (libcloud error texts carry request
+        details)."""
         text = str(exc) or type(exc).__name__
-        return text.replace(self._secret, "***")
+        if self._in_use is not None:
+            for hidden in (self._in_use.secret, self._in_use.token):
+                if hidden:
+                    text = text.replace(hidden, "***")
+        return text
+
+
+def placement_arguments(request: LaunchRequest) -> dict:
+    """``create_node`` keywords for the request's placement (see ``EC2_PLACEMENT_FIELDS``).
+
+    ``subnets``: the instance goes to one of them, chosen by its name (so a pool spreads over the subnets'
+    zones); ``securityGroups`` (ids, which EC2 takes only with a subnet); ``instanceProfile`` (name or ARN);
+    ``publicIp``: ask for a public IPv4 address (otherwise the subnet's own setting decides).
+    """
+    placement = request.placement or {}
+    kwargs: dict = {}
+    subnets = list(placement.get("subnets") or ())
+    groups = list(placement.get("securityGroups") or ())
+    if subnets:
+        subnet_id = subnets[zlib.crc32(request.name.encode()) % len(subnets)]
+        kwargs["ex_subnet"] = EC2NetworkSubnet(subnet_id, subnet_id, "available")
+    if groups:
+        if not subnets:
+            raise ProviderError(f"ec2 launch of {request.name}: security groups need a subnet")
+        kwargs["ex_security_group_ids"] = groups
+    if placement.get("instanceProfile"):
+        kwargs["ex_iamprofile"] = placement["instanceProfile"]
+    if placement.get("publicIp"):
+        kwargs["ex_assign_public_ip"] = True
+    return kwargs
 
 
 def _to_instance(node: Node, region: str) -> Instance:
     tags = node.extra.get("tags", {})
     address = (node.public_ips or node.private_ips or [None])[0]
     state = node.state if node.extra.get("status") not in GONE_STATES else NodeState.TERMINATED
-    return Instance(
-        id=node.id, name=tags.get("Name", node.name), state=str(state), cluster_id=tags.get(TAG_CLUSTER, ""),
+    return Instance(  # the id carries the region: a restarted controller finds the instance without a search
+        id=f"{region}/{node.id}", name=tags.get("Name", node.name), state=str(state), cluster_id=tags.get(TAG_CLUSTER, ""),
         group=tags.get(TAG_GROUP, ""), region=tags.get(TAG_REGION, region), role=tags.get(TAG_ROLE, ""),
         address=address,
-        extra={"provider_region": region, "availability_zone": node.extra.get("availability"),
+        extra={"provider_region": region, "instance_id": node.id, "availability_zone": node.extra.get("availability"),
                "instance_type": node.extra.get("instance_type"), "image_id": node.extra.get("image_id"),
-               "private_ip": (node.private_ips or [None])[0], "status": node.extra.get("status")},
+               "private_ip": (node.private_ips or [None])[0], "status": node.extra.get("status"),
+               "subnet_id": node.extra.get("subnet_id"), "vpc_id": node.extra.get("vpc_id")},
     )
 
 
-__all__ = ["EC2_DRIVER", "CompatEC2NodeDriver", "Ec2Provider", "register_driver"]
+__all__ = ["EC2_DRIVER", "AwsCredentials", "CompatEC2NodeDriver", "DefaultChainCredentials", "Ec2Provider",
+           "StaticCredentials", "placement_arguments", "register_driver"]

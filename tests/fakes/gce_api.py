@@ -1,21 +1,26 @@
 """A small, stateful fake of the Google Compute Engine REST API (v1) and of Google's OAuth token endpoint.
 
 It covers what libcloud's ``GCENodeDriver`` calls to create, list, read and delete instances: the zone,
-machine type, disk type, network and image look-ups that ``create_node`` makes first, instance
-insert/get/delete and the zone operations it polls, and the aggregated instance and disk lists that
-``list_nodes`` and ``ex_get_node`` read. Nothing else.
+machine type, disk type, network, subnetwork and image look-ups that ``create_node`` makes first,
+instance insert/get/delete and the zone operations it polls, and the aggregated instance and disk lists
+that ``list_nodes`` and ``ex_get_node`` read. Nothing else.
 
 State: instances and their boot disks per (project, zone), operations per (project, zone). An insert
-validates what GCE validates (name, machine type, image, disk type, network, labels), creates the boot
-disk from ``initializeParams``, keeps labels and metadata exactly as sent, and answers an operation
-that is done by the time it is polled; a delete removes the instance and its auto-delete disks. Unknown
-resources are 404s in GCE's error shape. Lists come in one page and take no ``filter`` (the driver
-sends neither for these calls). Resource links are the real ``https://www.googleapis.com/...`` ones,
-which is what lets a client pointed at this server follow them.
+validates what GCE validates (name, machine type, image, disk type, network, subnetwork: it exists, is
+in the zone's region and belongs to the network, service accounts: they exist and their scopes are
+scope URLs, labels), creates the boot disk from ``initializeParams``, keeps labels, metadata, network
+interfaces and service accounts as sent, and answers an operation that is done by the time it is polled;
+a delete removes the instance and its auto-delete disks. Unknown resources are 404s in GCE's error
+shape. Lists come in one page and take no ``filter`` (the driver sends neither for these calls).
+Resource links are the real ``https://www.googleapis.com/...`` ones, which is what lets a client
+pointed at this server follow them.
 
 Auth: service accounts are registered with their public key. ``POST /o/oauth2/token`` takes a signed
 JWT bearer assertion (RS256), checks its issuer, audience, expiry and signature, and issues an access
-token; every Compute call needs a live one (401 otherwise).
+token; every Compute call needs a live one (401 otherwise). The server also plays the metadata server
+of the VM a controller runs on: ``GET /computeMetadata/v1/instance/service-accounts/<account>/token``
+(with ``Metadata-Flavor: Google``, else 403) issues a token for ``vm_account`` (404 when there is none,
+as on a VM without a service account); ``<account>`` is ``default`` or that e-mail.
 
 Run it with :meth:`FakeComputeApi.start` (a thread serving 127.0.0.1 on a free port) and ``stop()``.
 """
@@ -90,13 +95,20 @@ class FakeComputeApi:
 
     def __init__(self, service_accounts: dict[str, bytes] | None = None, zones=DEFAULT_ZONES,
                  machine_types=None, disk_types=DEFAULT_DISK_TYPES, images=None, networks=("default",),
-                 token_lifetime_s: int = 3600):
+                 subnetworks: dict[tuple[str, str], str] | None = None, instance_accounts=(),
+                 vm_account: str | None = None, token_lifetime_s: int = 3600):
         self.service_accounts = dict(service_accounts or {})  # email -> public key PEM
         self.zones = tuple(zones)
         self.machine_types = dict(machine_types or DEFAULT_MACHINE_TYPES)
         self.disk_types = tuple(disk_types)
         self.images = {project: list(items) for project, items in (images or DEFAULT_IMAGES).items()}
         self.networks = tuple(networks)
+        # (region, subnetwork name) -> its network; by default the "default" network's subnetwork per region
+        self.subnetworks = dict(subnetworks if subnetworks is not None else
+                                {(self._region_of(zone), "default"): "default" for zone in self.zones})
+        # who instances may run as (besides "default", the project's default account)
+        self.instance_accounts = set(instance_accounts) | set(self.service_accounts)
+        self.vm_account = vm_account  # the metadata server's account; None: a VM without one
         self.token_lifetime_s = token_lifetime_s
         self.tokens: dict[str, tuple[str, float]] = {}  # access token -> (account, expiry epoch s)
         self.instances: dict[tuple[str, str], dict[str, dict]] = {}
@@ -111,11 +123,14 @@ class FakeComputeApi:
         p = "/compute/v1/projects/<project>"
         self._routes = Map([
             Rule("/o/oauth2/token", methods=["POST"], endpoint="token"),
+            Rule("/computeMetadata/v1/instance/service-accounts/<account>/token", methods=["GET"],
+                 endpoint="metadata_token"),
             Rule(f"{p}/zones", methods=["GET"], endpoint="list_zones"),
             Rule(f"{p}/zones/<zone>", methods=["GET"], endpoint="get_zone"),
             Rule(f"{p}/zones/<zone>/machineTypes/<name>", methods=["GET"], endpoint="get_machine_type"),
             Rule(f"{p}/zones/<zone>/diskTypes/<name>", methods=["GET"], endpoint="get_disk_type"),
             Rule(f"{p}/global/networks/<name>", methods=["GET"], endpoint="get_network"),
+            Rule(f"{p}/regions/<region>/subnetworks/<name>", methods=["GET"], endpoint="get_subnetwork"),
             Rule(f"{p}/global/images/<name>", methods=["GET"], endpoint="get_image"),
             Rule(f"{p}/global/images/family/<family>", methods=["GET"], endpoint="get_image_from_family"),
             Rule(f"{p}/zones/<zone>/instances", methods=["POST"], endpoint="insert_instance"),
@@ -173,7 +188,7 @@ class FakeComputeApi:
             self.requests.append((request.method, request.path))
         try:
             endpoint, args = self._routes.bind_to_environ(environ).match()
-            if endpoint != "token":
+            if endpoint not in ("token", "metadata_token"):
                 self._authorize(request)
             with self._lock:
                 status, body = getattr(self, f"_{endpoint}")(request, **args)
@@ -225,6 +240,15 @@ class FakeComputeApi:
         self.tokens[token] = (claims["iss"], time.time() + self.token_lifetime_s)
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.token_lifetime_s}
 
+    def _metadata_token(self, request: Request, account: str):
+        if request.headers.get("Metadata-Flavor") != "Google":
+            return 403, {"error": "Missing required header: Metadata-Flavor: Google"}
+        if self.vm_account is None or account not in ("default", self.vm_account):
+            raise _not_found(f"instance/service-accounts/{account}/token")
+        token = "ya29.fake-vm-" + secrets.token_urlsafe(24)
+        self.tokens[token] = (self.vm_account, time.time() + self.token_lifetime_s)
+        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.token_lifetime_s}
+
     # -- catalogue ---------------------------------------------------------------------------------
 
     def _zone_or_404(self, project: str, zone: str) -> None:
@@ -272,6 +296,48 @@ class FakeComputeApi:
         return 200, {"kind": "compute#network", "id": _stable_id(name), "name": name,
                      "autoCreateSubnetworks": True, "subnetworks": [],
                      "selfLink": f"{API_ROOT}/projects/{project}/global/networks/{name}"}
+
+    def _get_subnetwork(self, request, project, region, name):
+        network = self.subnetworks.get((region, name))
+        if network is None:
+            raise _not_found(f"projects/{project}/regions/{region}/subnetworks/{name}")
+        return 200, {"kind": "compute#subnetwork", "id": _stable_id((region, name)), "name": name,
+                     "ipCidrRange": "10.128.0.0/20", "gatewayAddress": "10.128.0.1",
+                     "network": f"{API_ROOT}/projects/{project}/global/networks/{network}",
+                     "region": f"{API_ROOT}/projects/{project}/regions/{region}",
+                     "selfLink": f"{API_ROOT}/projects/{project}/regions/{region}/subnetworks/{name}"}
+
+    def _check_subnetwork(self, project: str, zone: str, network: str, link: str, field: str) -> str:
+        """The subnetwork link of an interface, checked as GCE checks it: it exists, it is in the zone's
+        region and it belongs to the interface's network."""
+        match = re.fullmatch(r"(?:.*/compute/v1/)?projects/([^/]+)/regions/([^/]+)/subnetworks/([^/]+)", link)
+        if not match:
+            raise ApiError(400, "invalid", f"Invalid value for field '{field}': '{link}'.")
+        subnet_project, region, name = match.groups()
+        _, body = self._get_subnetwork(None, subnet_project, region, name)
+        if region != self._region_of(zone):
+            raise ApiError(400, "invalid", f"Invalid value for field '{field}': '{link}'. Subnetwork must be in "
+                                           f"the same region as the instance ({self._region_of(zone)}).")
+        if body["network"].rsplit("/", 1)[-1] != network:
+            raise ApiError(400, "invalid", f"Invalid value for field '{field}': '{link}'. Subnetwork does not "
+                                           f"belong to network '{network}'.")
+        return body["selfLink"]
+
+    def _check_service_accounts(self, project: str, accounts) -> list[dict]:
+        checked = []
+        for index, account in enumerate(accounts or []):
+            email = account.get("email", "")
+            if email != "default" and email not in self.instance_accounts:
+                raise ApiError(400, "invalid", f"Invalid value for field 'resource.serviceAccounts[{index}].email':"
+                                               f" '{email}'. The resource 'projects/{project}/serviceAccounts/"
+                                               f"{email}' was not found")
+            scopes = account.get("scopes") or []
+            bad = [scope for scope in scopes if not str(scope).startswith("https://www.googleapis.com/auth/")]
+            if bad:
+                raise ApiError(400, "invalid", f"Invalid value for field 'resource.serviceAccounts[{index}].scopes"
+                                               f"': '{bad[0]}'.")
+            checked.append({"email": email, "scopes": list(scopes)})
+        return checked
 
     def _image_body(self, project: str, name: str, family: str) -> dict:
         return {"kind": "compute#image", "id": _stable_id((project, name)), "name": name,
@@ -342,6 +408,7 @@ class FakeComputeApi:
         for key, value in labels.items():
             if not LABEL_KEY.match(key) or not isinstance(value, str) or not LABEL_VALUE.match(value):
                 raise ApiError(400, "invalid", f"Invalid value for field 'resource.labels': '{key}'")
+        service_accounts = self._check_service_accounts(project, body.get("serviceAccounts"))
         interfaces = []
         for index, nic in enumerate(body.get("networkInterfaces") or [{"network": "default"}]):
             network = str(nic.get("network", "default")).rsplit("/", 1)[-1]
@@ -349,6 +416,10 @@ class FakeComputeApi:
             interface = {"kind": "compute#networkInterface", "name": f"nic{index}",
                          "network": f"{API_ROOT}/projects/{project}/global/networks/{network}",
                          "networkIP": f"10.128.0.{next(self._addresses) % 250 + 2}"}
+            if nic.get("subnetwork"):
+                interface["subnetwork"] = self._check_subnetwork(
+                    project, zone, network, str(nic["subnetwork"]),
+                    f"resource.networkInterfaces[{index}].subnetwork")
             if "accessConfigs" in nic:  # TEST-NET-1 documentation addresses: never routed
                 interface["accessConfigs"] = [{"kind": "compute#accessConfig", "type": "ONE_TO_ONE_NAT",
                                                "name": config.get("name", "External NAT"),
@@ -396,7 +467,7 @@ class FakeComputeApi:
             "tags": {"fingerprint": secrets.token_urlsafe(8), **({"items": body["tags"]["items"]}
                                                                  if body.get("tags", {}).get("items") else {})},
             "labels": labels, "labelFingerprint": secrets.token_urlsafe(8),
-            "serviceAccounts": body.get("serviceAccounts", []), "scheduling": body.get("scheduling", {}),
+            "serviceAccounts": service_accounts, "scheduling": body.get("scheduling", {}),
             "selfLink": instance_link,
         }
         self.instances.setdefault((project, zone), {})[name] = instance

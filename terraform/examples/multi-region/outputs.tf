@@ -19,10 +19,18 @@ output "aws_access_token_secret_arn" {
 }
 
 output "aws_node_launch" {
-  description = "launchConfig values for AWS node groups, per region."
+  description = "launchConfig values for AWS node groups, per region (image and placement)."
   value = {
     (var.aws_home_region)  = module.aws_home.node_launch
     (var.aws_media_region) = module.aws_media.node_launch
+  }
+}
+
+output "aws_node_placement" {
+  description = "launchConfig.placement entry of each AWS region, as the API takes it (terraform output -json aws_node_placement); one node group per region, as an AMI id belongs to one region."
+  value = {
+    (var.aws_home_region)  = module.aws_home.node_launch.placement
+    (var.aws_media_region) = module.aws_media.node_launch.placement
   }
 }
 
@@ -47,6 +55,11 @@ output "gce_access_token_secret" {
 }
 
 output "gce_node_launch" {
-  description = "launchConfig values for GCE node groups, per region."
+  description = "launchConfig values for GCE node groups, per region (image and placement)."
   value       = module.gce.node_launch
+}
+
+output "gce_node_placement" {
+  description = "launchConfig.placement of a GCE node group spanning every region of the cluster, as the API takes it (terraform output -json gce_node_placement)."
+  value       = { for region, launch in module.gce.node_launch : region => launch.placement }
 }

@@ -39,8 +39,18 @@ output "controller_role_arn" {
 }
 
 output "node_instance_profile" {
-  description = "Instance profile the controller gives the media nodes it launches."
+  description = "Instance profile the controller gives the media nodes it launches (launchConfig.placement.<region>.instanceProfile)."
   value       = aws_iam_instance_profile.node.name
+}
+
+output "node_subnet_ids" {
+  description = "Public subnets of the home region's media nodes, one per zone (launchConfig.placement.<region>.subnets)."
+  value       = aws_subnet.public[*].id
+}
+
+output "node_security_group_ids" {
+  description = "Security group of the home region's media nodes (launchConfig.placement.<region>.securityGroups)."
+  value       = [aws_security_group.media.id]
 }
 
 output "node_boot_script_template" {
@@ -49,15 +59,17 @@ output "node_boot_script_template" {
 }
 
 output "node_launch" {
-  description = "Where the controller launches media nodes in the home region: values for a node group's launchConfig."
+  description = "How the controller launches media nodes in the home region: a node group's launchConfig.provider and .image, and `placement`, the region's launchConfig.placement entry (its keys are the API's)."
   value = {
-    provider           = "ec2"
-    region             = local.region
-    image              = local.image_id
-    subnet_ids         = aws_subnet.public[*].id
-    security_group_ids = [aws_security_group.media.id]
-    instance_profile   = aws_iam_instance_profile.node.name
-    assign_public_ip   = true
+    provider = "ec2"
+    region   = local.region
+    image    = local.image_id
+    placement = {
+      subnets         = aws_subnet.public[*].id
+      securityGroups  = [aws_security_group.media.id]
+      instanceProfile = aws_iam_instance_profile.node.name
+      publicIp        = true
+    }
   }
 }
 

@@ -34,8 +34,13 @@ output "controller_service_account" {
 }
 
 output "node_service_account" {
-  description = "Service account the controller runs media nodes as."
+  description = "Service account the controller runs media nodes as (launchConfig.placement.<region>.serviceAccount)."
   value       = google_service_account.node.email
+}
+
+output "node_subnetworks" {
+  description = "Self link of each region's subnetwork, by region (launchConfig.placement.<region>.subnetwork)."
+  value       = { for region, subnet in google_compute_subnetwork.this : region => subnet.self_link }
 }
 
 output "network" {
@@ -49,17 +54,20 @@ output "node_boot_script_template" {
 }
 
 output "node_launch" {
-  description = "Where the controller launches media nodes, per region: values for a node group's launchConfig."
+  description = "How the controller launches media nodes, per region: a node group's launchConfig.provider and .image, and `placement`, the region's launchConfig.placement entry (its keys are the API's)."
   value = {
     for region, subnet in google_compute_subnetwork.this : region => {
-      provider        = "gce"
-      project         = var.project_id
-      region          = region
-      image           = startswith(var.image, "https://") ? var.image : "https://www.googleapis.com/compute/v1/${var.image}"
-      network         = google_compute_network.this.self_link
-      subnetwork      = subnet.self_link
-      service_account = google_service_account.node.email
-      external_ip     = "ephemeral"
+      provider = "gce"
+      project  = var.project_id
+      region   = region
+      image    = startswith(var.image, "https://") ? var.image : "https://www.googleapis.com/compute/v1/${var.image}"
+      placement = {
+        network        = google_compute_network.this.self_link
+        subnetwork     = subnet.self_link
+        serviceAccount = google_service_account.node.email
+        scopes         = ["https://www.googleapis.com/auth/cloud-platform"]
+        publicIp       = true
+      }
     }
   }
 }

@@ -14,14 +14,16 @@ output "peering_connection_id" {
 }
 
 output "node_launch" {
-  description = "Where the controller launches media nodes in this region: values for a node group's launchConfig."
+  description = "How the controller launches media nodes in this region: a node group's launchConfig.provider and .image (this region's AMI), and `placement`, the region's launchConfig.placement entry (its keys are the API's)."
   value = {
-    provider           = "ec2"
-    region             = local.region
-    image              = data.aws_ami.selected.id
-    subnet_ids         = aws_subnet.media[*].id
-    security_group_ids = [aws_security_group.media.id]
-    instance_profile   = var.home.node_instance_profile
-    assign_public_ip   = true
+    provider = "ec2"
+    region   = local.region
+    image    = data.aws_ami.selected.id
+    placement = {
+      subnets         = aws_subnet.media[*].id
+      securityGroups  = [aws_security_group.media.id]
+      instanceProfile = var.home.node_instance_profile
+      publicIp        = true
+    }
   }
 }
