@@ -27,6 +27,7 @@ from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from node_agent.artifacts import MediaLayout
 from node_agent.commands import CommandWatcher
 from node_agent.config import AgentSettings
+from node_agent.fencing import OriginFence
 from node_agent.media import NginxConfig, NginxServer
 from node_agent.relay import RelayManager
 from node_agent.sessions import SessionTracker
@@ -115,7 +116,9 @@ class Agent:
             if settings.role == ROLE_EDGE and settings.relay == "ffmpeg":
                 self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
                                            node_id=settings.node_id, relay_secret=self.relay_secret,
-                                           resolve_origin=self.origin_address)
+                                           resolve_origin=self.origin_address,
+                                           on_failure=OriginFence(self.client, self.paths,
+                                                                  settings.node_id).relay_failed)
         self.sessions = SessionTracker(EventQueue(self.client, self.paths), settings.node_id, self.started_ms,
                                        layout=self.media_layout, preview_interval_s=settings.preview_interval_s)
 
@@ -195,8 +198,11 @@ class Agent:
         else:
             try:
                 self.client.set(path, data)
-            except NoNodeError:
+            except NoNodeError:  # removed by someone else (a peer fenced us by mistake): back at once
+                log.warning("node record was removed while this agent lives: registering again",
+                            extra=self._log_extra)
                 self._register(path, data)
+                self._reclaim_streams()
         self._last_content = content
         self._last_write = time.monotonic()
         return True

@@ -2,9 +2,10 @@
 
 Contract: ``ensure(key)`` on every play (idempotent: one relay per stream however many players);
 ``release(key)`` when the last player leaves, which stops the relay after a grace period unless a
-player comes back. A relay that exits while players remain is restarted with backoff, its origin
-looked up again each time (so it follows a stream republished on another origin); when the stream is
-no longer live anywhere, it is not restarted. ``stop_all()`` stops every ffmpeg: SIGINT, then SIGKILL.
+player comes back. A relay that exits while players remain is restarted with backoff from the same
+origin, but at once from a new one: its origin is looked up every half second meanwhile, so it
+follows a stream republished on another origin without waiting out a backoff; when the stream is no
+longer live anywhere, it is not restarted. ``stop_all()`` stops every ffmpeg: SIGINT, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -36,15 +37,19 @@ class _Relay:
     backoff_s: float = 1.0
     starts: int = 0
     started_at: float = 0.0
+    next_lookup: float = 0.0  # while backing off, the origin is looked up again at this pace
+    failed_origin: str | None = None  # the origin of the last relay that exited
 
 
 class RelayManager:
     def __init__(self, *, edge_host: str, rtmp_port: int, node_id: str, relay_secret: str,
-                 resolve_origin: Callable[[StreamKey], str | None], grace_s: float = 5.0):
+                 resolve_origin: Callable[[StreamKey], str | None], grace_s: float = 5.0,
+                 on_failure: Callable[[StreamKey, str], None] | None = None):
         self._edge = f"{edge_host}:{rtmp_port}"
         self._node_id = node_id
         self._secret = relay_secret
         self._resolve_origin = resolve_origin
+        self._on_failure = on_failure  # told when a relay exits: (stream, origin host:port)
         self._grace_s = grace_s
         self._relays: dict[str, _Relay] = {}
         self._lock = threading.Lock()
@@ -101,16 +106,24 @@ class RelayManager:
                     del self._relays[str(relay.key)]
             log.info("relay stopped: no player left", extra={"scope": relay.key.scope, "stream": relay.key.name})
             return
-        if running or now < relay.next_start:
+        if running:
             return
         if relay.proc is not None:  # it ran and exited
             log.info("relay exited with %s", relay.proc.returncode,
                      extra={"scope": relay.key.scope, "stream": relay.key.name})
+            if self._on_failure is not None and relay.origin is not None:
+                self._on_failure(relay.key, relay.origin)
             relay.proc = None
-        origin = self._resolve_origin(relay.key)
-        if origin is None:  # not live anywhere now: players wait; look again soon (a registry read)
-            relay.next_start = now + NOT_LIVE_RETRY_S
+            relay.failed_origin = relay.origin
+        if now < relay.next_start and now < relay.next_lookup:
             return
+        origin = self._resolve_origin(relay.key)
+        relay.next_lookup = now + NOT_LIVE_RETRY_S
+        if origin is None:  # not live anywhere now: players wait; look again soon (a registry read)
+            relay.next_start = max(relay.next_start, now + NOT_LIVE_RETRY_S)
+            return
+        if now < relay.next_start and origin == relay.failed_origin:
+            return  # the same origin that just failed: back off (a stream republished elsewhere does not wait)
         relay.proc = Supervised(f"relay-{relay.key.name}", self._argv(relay.key, origin),
                                 log_name="node_agent.relay", stop_signal=signal.SIGINT)
         relay.proc.start()

@@ -21,7 +21,7 @@ import time
 from typing import Callable, Mapping, Protocol
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException
+from kazoo.exceptions import KazooException, NoNodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from streammanager import autoscaler
@@ -190,6 +190,10 @@ class Controller:
                 self._destroy(now, destroy.record)
         for forget in decided.forgets:
             self.instances.forget(forget.instance_id)
+            try:  # commands nobody will read any more
+                self.client.delete(self.paths.node_commands(forget.instance_id), recursive=True)
+            except NoNodeError:
+                pass
         for launch in decided.launches:
             self._launch(now, groups[launch.group], launch)
 

@@ -180,8 +180,10 @@ def test_a_lost_hook_cannot_leave_a_wrong_count(api, media_cluster, procs):
 
 
 def test_an_origin_failover_resumes_the_edge_viewer_without_reconnecting(api, spawn_agent, procs, tmp_path):
-    first = spawn_agent("origin", "us-east-1", media="nginx")
-    second = spawn_agent("origin", "us-east-1", media="nginx")
+    # sessions of 10 s (ZooKeeper's maximum here): the edge fences the dead origin long before that
+    slow = {"AGENT_ZK_TIMEOUT_S": "10"}
+    first = spawn_agent("origin", "us-east-1", media="nginx", extra_env=slow)
+    second = spawn_agent("origin", "us-east-1", media="nginx", extra_env=slow)
     edge = spawn_agent("edge", "us-east-1", media="nginx")
     wait_for_nodes(api, 3)
 
@@ -203,6 +205,8 @@ def test_an_origin_failover_resumes_the_edge_viewer_without_reconnecting(api, sp
     wait_until(lambda: frames() >= 60, 15, what="the viewer playing")
     old[0].signal(signal.SIGKILL)  # the origin dies with its nginx
     wait_until(lambda: origin_for_broadcast() == new[1], 10, what="the lookup to answer the other origin")
+    # the edge's relay saw the origin refuse connections and removed its records (not its session expiry)
+    assert f"fenced origin {old[3]}" in edge[0].log()
     before = frames()
     procs(PUBLISH + [f"rtmp://{new[1]}/live/fo"])
     wait_until(lambda: frames() >= before + 60, 20, what="the same viewer receiving video again")
