@@ -1,7 +1,7 @@
 """``make bench``: lookup throughput against the registry size.
 
 For each case: a fresh ZooKeeper, ``streammanager serve`` with its production settings (gunicorn,
-2 gthread workers x 4 threads), a fleet of simulated nodes in 4 regions heartbeating like agents, and
+2 gthread workers x 2 threads), a fleet of simulated nodes in 4 regions heartbeating like agents, and
 live streams. Simulated nodes write their records the way agents do (a heartbeat every 5 s, plus a
 write whenever their load changes: 0.1 changes per node per second by default; ``--heartbeat-s 1
 --changes-per-node-s 1`` is the worst case of every node changing every second). wrk runs random subscribe lookups (random stream, random region), then ``/healthz`` of

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pytest
+
 from tests.conftest import wait_until
 
 
@@ -103,3 +105,11 @@ def fails_then_accepts(failures: int, status: int = 500) -> Callable[[dict[str, 
 def event_tuple(r: Received) -> tuple:
     """(type, stream type, session) of a received event: what order assertions compare."""
     return (r["x-event-type"], r["x-stream-type"], r["x-streaming-id"])
+
+
+@pytest.fixture
+def receiver():
+    """Our own HTTP receiver on 127.0.0.1, stopped after the test."""
+    server = Receiver()
+    yield server
+    server.close()

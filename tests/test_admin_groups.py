@@ -6,20 +6,11 @@ import pytest
 from streammanager.groups import INSERVICE, STARTING, TERMINATING, InstanceRecord, NodeGroup
 from streammanager.registry import ZkPaths
 from tests.conftest import wait_for_nodes, wait_until
+from tests.test_groups import EXAMPLE
 
 P = "/streammanager/api/2.0"
 TOKEN = "s3cret-token"
 
-# the example document of ARCHITECTURE.md, section "Contracts"
-EXAMPLE = {
-    "name": "g1",
-    "launchConfig": {"provider": "local", "image": "", "size": "", "media": "none",
-                     "capacity": {"origin": 50, "edge": 200}},
-    "regions": {"us-east-1": {"origin": {"min": 1, "max": 2, "increment": 1},
-                              "edge": {"min": 1, "max": 5, "increment": 1}}},
-    "scalePolicy": {"scaleOutAt": 0.6, "scaleInBelow": 0.2, "evaluationIntervalS": 2,
-                    "warmUpS": 5, "coolDownS": 10, "drainTimeoutS": 60},
-}
 
 
 def doc(**changes):

@@ -19,16 +19,12 @@ from streammanager.events import (
 from streammanager.models import StreamKey
 from streammanager.registry import ZkPaths
 from tests.conftest import BIN, wait_until
+from tests.coordinator_helpers import receiver  # noqa: F401 (a fixture)
 from tests.coordinator_helpers import Receiver, basic, event_tuple, fails_then_accepts
 
 P = "/streammanager/api/2.0"
 
 
-@pytest.fixture
-def receiver():
-    server = Receiver()
-    yield server
-    server.close()
 
 
 @pytest.fixture

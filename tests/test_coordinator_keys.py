@@ -7,17 +7,13 @@ import pytest
 
 from streammanager.coordinator_config import CallbackTarget, HttpAuth
 from tests.conftest import wait_until
+from tests.coordinator_helpers import receiver  # noqa: F401 (a fixture)
 from tests.coordinator_helpers import Receiver, basic
 from tests.test_media_e2e import PUBLISH
 
 P = "/streammanager/api/2.0"
 
 
-@pytest.fixture
-def receiver():
-    server = Receiver()
-    yield server
-    server.close()
 
 
 def live(api, name):
