@@ -31,8 +31,8 @@ from streammanager.models import STATE_DRAINING, STATE_INSERVICE, NodeRecord
 
 REQUEST_TIMEOUT_MS = 60_000  # a launch the provider never confirmed
 TERMINATE_RETRY_MS = 10_000  # how often a failing destroy is retried
-GONE_KEPT_MS = 60_000
-DESTROY_FAILED = "destroy failed"  # reason prefix the controller writes after a failed attempt  # a gone instance without failure is listed this long, then forgotten
+GONE_KEPT_MS = 60_000  # a gone instance without failure is listed this long, then forgotten
+DESTROY_FAILED = "destroy failed"  # reason prefix the controller writes after a failed attempt
 
 
 @dataclass(frozen=True, slots=True)

@@ -698,3 +698,19 @@ def test_gce_a_key_the_token_endpoint_refuses_becomes_provider_error_without_the
         provider.list_instances("c1")
 
     assert "PRIVATE KEY" not in str(raised.value)
+
+
+def test_the_default_boot_script_starts_a_node_agent_with_its_group_region_role_and_zookeeper():
+    script = render_boot_script(DEFAULT_BOOT_SCRIPT, package="streammanager==0.1.0",
+                                zk_hosts="10.0.0.5:2181,10.0.0.6:2181", zk_root="/sm", role="edge",
+                                region="eu-west-1", group="g1", capacity=300, media="nginx", node_id="g1-eu-west-1-edge-abc123", cluster_id="c1")
+    assert "pip install -q 'streammanager==0.1.0'" in script
+    assert "Environment=AGENT_ZK_HOSTS=10.0.0.5:2181,10.0.0.6:2181" in script
+    assert "Environment=AGENT_ZK_ROOT=/sm" in script
+    unit = script.replace("\\\n  ", "")  # the shell joins continued lines
+    start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert ("--role edge --region eu-west-1 --group g1 --capacity 300 --media nginx "
+            "--node-id g1-eu-west-1-edge-abc123") in start
+    assert "$(hostname -I" in start  # the address is the VM's own, found at boot
+    with pytest.raises(KeyError):  # a template naming an unknown variable is refused, not half-filled
+        render_boot_script("${nope}", **{})

@@ -110,7 +110,8 @@ After=network-online.target
 [Service]
 Environment=AGENT_ZK_HOSTS=${zk_hosts}
 Environment=AGENT_ZK_ROOT=${zk_root}
-ExecStart=/opt/streammanager/bin/node-agent --role ${role} --region ${region} --group ${group} --capacity ${capacity} --media ${media} --node-id ${node_id} --host $$(hostname -I | cut -d' ' -f1)
+ExecStart=/opt/streammanager/bin/node-agent --role ${role} --region ${region} --group ${group} \\
+  --capacity ${capacity} --media ${media} --node-id ${node_id} --host $$(hostname -I | cut -d' ' -f1)
 Restart=always
 [Install]
 WantedBy=multi-user.target

@@ -363,7 +363,8 @@ def _to_instance(node: Node, region: str) -> Instance:
     address = (node.public_ips or node.private_ips or [None])[0]
     state = node.state if node.extra.get("status") not in GONE_STATES else NodeState.TERMINATED
     return Instance(  # the id carries the region: a restarted controller finds the instance without a search
-        id=f"{region}/{node.id}", name=tags.get("Name", node.name), state=str(state), cluster_id=tags.get(TAG_CLUSTER, ""),
+        id=f"{region}/{node.id}", name=tags.get("Name", node.name), state=str(state),
+        cluster_id=tags.get(TAG_CLUSTER, ""),
         group=tags.get(TAG_GROUP, ""), region=tags.get(TAG_REGION, region), role=tags.get(TAG_ROLE, ""),
         address=address,
         extra={"provider_region": region, "instance_id": node.id, "availability_zone": node.extra.get("availability"),
