@@ -2,7 +2,7 @@
 
 For each case: a fresh ZooKeeper, ``streammanager serve`` with its production settings (gunicorn,
 2 gthread workers x 2 threads), a fleet of simulated nodes in 4 regions heartbeating like agents, and
-live streams. Simulated nodes write their records the way agents do (a heartbeat every 5 s, plus a
+live streams. Simulated nodes write their records the way agents do (a heartbeat every 60 s, plus a
 write whenever their load changes: 0.1 changes per node per second by default; ``--heartbeat-s 1
 --changes-per-node-s 1`` is the worst case of every node changing every second). wrk runs random subscribe lookups (random stream, random region), then ``/healthz`` of
 the same server as the ceiling. One line per case:
@@ -63,7 +63,7 @@ def worker_rss_mb(master_pid: int) -> list[float]:
 
 
 def bench_case(nodes: int, streams: int, duration_s: int, connections: int, work: Path,
-               heartbeat_s: float = 5.0, changes_per_node_s: float = 0.1, rounds: int = 3) -> str:
+               heartbeat_s: float = 60.0, changes_per_node_s: float = 0.1, rounds: int = 3) -> str:
     zk = ZooKeeperServer(ZooKeeperConfig(data_dir=work / f"zk-{nodes}", port=free_port(), heap_mb=1024))
     zk.start()
     fleet = None
@@ -129,8 +129,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run [5]")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved lookup/ceiling rounds [3]")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections [50]")
-    parser.add_argument("--heartbeat-s", type=float, default=5.0,
-                        help="an unchanged node record is rewritten this often, like an agent's [5]")
+    parser.add_argument("--heartbeat-s", type=float, default=60.0,
+                        help="an unchanged node record is rewritten this often, like an agent's [60]")
     parser.add_argument("--changes-per-node-s", type=float, default=0.1,
                         help="load changes (a viewer joins or leaves) per node per second [0.1]")
     parser.add_argument("--case", action="append", default=None, metavar="NODES:STREAMS",

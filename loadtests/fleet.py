@@ -27,7 +27,7 @@ def stream_name(i: int) -> str:
 
 class Fleet:
     def __init__(self, zk_hosts: str, zk_root: str, nodes: int, streams: int, *, regions=REGIONS,
-                 heartbeat_s: float = 5.0, changes_per_s: float = 0.0, seed: int = 1, edge_capacity: int = 1_000_000,
+                 heartbeat_s: float = 60.0, changes_per_s: float = 0.0, seed: int = 1, edge_capacity: int = 1_000_000,
                  origin_capacity: int | None = None):
         self.paths = ZkPaths(zk_root)
         self.client: KazooClient = make_client(zk_hosts, timeout_s=10.0)

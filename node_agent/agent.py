@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 NGINX_RELAY_FLASHVER = "ngx-local-relay"
 PULL_PENDING_S = 5.0
+LOOP_TICK_S = 2.0  # the report loop runs at least this often, written or not
 CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher's publish_done
 
 
@@ -80,6 +81,7 @@ class Agent:
         self.claims = StreamClaims(self.client, self.paths)
         self.table = StreamTable()
         self.relay_secret = secrets.token_hex(16)  # edges accept publishers only with it (our relays)
+        self.last_progress = time.monotonic()  # when the report loop last ran
         self.state = STATE_INSERVICE
         self.started_ms = now_ms()
         self._registered_session: int | None = None
@@ -237,9 +239,11 @@ class Agent:
 
     def _report_loop(self) -> None:
         """Report soon after a change (at most one write per report interval) and at least every
-        heartbeat interval."""
+        heartbeat interval. ``last_progress`` says when the loop last ran (the stall watchdog's input)."""
+        tick_s = min(self.settings.heartbeat_interval_s, LOOP_TICK_S)
         while not self._stopping.is_set():
-            self._wake.wait(self.settings.heartbeat_interval_s)
+            self.last_progress = time.monotonic()
+            self._wake.wait(tick_s)
             if self._stopping.is_set():
                 break
             self._wake.clear()

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.stop()
         server.shutdown()
         return 1
+    threading.Thread(target=_fence_if_stalled, args=(agent, stop), name="stall-watchdog", daemon=True).start()
     log.info("agent serving hooks on %s", settings.agent_url,
              extra={"node_id": settings.node_id, "role": settings.role, "region": settings.region})
     stop.wait()
@@ -78,6 +79,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STOP_DEADLINE_S = 20.0
+
+
+def _fence_if_stalled(agent: Agent, stop: threading.Event, exit=os._exit) -> None:
+    """Liveness is the ZooKeeper session, which kazoo's own thread keeps alive even if the agent is
+    stuck; so an agent whose report loop stops running closes its session itself (its node and streams
+    leave every answer) and exits for its supervisor to restart it."""
+    limit_s = agent.settings.stall_timeout_s
+    while not stop.wait(1.0):
+        stalled_s = time.monotonic() - agent.last_progress
+        if stalled_s > limit_s:
+            log.critical("the report loop has not run for %.0f s: closing the session and exiting", stalled_s,
+                         extra={"node_id": agent.settings.node_id})
+            threading.Thread(target=agent.client.stop, daemon=True).start()
+            time.sleep(2.0)
+            exit(70)
+            return
 
 
 def _exit_if_stop_hangs(stop: threading.Event) -> None:

@@ -50,8 +50,12 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("zk_timeout_s", "AGENT_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
     Option("report_interval_s", "AGENT_REPORT_INTERVAL_S", 1.0,
            "a change is reported at once, then at most once per this many seconds", positive(float)),
-    Option("heartbeat_interval_s", "AGENT_HEARTBEAT_INTERVAL_S", 5.0,
-           "an unchanged record is rewritten this often (liveness)", positive(float)),
+    Option("heartbeat_interval_s", "AGENT_HEARTBEAT_INTERVAL_S", 60.0,
+           "an unchanged record is rewritten this often (a backstop: liveness is the ZooKeeper session, and "
+           "an agent whose report loop stalls fences itself, see --stall-timeout-s)", positive(float)),
+    Option("stall_timeout_s", "AGENT_STALL_TIMEOUT_S", 15.0,
+           "an agent whose report loop has not run for this long closes its session (its node leaves every "
+           "answer) and exits, for its supervisor to restart it", positive(float)),
     Option("work_dir", "AGENT_WORK_DIR", None, "directory for the agent's files (default: a temp dir)"),
     Option("log_level", "AGENT_LOG_LEVEL", "INFO", "log level", str.upper, ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_format", "AGENT_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
@@ -80,7 +84,8 @@ class AgentSettings:
     zk_root: str = "/streammanager"
     zk_timeout_s: float = 4.0
     report_interval_s: float = 1.0
-    heartbeat_interval_s: float = 5.0
+    heartbeat_interval_s: float = 60.0
+    stall_timeout_s: float = 15.0
     work_dir: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"

@@ -101,8 +101,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("threads", "SM_THREADS", 2,
            "threads per worker (a lookup takes ~25 us of CPU: more threads mostly add GIL contention)",
            positive(int)),
-    Option("heartbeat_max_age_s", "SM_HEARTBEAT_MAX_AGE_S", 15.0,
-           "a node whose last load report is older is not chosen", positive(float)),
+    Option("heartbeat_max_age_s", "SM_HEARTBEAT_MAX_AGE_S", 180.0,
+           "a node whose record is older is not chosen (a backstop: agents rewrite an unchanged record every "
+           "60 s, and one whose loop stalls closes its session within 15 s)", positive(float)),
     Option("reservation_ttl_s", "SM_RESERVATION_TTL_S", 30.0,
            "how long a broadcast lookup holds its origin for a stream that is not live yet", positive(float)),
     Option("assignment_ttl_s", "SM_ASSIGNMENT_TTL_S", 3.0,
@@ -123,7 +124,7 @@ class ServerSettings:
     bind: str = "127.0.0.1:5080"
     workers: int = 2
     threads: int = 2
-    heartbeat_max_age_s: float = 15.0
+    heartbeat_max_age_s: float = 180.0
     reservation_ttl_s: float = 30.0
     assignment_ttl_s: float = 3.0
     best_few: int = 2

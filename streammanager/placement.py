@@ -94,7 +94,7 @@ class Assignments:
 
 class Placement:
     def __init__(self, view: RegistryView, client: KazooClient, paths: ZkPaths, *,
-                 heartbeat_max_age_s: float = 15.0, reservation_ttl_s: float = 30.0,
+                 heartbeat_max_age_s: float = 180.0, reservation_ttl_s: float = 30.0,
                  assignment_ttl_s: float = 3.0, best_few: int = 2, rng: random.Random | None = None):
         self.view = view
         self._client = client

@@ -73,7 +73,7 @@ def zk(zookeeper):
 @pytest.fixture
 def server_settings(zookeeper, zk_root):
     return ServerSettings(zk_hosts=zookeeper.hosts, zk_root=zk_root, access_token="s3cret-token",
-                          heartbeat_max_age_s=10.0, log_format="text")
+                          log_format="text")
 
 
 @pytest.fixture

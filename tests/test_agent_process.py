@@ -1,6 +1,7 @@
 """``node-agent --media none`` as a real process: hooks over HTTP, deregistration, crash detection."""
 import signal
 import subprocess
+import threading
 import time
 
 import requests
@@ -141,3 +142,20 @@ def test_agent_health_endpoint_names_the_node(spawn_agent):
     _, host, port, node_id = spawn_agent("edge", "us-east-1")
     body = requests.get(f"http://{host}:{port}/healthz", timeout=5).json()
     assert body == {"status": "ok", "nodeId": node_id, "role": "edge", "zookeeper": "connected"}
+
+
+def test_an_agent_whose_report_loop_stalls_closes_its_session_and_leaves_every_answer(api, make_node):
+    from node_agent.cli import _fence_if_stalled
+
+    node = make_node("edge", "us-east-1", stall_timeout_s=1.0)
+    wait_for_nodes(api, 1)
+    node.agent._stopping.set()  # the report loop stops running, as if it were stuck
+    node.agent._wake.set()
+    exits = []
+    stop = threading.Event()
+    watchdog = threading.Thread(target=_fence_if_stalled, args=(node.agent, stop), kwargs={"exit": exits.append},
+                                daemon=True)
+    watchdog.start()
+    wait_until(lambda: exits == [70], 10, what="the watchdog to give up on the agent")
+    wait_for_nodes(api, 0)  # its session closed: the node left the registry at once
+    stop.set()
