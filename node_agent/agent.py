@@ -81,6 +81,7 @@ class Agent:
         self.claims = StreamClaims(self.client, self.paths)
         self.table = StreamTable()
         self.relay_secret = secrets.token_hex(16)  # edges accept publishers only with it (our relays)
+        self._record_missing = False  # our node record was deleted while our session lives
         self.last_progress = time.monotonic()  # when the report loop last ran
         self.state = STATE_INSERVICE
         self.started_ms = now_ms()
@@ -136,6 +137,9 @@ class Agent:
         self.client.start(timeout=connect_timeout_s)
         ensure_layout(self.client, self.paths)
         self.report(force=True)
+        # a record removed by someone else (a peer's fence, an operator) while this agent lives is
+        # written again at once, not at the next heartbeat
+        self.client.DataWatch(self.paths.node(self.settings.node_id), self._on_own_record)
         self.sessions.start()
         self.commands.start()
         self._reporter = threading.Thread(target=self._report_loop, name="agent-reporter", daemon=True)
@@ -189,7 +193,9 @@ class Agent:
         record = self.record()
         content = (record.state, record.capacity, dict(record.streams), round(record.cpu, 1))
         heartbeat_due = time.monotonic() - self._last_write >= self.settings.heartbeat_interval_s
-        if session == self._registered_session and content == self._last_content and not (heartbeat_due or force):
+        missing, self._record_missing = self._record_missing, False
+        if session == self._registered_session and content == self._last_content \
+                and not (heartbeat_due or force or missing):
             return False
         data = record.to_json()
         path = self.paths.node(self.settings.node_id)
@@ -229,6 +235,14 @@ class Agent:
             if owner.session_id != record.session_id and owner.node_id != self.settings.node_id:
                 log.warning("stream was claimed elsewhere while this node was away: %s", owner.node_id,
                             extra={**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name})
+
+    def _on_own_record(self, data, stat, event=None) -> bool:
+        if self._stopping.is_set():
+            return False  # stop watching
+        if data is None and event is not None:
+            self._record_missing = True
+            self.changed(urgent=True)
+        return True
 
     def changed(self, urgent: bool = False) -> None:
         """Report soon. Load changes coalesce to one write per report interval; ``urgent`` ones (a

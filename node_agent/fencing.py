@@ -18,7 +18,7 @@ import time
 from urllib.parse import urlsplit
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, KazooException, NoNodeError
+from kazoo.exceptions import KazooException, NoNodeError
 
 from streammanager.models import NodeRecord, RecordError, StreamKey, StreamRecord
 from streammanager.registry import ZkPaths
@@ -86,22 +86,24 @@ class OriginFence:
             return None
         if not agent.hostname or not agent.port or not refuses(agent.hostname, agent.port):
             return None
-        try:
-            self._client.delete(node_path, version=stat.version)
-        except (NoNodeError, BadVersionError):
-            return None  # it wrote a new record: alive after all, or gone already
+        # its stream claims and its record go in one transaction: all or nothing, so an agent that is
+        # alive after all sees its record deleted and reclaims every stream, never half of them
+        transaction = self._client.transaction()
         fenced_streams = 0
-        for key_text, load in node.streams.items():
-            if not load.publishing:
-                continue
+        published = {k for k, load in node.streams.items() if load.publishing} | {str(key)}
+        for key_text in sorted(published):  # the relayed stream too, if its record did not show it yet
             path = self._paths.stream(StreamKey.parse(key_text))
             try:
                 data, stream_stat = self._client.get(path)
-                if StreamRecord.from_json(data).node_id == owner:
-                    self._client.delete(path, version=stream_stat.version)
-                    fenced_streams += 1
-            except (NoNodeError, BadVersionError):
+            except NoNodeError:
                 continue
+            if StreamRecord.from_json(data).node_id == owner:
+                transaction.delete(path, version=stream_stat.version)
+                fenced_streams += 1
+        transaction.delete(node_path, version=stat.version)
+        results = transaction.commit()
+        if any(isinstance(result, Exception) for result in results):
+            return None  # something changed meanwhile (it wrote, or is gone already): leave it
         log.warning("fenced origin %s: its media server and agent at %s refuse connections (removed its "
                     "record and %d stream claim(s) before its session expires)", owner, origin, fenced_streams,
                     extra={"node_id": self._own, "action": "fence"})
