@@ -77,6 +77,7 @@ class RelayManager:
 
     def _argv(self, key: StreamKey, origin: str) -> list[str]:
         return ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "warning", "-rw_timeout", "5000000",
+                "-fpsprobesize", "0",  # a copy needs no frame rate: do not read 20 frames to guess it
                 "-i", f"rtmp://{origin}/{key.scope}/{key.name}?relay={self._node_id}",
                 "-c", "copy", "-f", "flv",
                 f"rtmp://{self._edge}/{key.scope}/{key.name}?relaykey={self._secret}"]
