@@ -74,6 +74,14 @@ def resolve(options: Sequence[Option], args: argparse.Namespace, env: Mapping[st
     return values
 
 
+def redacted_repr(settings: Any, options: Sequence[Option]) -> str:
+    """``Name({field: value})`` with every secret option shown only as set or not."""
+    secret = {opt.field for opt in options if opt.secret}
+    shown = {f.name: (("(set)" if getattr(settings, f.name) else None) if f.name in secret
+                      else getattr(settings, f.name)) for f in fields(settings)}
+    return f"{type(settings).__name__}({shown})"
+
+
 def boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -134,9 +142,7 @@ class ServerSettings:
     commands_auth: HttpAuth | None = None  # its repr hides the secrets
 
     def __repr__(self) -> str:  # never print the token
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["access_token"] = "(set)" if self.access_token else None
-        return f"ServerSettings({shown})"
+        return redacted_repr(self, SERVER_OPTIONS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None
@@ -213,7 +219,6 @@ CONTROLLER_OPTIONS: tuple[Option, ...] = (
     Option("log_format", "SM_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
 )
 
-_SECRET_CONTROLLER_FIELDS = ("ec2_access_key", "ec2_secret_key")
 
 
 @dataclass(frozen=True)
@@ -255,10 +260,7 @@ class ControllerSettings:
             raise ConfigError("SM_CLUSTER_ID: lowercase letters, digits, '-' and '_', at most 63 characters")
 
     def __repr__(self) -> str:  # never print credentials
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in _SECRET_CONTROLLER_FIELDS:
-            shown[name] = "(set)" if shown[name] else None
-        return f"ControllerSettings({shown})"
+        return redacted_repr(self, CONTROLLER_OPTIONS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None

@@ -13,7 +13,8 @@ from tests.coordinator_helpers import basic
 SECRETS = {"KEY_VERIFICATION_PASSWORD": "kv-pass-123", "KEY_VERIFICATION_AUTH_TOKEN": "kv-token-456",
            "KEY_VERIFICATION_AUTH_CUSTOM": "ApiKey kv-custom-789", "EVENT_CALLBACK_PASSWORD": "ev-pass-123",
            "EVENT_CALLBACK_AUTH_TOKEN": "ev-token-456", "COMMANDS_API_AUTH_PASSWORD": "cmd-pass-123",
-           "COMMANDS_API_AUTH_TOKEN": "cmd-token-456"}
+           "COMMANDS_API_AUTH_TOKEN": "cmd-token-456", "SM_ACCESS_TOKEN": "admin-token-789",
+           "SM_EC2_ACCESS_KEY": "AKIAEXAMPLE000", "SM_EC2_SECRET_KEY": "ec2-secret-000"}
 
 
 def test_each_auth_method_sends_the_authorization_header_the_specification_names():
