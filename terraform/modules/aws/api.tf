@@ -2,67 +2,6 @@
 # the ALB; it forwards plain HTTP to port var.api_port and health-checks /healthz (503 until the
 # server's registry view is initialised).
 
-resource "aws_launch_template" "api" {
-  name_prefix            = "${var.name}-api-"
-  description            = "streammanager ${var.name} API server"
-  image_id               = local.image_id
-  instance_type          = var.api_instance_type
-  ebs_optimized          = true
-  update_default_version = true
-
-  user_data = base64encode(templatefile("${path.module}/templates/api-server.sh.tftpl", {
-    cluster_id              = var.name
-    install_streammanager   = local.install_streammanager
-    region                  = local.region
-    access_token_secret_arn = aws_secretsmanager_secret.access_token.arn
-    zk_hosts                = local.zk_hosts
-    zk_root                 = var.zk_root
-    api_port                = var.api_port
-  }))
-
-  iam_instance_profile {
-    name = aws_iam_instance_profile.api.name
-  }
-
-  network_interfaces {
-    associate_public_ip_address = false
-    delete_on_termination       = true
-    security_groups             = [aws_security_group.api.id]
-  }
-
-  metadata_options {
-    http_endpoint               = "enabled"
-    http_tokens                 = "required"
-    http_put_response_hop_limit = 1
-  }
-
-  monitoring {
-    enabled = true
-  }
-
-  block_device_mappings {
-    device_name = local.root_device_name
-    ebs {
-      volume_type           = "gp3"
-      volume_size           = 16
-      encrypted             = true
-      delete_on_termination = true
-    }
-  }
-
-  tag_specifications {
-    resource_type = "instance"
-    tags          = merge(local.tags, { Name = "${var.name}-api", "streammanager-role" = "api" })
-  }
-
-  tag_specifications {
-    resource_type = "volume"
-    tags          = merge(local.tags, { Name = "${var.name}-api" })
-  }
-
-  tags = local.tags
-}
-
 resource "aws_autoscaling_group" "api" {
   name_prefix               = "${var.name}-api-"
   min_size                  = var.api_server_count
@@ -74,8 +13,8 @@ resource "aws_autoscaling_group" "api" {
   health_check_grace_period = 300
 
   launch_template {
-    id      = aws_launch_template.api.id
-    version = aws_launch_template.api.latest_version
+    id      = aws_launch_template.control_plane["api"].id
+    version = aws_launch_template.control_plane["api"].latest_version
   }
 
   instance_refresh {
