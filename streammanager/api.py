@@ -153,14 +153,6 @@ def stream_key(scope: str, stream: str) -> StreamKey:
     return key
 
 
-def region_arg() -> str | None:
-    return parse_region(request.args.get("region"))
-
-
-def strict_arg() -> bool:
-    return parse_strict(request.args.get("strict"))
-
-
 def parse_region(region: str | None) -> str | None:
     if region is None or region == "":
         return None
