@@ -81,6 +81,7 @@ class Agent:
         self.claims = StreamClaims(self.client, self.paths)
         self.table = StreamTable()
         self.relay_secret = secrets.token_hex(16)  # edges accept publishers only with it (our relays)
+        self.registered = threading.Event()  # set once start() registered the node
         self._record_missing = False  # our node record was deleted while our session lives
         self.last_progress = time.monotonic()  # when the report loop last ran
         self.state = STATE_INSERVICE
@@ -144,6 +145,7 @@ class Agent:
         self.commands.start()
         self._reporter = threading.Thread(target=self._report_loop, name="agent-reporter", daemon=True)
         self._reporter.start()
+        self.registered.set()
         if self.media is not None:
             self._reconciler = threading.Thread(target=self._reconcile_loop, name="agent-reconcile", daemon=True)
             self._reconciler.start()

@@ -146,8 +146,12 @@ def create_hooks_app(agent: Agent) -> Flask:
 
     @app.get("/healthz")
     def healthz():
-        return jsonify({"status": "ok", "nodeId": agent.settings.node_id, "role": agent.settings.role,
-                        "zookeeper": "connected" if agent.client.connected else "disconnected"})
+        """200 once the node is registered (hooks are served from the start: nginx calls them early)."""
+        registered = agent.registered.is_set()
+        body = {"status": "ok" if registered else "starting", "nodeId": agent.settings.node_id,
+                "role": agent.settings.role,
+                "zookeeper": "connected" if agent.client.connected else "disconnected"}
+        return jsonify(body), (200 if registered else 503)
 
     return app
 

@@ -159,3 +159,13 @@ def test_an_agent_whose_report_loop_stalls_closes_its_session_and_leaves_every_a
     wait_until(lambda: exits == [70], 10, what="the watchdog to give up on the agent")
     wait_for_nodes(api, 0)  # its session closed: the node left the registry at once
     stop.set()
+
+
+def test_an_agent_reports_itself_healthy_only_once_registered(make_node):
+    from node_agent.hooks import create_hooks_app
+
+    node = make_node("edge", "us-east-1")
+    assert node.hooks.get("/healthz").status_code == 200
+    node.agent.registered.clear()  # as between its start and its registration
+    starting = create_hooks_app(node.agent).test_client().get("/healthz")
+    assert starting.status_code == 503 and starting.get_json()["status"] == "starting"
