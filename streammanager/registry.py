@@ -6,8 +6,9 @@ Layout (root configurable, default ``/streammanager``)::
     <root>/v1/streams/<scope>/<stream>       ephemeral stream ownership (StreamRecord), origin's session
     <root>/v1/reservations/<scope>/<stream>  ephemeral broadcast reservation (Reservation)
 
-The view caches node records only (a ``TreeCache`` over ``nodes``) and derives the stream index from
-them in memory: per-stream znodes exist for ownership, never for lookups (see FACTS.md for why).
+The view caches node records only (a one-level watch cache over ``nodes``, see zkcache.py) and derives
+the stream index from them in memory: per-stream znodes exist for ownership, never for lookups (see
+FACTS.md for why).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from urllib.parse import quote, unquote
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError, NotEmptyError
-from kazoo.recipe.cache import TreeCache, TreeEvent
 from kazoo.retry import KazooRetry
 
 from streammanager.models import (
@@ -30,6 +30,7 @@ from streammanager.models import (
     StreamRecord,
 )
 from streammanager.selection import Candidate
+from streammanager.zkcache import ChildrenDataCache
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,16 @@ class LiveStream:
 class RegistryView:
     """An in-memory, watch-driven view of every node record, with the stream index derived from it.
 
-    Start it once per process (after any fork). Reads never touch ZooKeeper. The cache is written by
-    the TreeCache's single event thread; readers get immutable tuples and records, so they need no lock.
+    Start it once per process (after any fork). Reads never touch ZooKeeper. The view is written by
+    kazoo's single completion thread; readers get immutable tuples and records, so they need no lock.
     When the connection is lost the view keeps its last content; :meth:`age_ms` says how old it is, and
-    the TreeCache refreshes everything when the client reconnects.
+    the cache reads everything again when the client reconnects.
     """
 
     def __init__(self, client: KazooClient, paths: ZkPaths):
         self._client = client
         self._paths = paths
-        self._cache: TreeCache | None = None
+        self._cache: ChildrenDataCache | None = None
         self._nodes: dict[str, Candidate] = {}
         self._slice_members: dict[tuple[str, str], dict[str, Candidate]] = {}
         self._by_role_region: dict[tuple[str, str], tuple[Candidate, ...]] = {}
@@ -161,9 +162,8 @@ class RegistryView:
                 if not self._client.connected:
                     self._client.start(timeout=5.0)
                 self._on_state(KazooState.CONNECTED)
-                cache = TreeCache(self._client, self._paths.nodes)
-                cache.listen(self._on_event)
-                cache.listen_fault(lambda exc: log.error("registry cache fault: %s", exc))
+                cache = ChildrenDataCache(self._client, self._paths.nodes, self._on_change,
+                                          self._on_initialized)
                 cache.start()
                 self._cache = cache
                 return
@@ -207,24 +207,18 @@ class RegistryView:
         return max(0, (now if now is not None else now_ms()) - since)
 
     # -- cache events (single thread) ------------------------------------------------------------
-    def _on_event(self, event: TreeEvent) -> None:
-        if event.event_type == TreeEvent.INITIALIZED:
-            self._initialized.set()
-            log.info("registry view initialised: %d nodes, %d live streams",
-                     len(self._nodes), len(self._origin_of))
-            return
-        if event.event_type not in (TreeEvent.NODE_ADDED, TreeEvent.NODE_UPDATED, TreeEvent.NODE_REMOVED):
-            return
-        path = event.event_data.path
-        if path == self._paths.nodes or not path.startswith(self._paths.nodes + "/"):
-            return
-        node_id = ZkPaths.decode(path.rsplit("/", 1)[1])
-        if event.event_type == TreeEvent.NODE_REMOVED:
+    def _on_initialized(self) -> None:
+        self._initialized.set()
+        log.info("registry view initialised: %d nodes, %d live streams", len(self._nodes), len(self._origin_of))
+
+    def _on_change(self, name: str, data: bytes | None) -> None:
+        node_id = ZkPaths.decode(name)
+        if data is None:
             self._apply(node_id, None)
             return
         previous = self._nodes.get(node_id)
         try:
-            record = NodeRecord.from_json(event.event_data.data, previous.node if previous else None)
+            record = NodeRecord.from_json(data, previous.node if previous else None)
         except RecordError as exc:
             self.decode_errors += 1
             log.warning("ignoring node record %s: %s", node_id, exc)
@@ -241,6 +235,8 @@ class RegistryView:
         or two, and at a thousand nodes a rescan per report would eat the API's CPU."""
         old = self._nodes.get(node_id)
         old_node = old.node if old else None
+        if old_node is None and record is None:
+            return
         if record is None:
             self._nodes.pop(node_id, None)
         else:
