@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -39,6 +40,9 @@ class ApiServer(BaseApplication):
             "preload_app": False,
             "keepalive": 30,
             "backlog": 2048,
+            # a listening socket per worker (SO_REUSEPORT): the kernel spreads connections across
+            # workers; one shared socket let whichever worker woke first take most keep-alive clients
+            "reuse_port": True,
             "graceful_timeout": 10,
             "timeout": 30,
             "accesslog": None,
@@ -82,7 +86,33 @@ def _child_exit(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def address_in_use(bind: str) -> str | None:
+    """Why ``bind`` cannot be ours, or None. Each worker opens its own SO_REUSEPORT socket, and such
+    sockets share a port with any other server that set the flag (a second ``streammanager serve`` on
+    the same address would silently take half the traffic): a plain bind first says whether the port
+    is really free."""
+    host, _, port = bind.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc}"
+    family, _, _, _, address = infos[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {bind}: {exc.strerror or exc} (is another server running there?)"
+    finally:
+        probe.close()
+    return None
+
+
 def serve(settings: ServerSettings) -> int:
+    problem = address_in_use(settings.bind)
+    if problem:
+        print(f"streammanager serve: {problem}", file=sys.stderr)
+        return 2
     metrics_dir = tempfile.mkdtemp(prefix="sm-metrics-")
     # must be set before prometheus_client is imported anywhere in this process tree
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -1,5 +1,8 @@
 """``streammanager serve`` under gunicorn, with real ZooKeeper servers: concurrency and outages."""
+import os
 import signal
+import socket
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -188,3 +191,22 @@ def test_a_broadcast_lookup_answers_when_zookeeper_hangs_mid_request(tmp_path, z
         app.extensions["sm"].close()
         agent.stop()
         zk.stop()
+
+
+def test_serve_refuses_an_address_another_server_listens_on(tmp_path, zookeeper, zk_root):
+    # Workers listen with SO_REUSEPORT, which would share the port with another server that set it
+    # too (a second streammanager serve): the other listener here sets it, and serve must still refuse.
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    try:
+        env = {**os.environ, "SM_ZK_HOSTS": zookeeper.hosts, "SM_ZK_ROOT": zk_root,
+               "SM_BIND": f"127.0.0.1:{port}"}
+        done = subprocess.run([str(BIN / "streammanager"), "serve"], env=env, capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "in use" in done.stderr
+    finally:
+        other.close()
