@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import socket
 import time
 from urllib.parse import parse_qsl
 
@@ -110,7 +111,7 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    app.wsgi_app = FastLookups(app)
+    app.wsgi_app = OneSegmentResponses(FastLookups(app))
     return app
 
 
@@ -315,6 +316,54 @@ class FastLookups:
         start_response(_STATUS_LINES[status], [("Content-Type", self.HEADERS_JSON),
                                               ("Content-Length", str(len(body)))])
         return [body]
+
+
+class OneSegmentResponses:
+    """WSGI middleware: each response leaves in one TCP segment instead of two.
+
+    gunicorn sends the status line and headers, then the body, in two ``send`` calls; with
+    ``TCP_NODELAY`` each becomes its own segment and wakes the client twice. Corking the socket for
+    the response and uncorking it once gunicorn has written everything (it closes the body iterable
+    last) sends both together: +5 to 13 % lookups a second in interleaved ``wrk`` runs. Outside
+    gunicorn (tests, other servers) there is no ``gunicorn.socket`` and nothing changes.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        sock = environ.get("gunicorn.socket")
+        body = self.app(environ, start_response)
+        if sock is None or not _set_cork(sock, True):
+            return body
+        return _Uncorking(body, sock)
+
+
+class _Uncorking:
+    """The app's body iterable; closing it (after the last write) flushes the corked socket."""
+
+    def __init__(self, body, sock):
+        self._body = body
+        self._sock = sock
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def close(self):
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            _set_cork(self._sock, False)
+
+
+def _set_cork(sock, on: bool) -> bool:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+        return True
+    except OSError:  # closed by the client meanwhile, or not TCP
+        return False
 
 
 _STATUS_LINES = {200: "200 OK", 400: "400 BAD REQUEST", 404: "404 NOT FOUND", 503: "503 SERVICE UNAVAILABLE",

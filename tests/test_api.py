@@ -1,7 +1,9 @@
 """The 2.0 API against a real ZooKeeper with simulated nodes (in-process agents, ``--media none``)."""
+import socket
 import time
 
 import pytest
+from werkzeug.test import EnvironBuilder
 
 from tests.conftest import wait_for_nodes, wait_until
 
@@ -302,7 +304,7 @@ def test_the_fast_lookup_path_answers_exactly_as_the_flask_routes_do(make_app, c
     assert cluster["us_origin"].publish("s1").status_code == 200
     wait_until(lambda: app.test_client().get(f"{P}/event/live/s1/stats").status_code == 200, 5, what="live")
     fast = Client(app.wsgi_app).get(url)  # the WSGI fast path in front of the app
-    flask = Client(app.wsgi_app.wsgi_app).get(url)  # the app's own routes
+    flask = Client(app.wsgi_app.app.wsgi_app).get(url)  # the app's own routes
     assert fast.status_code == flask.status_code
     assert fast.headers["Content-Type"] == flask.headers["Content-Type"]
     fast_body, flask_body = fast.get_json(), flask.get_json()
@@ -312,3 +314,25 @@ def test_the_fast_lookup_path_answers_exactly_as_the_flask_routes_do(make_app, c
         fast_body.pop("serverAddress"), flask_body.pop("serverAddress")  # a random pick among the best
         fast_body.pop("rtmpUrl", None), flask_body.pop("rtmpUrl", None)
     assert fast_body == flask_body
+
+
+def test_responses_are_corked_until_gunicorn_has_written_them_then_flushed(make_app):
+    """Headers and body leave in one segment: the socket is corked while gunicorn writes and uncorked
+    when it closes the body (a socket left corked would hold every answer back 200 ms)."""
+    app = make_app()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server_side, _ = listener.accept()
+    try:
+        environ = EnvironBuilder(path="/healthz").get_environ()
+        environ["gunicorn.socket"] = server_side
+        statuses = []
+        body = app.wsgi_app(environ, lambda status, headers, exc_info=None: statuses.append(status))
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+        assert b"".join(body)  # what gunicorn writes while corked
+        body.close()
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        assert statuses and statuses[0].split()[0] in ("200", "503")
+    finally:
+        for s in (client, server_side, listener):
+            s.close()
