@@ -4,7 +4,7 @@ from collections import Counter
 
 from streammanager.models import NodeRecord, StreamLoad
 from streammanager.regions import distance_km
-from streammanager.selection import Candidate, LookupRequest, normalize, select
+from streammanager.selection import Candidate, LookupRequest, normalize, sample, select
 
 NOW = 1_800_000_000_000
 
@@ -146,3 +146,16 @@ def test_sampled_selection_still_balances_a_big_region():
     nodes = [make(f"e{i}", capacity=1000, viewers=(i % 10) * 90) for i in range(200)]
     picks = [choose(nodes, random.Random(seed), region="us-east-1").node for seed in range(200)]
     assert sum(p.used for p in picks) / len(picks) < 150  # the region's average load is 405
+
+
+def test_the_sample_gives_every_node_the_same_chance_and_always_its_full_size():
+    nodes = [Candidate.of(make(f"e{i}")) for i in range(40)]
+    rng = random.Random(7)
+    seen = {n.node.id: 0 for n in nodes}
+    for _ in range(4000):
+        chosen = sample(nodes, (), rng, 16)
+        assert len({c.node.id for c in chosen}) == 16  # a window wrapping past the end stays full
+        for c in chosen:
+            seen[c.node.id] += 1
+    expected = 4000 * 16 / 40
+    assert all(abs(count - expected) < 0.15 * expected for count in seen.values()), seen
