@@ -126,3 +126,24 @@ def test_a_failing_listener_does_not_stop_the_cache(zk, zk_root, zookeeper):
     finally:
         client.stop()
         client.close()
+
+
+def test_the_polling_handler_waits_like_select():
+    import socket
+
+    from streammanager.registry import PollingHandler
+
+    handler = PollingHandler()
+    a, b = socket.socketpair()
+    try:
+        assert handler.select([a], [], [], 0.05) == ([], [], [])  # nothing to read: times out
+        b.send(b"x")
+        assert handler.select([a, b], [], [], 1.0) == ([a], [], [])
+        readable, writable, _ = handler.select([a], [b], [], 1.0)
+        assert readable == [a] and writable == [b]
+        b.close()
+        assert handler.select([], [], [], 0) == ([], [], [])
+        a.recv(1)
+        assert handler.select([a], [], [], 1.0) == ([a], [], [])  # the peer hung up: readable (EOF)
+    finally:
+        a.close()
