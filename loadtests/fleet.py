@@ -123,15 +123,24 @@ class Fleet:
                 tx.create(self.paths.stream(StreamKey("live", stream_name(s))), record.to_json(), ephemeral=True)
             tx.commit()
 
-    def _heartbeat(self, tick_s: float = 0.25) -> None:
+    def _heartbeat(self, tick_s: float = 0.01, heartbeat_check_s: float = 0.25) -> None:
+        """Write changed and due records. Agents write independently of each other, so writes are
+        spread over the second (a tick of 10 ms) rather than sent in bursts: a burst of a few dozen
+        records every quarter second made every API worker and ZooKeeper busy at the same instant."""
         carry = 0.0
+        next_check = 0.0
         while not self._stop.wait(tick_s):
             try:
                 now, mono = now_ms(), time.monotonic()
-                due = {i for i, t in enumerate(self._last_write) if mono - t >= self.heartbeat_s}
+                due: set[int] = set()
+                if mono >= next_check:
+                    next_check = mono + heartbeat_check_s
+                    due = {i for i, t in enumerate(self._last_write) if mono - t >= self.heartbeat_s}
                 carry += self.changes_per_s * tick_s
                 changed = set(self._rng.sample(range(len(self.records)), min(len(self.records), int(carry))))
                 carry -= int(carry)
+                if not due and not changed:
+                    continue
                 for i in due | changed:
                     if i in changed:
                         self._change_load(i, now)
