@@ -4,7 +4,10 @@ For each relay mode (ffmpeg, the default, and nginx-rtmp's own pull): the median
 - cold: a subscribe lookup to the first video frame at a player on an edge that does not carry the stream:
   delivered to the player (cold_first_frame_s: what the system controls) and decoded by it
   (cold_first_decoded_s: adds ffmpeg's own probing, which reads about 40 frames before it decodes one),
-- warm: the same for a player joining an edge that already relays it,
+- warm: the same for a player joining an edge that already relays it; warm_lowlatency_decoded_s is the
+  same join by a player set up for low latency (ffmpeg with ``-fpsprobesize 0 -tcp_nodelay 1``: no
+  frame-rate probing, Nagle off), as low-latency players are; the default player's numbers stay the
+  headline,
 - relay_cpu: CPU share of one relay over 10 s (ffmpeg: the relay process; nginx: the edge's nginx),
 - failover_gap: a viewer's gap in frames when its stream's origin is killed and the broadcaster
   republishes through a new broadcast lookup (includes the registry noticing the dead origin).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import signal
 import statistics
@@ -53,15 +57,20 @@ def wait_live(cluster: LocalCluster, name: str, timeout_s: float = 15) -> None:
 VIDEO_TAG = re.compile(r"\[flv @ [^]]+\] type:9, size:(\d+),")
 
 
-def first_frame_s(cluster: LocalCluster, name: str, procs: list, keep_playing: bool = False
-                  ) -> tuple[float, float]:
+# A player tuned for a fast start: decode from the first frames instead of probing the frame rate over
+# ~40 frames (FLV's 1 ms time base doubles ffmpeg's probe), and no Nagle delays in the RTMP exchange.
+LOW_LATENCY_PLAYER = ("-fpsprobesize", "0", "-tcp_nodelay", "1")
+
+
+def first_frame_s(cluster: LocalCluster, name: str, procs: list, keep_playing: bool = False,
+                  player_args: tuple[str, ...] = ()) -> tuple[float, float]:
     """From the subscribe lookup to (the first video frame delivered to the player, the player's first
     decoded frame). The first is what the edge controls; the second adds ffmpeg's own probing of the
     stream (its defaults read about 40 frames before it decodes any). With ``keep_playing`` the player
     goes on playing afterwards, as a viewer does."""
     started = time.monotonic()
     edge = lookup(cluster, name, "subscribe")["rtmpUrl"]
-    player = subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "trace", "-i", edge, "-t", "120", "-f", "null",
+    player = subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "trace", *player_args, "-i", edge, "-t", "120", "-f", "null",
                                "-", "-progress", "pipe:1", "-stats_period", "0.02"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     procs.append(player)
@@ -110,18 +119,24 @@ def bench_mode(relay: str, runs: int, work: Path) -> str:
     procs: list[subprocess.Popen] = []
     try:
         cluster.start(progress=lambda line: None)
-        cold, warm = [], []
+        cold, warm, quick = [], [], []
+        # Viewers join at any point of the publisher's 1 s GOP, and a player's first frame waits for the
+        # next keyframe: a random pause before each join keeps fixed sleeps from locking the phase.
+        phase = random.Random(7)
         for run in range(runs):
             name = f"{relay}{run}"
             origin = lookup(cluster, name, "broadcast")["rtmpUrl"]
             procs.append(subprocess.Popen(PUBLISH + ["-t", "120", origin], stdin=subprocess.DEVNULL))
             wait_live(cluster, name)
-            time.sleep(1.0)  # an encoder that has been running a moment, as a viewer would find it
+            time.sleep(1.0 + phase.random())  # an encoder running a moment, as a viewer would find it
             cold.append(first_frame_s(cluster, name, procs, keep_playing=True))
-            time.sleep(2.0)
+            time.sleep(2.0 + phase.random())
             warm.append(first_frame_s(cluster, name, procs))
+            time.sleep(phase.random())
+            quick.append(first_frame_s(cluster, name, procs, player_args=LOW_LATENCY_PLAYER))
             print(f"  {relay} run {run + 1}: first frame delivered / decoded: cold {cold[-1][0]:.2f} / "
-                  f"{cold[-1][1]:.2f} s, warm {warm[-1][0]:.2f} / {warm[-1][1]:.2f} s", flush=True)
+                  f"{cold[-1][1]:.2f} s, warm {warm[-1][0]:.2f} / {warm[-1][1]:.2f} s, "
+                  f"warm low-latency player {quick[-1][0]:.2f} / {quick[-1][1]:.2f} s", flush=True)
 
         edge_agent = cluster.agent_pid(nodes[2].node_id)
         measured = children(edge_agent, "ffmpeg")[:1] if relay == "ffmpeg" else children(edge_agent, "nginx")
@@ -136,6 +151,7 @@ def bench_mode(relay: str, runs: int, work: Path) -> str:
                 f"warm_first_frame_s={statistics.median(w[0] for w in warm):.2f} "
                 f"cold_first_decoded_s={statistics.median(c[1] for c in cold):.2f} "
                 f"warm_first_decoded_s={statistics.median(w[1] for w in warm):.2f} "
+                f"warm_lowlatency_decoded_s={statistics.median(q[1] for q in quick):.2f} "
                 f"relay_cpu_pct={relay_cpu * 100:.2f} "
                 f"failover_gap_s={gap:.2f}")
     finally:
@@ -181,7 +197,7 @@ def failover_gap(cluster: LocalCluster, nodes: list[NodeSpec], procs: list) -> f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=9, help="joins measured per mode (random GOP phase each) [9]")
     parser.add_argument("--relay", action="append", choices=("ffmpeg", "nginx"), default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sm-bench-media-"))
