@@ -70,10 +70,11 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
             f"  URL=$(curl -s '{api}/event/live/demo?action=broadcast&region={first}' | {pick})",
             "  ffmpeg -re -f lavfi -i testsrc=size=640x360:rate=30 -f lavfi -i sine -c:v libx264 -preset veryfast "
             "-tune zerolatency -pix_fmt yuv420p -g 30 -c:a aac -f flv \"$URL?key=demo-key\"",
-            "  (OBS: Settings > Stream > Custom; Server: the rtmpUrl without /demo; Stream Key: demo)",
+            "  (OBS: Settings > Stream > Custom; Server: the rtmpUrl without /demo; Stream Key: demo;",
+            "   Output > Keyframe Interval 1 s: a viewer's first frame waits for the next keyframe)",
             f"Play it in {second} from the edge the lookup names (another terminal):",
             f"  URL=$(curl -s '{api}/event/live/demo?action=subscribe&region={second}' | {pick})",
-            "  ffplay \"$URL\"",
+            "  ffplay -fflags nobuffer -fpsprobesize 0 \"$URL\"   # starts in well under a second",
             "  ffmpeg -i \"$URL\" -t 10 -f null -      # without a screen: reads 10 s and counts the frames",
         ]
     lines += [
