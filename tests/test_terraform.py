@@ -607,7 +607,10 @@ def test_gce_instances_are_shielded_and_refuse_project_ssh_keys():
                        **gce.typed("resource", "google_compute_instance_template")}.items():
         assert body["shielded_instance_config"][0]["enable_secure_boot"] is True, name
         assert body["metadata"]["block-project-ssh-keys"] == "true", name
-        assert body["service_account"][0]["email"].startswith("${google_service_account."), name
+        emails = [body["service_account"][0]["email"]]
+        if found := re.fullmatch(r"\$\{each\.value\.([A-Za-z0-9_]+)\}", emails[0]):  # one template per role
+            emails = [value[found.group(1)] for _, value in for_each_items(gce, body)]
+        assert emails and all(e.startswith("${google_service_account.") for e in emails), name
 
 
 def test_nothing_terraform_creates_carries_the_controllers_cluster_tag():

@@ -1,56 +1,7 @@
 # API servers: a regional managed instance group in the home region behind a global external Application
 # Load Balancer. HTTPS (Google-managed certificate) ends at the load balancer; it forwards plain HTTP to
 # port var.api_port and health-checks /healthz (503 until the server's registry view is initialised).
-
-resource "google_compute_instance_template" "api" {
-  project      = var.project_id
-  name_prefix  = "${var.name}-api-"
-  description  = "streammanager ${var.name} API server"
-  machine_type = var.api_machine_type
-  region       = var.home_region
-  labels       = merge(local.labels, { "streammanager-role" = "api" })
-
-  disk {
-    source_image = var.image
-    boot         = true
-    auto_delete  = true
-    disk_type    = "pd-balanced"
-    disk_size_gb = 16
-  }
-
-  network_interface {
-    subnetwork = google_compute_subnetwork.this[var.home_region].id
-    # no access_config: no external address
-  }
-
-  service_account {
-    email  = google_service_account.api.email
-    scopes = ["cloud-platform"]
-  }
-
-  shielded_instance_config {
-    enable_secure_boot          = true
-    enable_vtpm                 = true
-    enable_integrity_monitoring = true
-  }
-
-  metadata = {
-    block-project-ssh-keys = "true"
-    enable-oslogin         = "TRUE"
-    startup-script = templatefile("${path.module}/templates/api-server.sh.tftpl", {
-      cluster_id            = var.name
-      install_streammanager = local.install_streammanager
-      access_token_secret   = google_secret_manager_secret.access_token.id
-      zk_hosts              = local.zk_hosts
-      zk_root               = var.zk_root
-      api_port              = var.api_port
-    })
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
-}
+# The instance template is google_compute_instance_template.control_plane["api"] (control_plane.tf).
 
 resource "google_compute_health_check" "api" {
   project             = var.project_id
@@ -78,7 +29,7 @@ resource "google_compute_region_instance_group_manager" "api" {
   target_size        = var.api_server_count
 
   version {
-    instance_template = google_compute_instance_template.api.id
+    instance_template = google_compute_instance_template.control_plane["api"].id
   }
 
   named_port {
