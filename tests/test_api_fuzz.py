@@ -1,0 +1,41 @@
+"""Random malformed lookups never get a 500 or an error in another shape than the documented one."""
+import random
+
+from werkzeug.test import Client
+
+from tests.conftest import wait_for_nodes
+from tests.test_api import cluster  # noqa: F401  (the fixture)
+
+P = "/streammanager/api/2.0"
+PIECES = ["live", "a", "%2F", "%00", "%FF", "x" * 300, "%E2%82%AC", "..", ".", "%20", "a%2Fb", "?", "%25", "\u00e9",
+          "ap-northeast-1", "us-east-1", "nowhere-9", "", "true", "1", "yes", "TRUE", "0", "false", "%0A"]
+
+
+def random_url(rng: random.Random) -> str:
+    scope, name = rng.choice(PIECES + ["live"] * 5), rng.choice(PIECES + ["s1"] * 5)
+    params = [f"{key}={rng.choice(PIECES + ['broadcast', 'subscribe'] * 4)}"
+              for key in ("action", "region", "strict", "accessToken") if rng.random() < 0.7]
+    if rng.random() < 0.2:
+        params.append("action=" + rng.choice(PIECES))  # a repeated parameter
+    prefix = "/streammanager/api/1.0" if rng.random() < 0.05 else P
+    if rng.random() < 0.1:
+        return f"{prefix}/event/{scope}/{name}/stats"
+    return f"{prefix}/event/{scope}/{name}?{'&'.join(params)}"
+
+
+def test_malformed_lookups_get_documented_errors_never_a_500(make_app, cluster):  # noqa: F811
+    app = make_app()
+    wait_for_nodes(app.test_client(), 4)
+    assert cluster["us_origin"].publish("s1").status_code == 200
+    client = Client(app.wsgi_app)  # through the fast path, as gunicorn serves it
+    rng = random.Random(3)
+    statuses, bad = {}, []
+    for _ in range(3000):
+        url = random_url(rng)
+        answer = client.get(url)
+        statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+        if answer.status_code >= 500 or (answer.status_code >= 400 and not (
+                answer.is_json and set(answer.get_json()) == {"errorMessage", "timestamp"})):
+            bad.append((url, answer.status_code, answer.get_data()[:200]))
+    assert not bad, bad[:10]
+    assert statuses.get(200) and statuses.get(400) and statuses.get(404)  # every kind of answer was reached
