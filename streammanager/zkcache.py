@@ -31,6 +31,9 @@ ChangeListener = Callable[[str, "bytes | None"], None]
 
 
 class ChildrenDataCache:
+    """Calls ``on_change(name, data)`` for every child of ``path`` as it appears or changes, and
+    ``on_change(name, None)`` when it goes; ``on_initialized()`` once, when the first full read is done."""
+
     def __init__(self, client: KazooClient, path: str, on_change: ChangeListener,
                  on_initialized: Callable[[], None] = lambda: None):
         self._client = client
