@@ -9,7 +9,9 @@ import hmac
 import logging
 import re
 import socket
+import threading
 import time
+import weakref
 from urllib.parse import parse_qsl
 
 import orjson
@@ -48,6 +50,12 @@ VIEW_DECODE_ERRORS = Gauge("sm_view_decode_errors", "Node records this worker dr
                            multiprocess_mode="max")
 VIEW_AGE = Gauge("sm_view_age_seconds", "Age of this worker's registry view (0 while connected)",
                  multiprocess_mode="max")
+# Registry churn is what costs a worker most at scale (README, Benchmarks): its rate next to the lookup
+# latency says when to add API servers. Each worker applies every change, so the sum counts a change once
+# per worker.
+VIEW_CHANGES = Counter("sm_view_changes", "Node record changes applied to the registry views (once per worker)")
+_changes_counted: "weakref.WeakKeyDictionary[RegistryView, int]" = weakref.WeakKeyDictionary()
+_changes_lock = threading.Lock()
 
 LOOKUP_ACTIONS = ("broadcast", "subscribe")
 # label children resolved once: a lookup should not pay for label lookups
@@ -441,6 +449,15 @@ def healthz():
     return jsonify(body), (200 if view.initialized else 503)
 
 
+def _count_view_changes(view: RegistryView) -> None:
+    """Bring the counter up to the view's own count (read at scrape time: nothing on the update path)."""
+    with _changes_lock:
+        applied, counted = view.changes, _changes_counted.get(view, 0)
+        if applied > counted:
+            VIEW_CHANGES.inc(applied - counted)
+            _changes_counted[view] = applied
+
+
 @ops.get("/metrics")
 def metrics():
     view = services().view
@@ -448,6 +465,7 @@ def metrics():
     VIEW_STREAMS.set(view.stream_count())
     VIEW_AGE.set(view.age_ms() / 1000)
     VIEW_DECODE_ERRORS.set(view.decode_errors)
+    _count_view_changes(view)
     registry = current_app.config.get("PROMETHEUS_REGISTRY")
     payload = generate_latest(registry) if registry is not None else generate_latest()
     return Response(payload, mimetype=CONTENT_TYPE_LATEST)

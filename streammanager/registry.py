@@ -409,6 +409,11 @@ class RegistryView:
     def node_count(self) -> int:
         return len(self._nodes)
 
+    @property
+    def changes(self) -> int:
+        """Node record changes applied since the view started."""
+        return self._version
+
     def stream_count(self) -> int:
         return len(self._origin_of)
 

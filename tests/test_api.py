@@ -1,4 +1,5 @@
 """The 2.0 API against a real ZooKeeper with simulated nodes (in-process agents, ``--media none``)."""
+import re
 import socket
 import time
 
@@ -245,6 +246,17 @@ def test_metrics_count_lookups(api, cluster):
     text = api.get("/metrics").get_data(as_text=True)
     assert 'sm_lookups_total{action="broadcast",outcome="ok"}' in text
     assert "sm_view_nodes 4.0" in text
+
+
+def test_metrics_count_the_registry_changes_the_view_applied(api, cluster):
+    def applied() -> float:
+        text = api.get("/metrics").get_data(as_text=True)
+        return float(re.search(r"^sm_view_changes_total (\S+)$", text, re.M).group(1))
+
+    before = applied()
+    assert before >= 4  # at least the four nodes' first records
+    assert cluster["eu_origin"].publish("churn").status_code == 200
+    wait_until(lambda: applied() > before, 5, what="the origin's new record counted")
 
 
 def test_an_idle_agent_only_heartbeats_but_reports_a_change_at_once(api, make_node, zk, zk_root):
