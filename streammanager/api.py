@@ -111,9 +111,11 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     app.json.sort_keys = False
     app.extensions["sm"] = Services(settings, client, view, placement, paths, housekeeper)
     from streammanager.admin_groups import admin_groups
+    from streammanager.dashboard import dashboard
 
     app.register_blueprint(api)
     app.register_blueprint(admin_groups)
+    app.register_blueprint(dashboard)  # GET /dashboard: the cluster at a glance
     app.register_blueprint(ops)
     app.register_blueprint(commands_api)  # POST /commands/close (the coordinator API)
     app.register_error_handler(ApiError, _api_error)

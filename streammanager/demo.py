@@ -79,6 +79,7 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
         ]
     lines += [
         "Watch it:",
+        f"  {cluster.api_url}/dashboard?accessToken={cluster.access_token}   (in a browser)",
         f"  curl -s {api}/event/list/stats",
         f"  curl -s '{api}/admin/node?accessToken={cluster.access_token}'",
         f"  curl -s '{api}/admin/nodegroup/demo/node?accessToken={cluster.access_token}'",
