@@ -381,11 +381,14 @@ class RegistryView:
         return self.node(node_id) if node_id else None
 
     def live_stream(self, key: StreamKey) -> LiveStream | None:
-        skey = str(key)
-        origin = self.origin_of(key)
+        return self._live_stream(str(key), key)
+
+    def _live_stream(self, skey: str, key: StreamKey) -> LiveStream | None:
+        origin_id = self._origin_of.get(skey)
+        origin = self._nodes.get(origin_id) if origin_id else None
         if origin is None:
             return None
-        load = origin.streams.get(skey)
+        load = origin.node.streams.get(skey)
         subscribers = 0
         for node_id in self._carriers.get(skey, ()):
             cand = self._nodes.get(node_id)
@@ -393,15 +396,14 @@ class RegistryView:
                 carried = cand.node.streams.get(skey)
                 if carried is not None:
                     subscribers += carried.subscribers
-        return LiveStream(key, origin, load.start_ms if load else 0, subscribers)
+        return LiveStream(key, origin.node, load.start_ms if load else 0, subscribers)
 
     def live_streams(self) -> list[LiveStream]:
+        """Every live stream, sorted by key. The keys were validated when their records were decoded."""
         out = []
         for skey in sorted(list(self._origin_of)):
-            try:
-                stream = self.live_stream(StreamKey.parse(skey))
-            except RecordError:
-                continue
+            scope, _, name = skey.partition("/")
+            stream = self._live_stream(skey, StreamKey(scope, name))
             if stream is not None:
                 out.append(stream)
         return out
