@@ -67,6 +67,31 @@ api = Blueprint("api", __name__, url_prefix=API_PREFIX)
 ops = Blueprint("ops", __name__)
 
 
+class ListingCache:
+    """The stream listings (``/event/list`` and ``/event/list/stats``), built and serialised once and shared
+    while the view has not changed, or for ``ttl_s`` after a change.
+
+    At 100 000 live streams a listing is about a second of a worker's CPU, holding the GIL from the
+    lookups; without sharing, one client polling it would stall every lookup on the worker. The price is
+    a listing up to ``ttl_s`` old (the per-stream ``/stats`` is never cached).
+    """
+
+    def __init__(self, ttl_s: float = 1.0):
+        self._ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, int, bytes]] = {}  # kind -> (built at, view changes, body)
+        self._locks = {"list": threading.Lock(), "stats": threading.Lock()}
+
+    def get(self, kind: str, view: RegistryView, build) -> bytes:
+        with self._locks[kind]:  # callers arriving during a build wait for it instead of building again
+            entry = self._entries.get(kind)
+            now, changes = time.monotonic(), view.changes
+            if entry is not None and (entry[1] == changes or now - entry[0] < self._ttl_s):
+                return entry[2]
+            body = build()
+            self._entries[kind] = (now, changes, body)
+            return body
+
+
 class Services:
     """What the routes need, built once per process by the factory."""
 
@@ -78,6 +103,7 @@ class Services:
         self.placement = placement
         self.paths = paths
         self.housekeeper = housekeeper
+        self.listings = ListingCache()
 
     def close(self) -> None:
         if self.housekeeper is not None:
@@ -243,14 +269,19 @@ def node_json(node: NodeRecord) -> dict:
 # -- the 2.0 API ------------------------------------------------------------------------------------
 @api.get("/event/list")
 def list_streams(version: str):
-    require_view()
-    return jsonify([listing_json(s) for s in services().view.live_streams()])
+    return _listing("list", listing_json)
 
 
 @api.get("/event/list/stats")
 def list_streams_with_stats(version: str):
+    return _listing("stats", stats_json)
+
+
+def _listing(kind: str, to_json) -> Response:
     require_view()
-    return jsonify([stats_json(s) for s in services().view.live_streams()])
+    svc = services()
+    body = svc.listings.get(kind, svc.view, lambda: orjson.dumps([to_json(s) for s in svc.view.live_streams()]))
+    return Response(body, mimetype="application/json")
 
 
 @api.get("/event/<scope>/<stream>")

@@ -366,3 +366,15 @@ def test_the_dashboard_shows_regions_nodes_and_live_streams_to_an_admin(api, clu
     assert '<meta http-equiv="refresh" content="5">' in html
     assert "http-equiv" not in api.get("/dashboard?accessToken=s3cret-token&refresh=0").get_data(as_text=True)
     assert_error(api.get("/dashboard?accessToken=s3cret-token&refresh=soon"), 400, "refresh")
+
+
+def test_the_stream_listings_follow_changes_within_a_second_or_so(api, cluster):
+    assert api.get(f"{P}/event/list/stats").get_json() == []  # built, then shared while nothing changes
+    assert cluster["us_origin"].publish("fresh").status_code == 200
+    wait_until(lambda: [s["name"] for s in api.get(f"{P}/event/list/stats").get_json()] == ["fresh"], 3,
+               what="the new stream in the shared listing")
+    cluster["us_edge"].play("fresh", clientid="v1")
+    wait_until(lambda: api.get(f"{P}/event/list/stats").get_json()[0]["currentSubscribers"] == 1, 3,
+               what="the viewer counted in the shared listing")
+    cluster["us_origin"].hook("publish_done", "fresh", clientid="pub-1")
+    wait_until(lambda: api.get(f"{P}/event/list").get_json() == [], 3, what="the stream gone from the listing")
