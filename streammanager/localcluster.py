@@ -151,9 +151,12 @@ class LocalCluster:
             dead = [c.name for c in self._children if not c.running]
             if dead:
                 raise ClusterError(f"{', '.join(dead)} exited during start-up; see the log above")
+            # Every API worker has its own view and its own listening socket, and each new connection
+            # may reach any of them: ready means ten answers in a row (ten connections) see every node.
             try:
-                health = requests.get(f"{self.api_url}/healthz", timeout=1).json()
-                if health.get("nodes") == self.expected_nodes:
+                expected = self.expected_nodes
+                if all(requests.get(f"{self.api_url}/healthz", timeout=1).json().get("nodes") == expected
+                       for _ in range(10)):
                     return
             except (requests.RequestException, ValueError):
                 pass

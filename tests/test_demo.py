@@ -52,9 +52,15 @@ def test_the_demo_plays_real_video_with_the_commands_it_prints_and_ctrl_c_stops_
     publish = next(line for line in lines if line.startswith("ffmpeg -re"))
     play_url = next(line for line in lines if line.startswith("URL=") and "subscribe" in line)
     play = next(line for line in lines if line.startswith("ffmpeg -i"))
-    publisher = procs(["bash", "-c", f"{publish_url}; exec {publish.replace('ffmpeg ', 'ffmpeg -nostdin -t 40 ', 1)}"])
+    publisher = procs(["bash", "-c", f"{publish_url}; echo \"publishing to $URL\"; "
+                                     f"exec {publish.replace('ffmpeg ', 'ffmpeg -nostdin -t 40 ', 1)}"],
+                      log_path=tmp_path / "publisher.log")
     stats = f"http://127.0.0.1:{api_port}/streammanager/api/2.0/event/live/demo/stats"
-    wait_until(lambda: requests.get(stats, timeout=2).status_code == 200, 15, what="the stream live")
+    try:
+        wait_until(lambda: requests.get(stats, timeout=2).status_code == 200, 15, what="the stream live")
+    except AssertionError as exc:  # say why: the publisher's side and the cluster's
+        raise AssertionError(f"{exc}\n--- publisher:\n{publisher.log()[-3000:]}\n--- demo:\n{proc.log()[-6000:]}") \
+            from None
     played = subprocess.run(["bash", "-c", f"{play_url}; {play.replace('ffmpeg ', 'ffmpeg -nostdin ', 1)}"],
                             capture_output=True, text=True, timeout=60)
     frames = [int(n) for n in re.findall(r"frame=\s*(\d+)", played.stderr)]
