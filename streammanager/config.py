@@ -106,6 +106,10 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            secret=True),
     Option("bind", "SM_BIND", "127.0.0.1:5080", "address the API server listens on", host_port),
     Option("workers", "SM_WORKERS", 2, "gunicorn worker processes", positive(int)),
+    Option("reuse_port", "SM_REUSE_PORT", True,
+           "a listening socket per worker (SO_REUSEPORT): the kernel spreads connections evenly; off: one "
+           "shared socket, which a restarting worker does not take connections from until it is ready",
+           boolean),
     Option("threads", "SM_THREADS", 2,
            "threads per worker (a lookup takes ~25 us of CPU: more threads mostly add GIL contention)",
            positive(int)),
@@ -131,6 +135,7 @@ class ServerSettings:
     access_token: str | None = None
     bind: str = "127.0.0.1:5080"
     workers: int = 2
+    reuse_port: bool = True
     threads: int = 2
     heartbeat_max_age_s: float = 180.0
     reservation_ttl_s: float = 30.0

@@ -42,7 +42,7 @@ class ApiServer(BaseApplication):
             "backlog": 2048,
             # a listening socket per worker (SO_REUSEPORT): the kernel spreads connections across
             # workers; one shared socket let whichever worker woke first take most keep-alive clients
-            "reuse_port": True,
+            "reuse_port": s.reuse_port,
             "graceful_timeout": 10,
             "timeout": 30,
             "accesslog": None,

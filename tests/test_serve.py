@@ -210,3 +210,24 @@ def test_serve_refuses_an_address_another_server_listens_on(tmp_path, zookeeper,
         assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "in use" in done.stderr
     finally:
         other.close()
+
+
+def test_serve_with_one_shared_socket_when_reuse_port_is_off(procs, tmp_path, zookeeper, zk_root):
+    port = free_port()
+    env = {"SM_ZK_HOSTS": zookeeper.hosts, "SM_ZK_ROOT": zk_root, "SM_BIND": f"127.0.0.1:{port}",
+           "SM_REUSE_PORT": "off", "SM_LOG_FORMAT": "text"}
+    proc = procs([str(BIN / "streammanager"), "serve"], env, tmp_path / "api.log")
+
+    def healthy():
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+        except requests.RequestException:
+            return proc.popen.poll() is not None
+    wait_until(healthy, 30, what="the API server")
+    assert proc.popen.poll() is None, proc.log()
+    # one listening socket, held by the master: both workers answer through it
+    listeners = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert len(listeners.strip().splitlines()) == 1, listeners
+    bad = subprocess.run([str(BIN / "streammanager"), "serve"], env={**os.environ, **env, "SM_REUSE_PORT": "maybe",
+                         "SM_BIND": f"127.0.0.1:{free_port()}"}, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "SM_REUSE_PORT" in bad.stderr
