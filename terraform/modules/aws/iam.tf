@@ -173,7 +173,7 @@ data "aws_iam_policy_document" "api" {
   statement {
     sid       = "DecryptTheAdminTokenThroughSecretsManager"
     actions   = ["kms:Decrypt"]
-    resources = [aws_kms_key.cluster.arn]
+    resources = [module.cluster_key.arn]
     condition {
       test     = "StringEquals"
       variable = "kms:ViaService"

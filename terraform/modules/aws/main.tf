@@ -94,47 +94,21 @@ resource "aws_ec2_instance_metadata_defaults" "this" {
 
 # -- encryption key of the cluster's secret and logs -----------------------------------------------------
 
-data "aws_iam_policy_document" "kms_key" {
-  #checkov:skip=CKV_AWS_109:a key policy: "*" is this key, and the account root statement delegates its use to IAM policies (AWS's default key policy)
-  #checkov:skip=CKV_AWS_111:a key policy: "*" is this key, and the account root statement delegates its use to IAM policies (AWS's default key policy)
-  #checkov:skip=CKV_AWS_356:a key policy: "*" is this key, and the account root statement delegates its use to IAM policies (AWS's default key policy)
-  statement {
-    sid       = "AccountAdministersKeyThroughIam"
-    actions   = ["kms:*"]
-    resources = ["*"] # in a key policy, "*" is this key
-    principals {
-      type        = "AWS"
-      identifiers = ["arn:${local.partition}:iam::${local.account_id}:root"]
-    }
-  }
-
-  statement {
-    sid       = "CloudWatchLogsEncryptsTheClusterLogGroups"
-    actions   = ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"]
-    resources = ["*"]
-    principals {
-      type        = "Service"
-      identifiers = ["logs.${local.region}.amazonaws.com"]
-    }
-    condition {
-      test     = "ArnLike"
-      variable = "kms:EncryptionContext:aws:logs:arn"
-      values   = ["arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/streammanager/${var.name}/*"]
-    }
-  }
+module "cluster_key" {
+  source       = "./log-key"
+  cluster_name = var.name
+  description  = "streammanager ${var.name}: admin token secret and log groups"
+  tags         = local.tags
 }
 
-resource "aws_kms_key" "cluster" {
-  description             = "streammanager ${var.name}: admin token secret and log groups"
-  enable_key_rotation     = true
-  deletion_window_in_days = 30
-  policy                  = data.aws_iam_policy_document.kms_key.json
-  tags                    = local.tags
+moved {
+  from = aws_kms_key.cluster
+  to   = module.cluster_key.aws_kms_key.this
 }
 
 resource "aws_kms_alias" "cluster" {
   name          = "alias/streammanager-${var.name}"
-  target_key_id = aws_kms_key.cluster.key_id
+  target_key_id = module.cluster_key.key_id
 }
 
 # -- the admin token (SM_ACCESS_TOKEN) -----------------------------------------------------------------
@@ -150,7 +124,7 @@ resource "aws_secretsmanager_secret" "access_token" {
   #checkov:skip=CKV2_AWS_57:the admin token is rotated by the operator (put a new value, restart the API servers); there is no rotation Lambda for it
   name                    = "streammanager/${var.name}/access-token"
   description             = "SM_ACCESS_TOKEN, the admin API token of streammanager cluster ${var.name}"
-  kms_key_id              = aws_kms_key.cluster.arn
+  kms_key_id              = module.cluster_key.arn
   recovery_window_in_days = 7
   tags                    = local.tags
 }

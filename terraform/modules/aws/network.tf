@@ -105,7 +105,7 @@ resource "aws_route_table_association" "private" {
 resource "aws_cloudwatch_log_group" "flow_logs" {
   name              = "/streammanager/${var.name}/vpc-flow-logs/${local.region}"
   retention_in_days = var.log_retention_days
-  kms_key_id        = aws_kms_key.cluster.arn
+  kms_key_id        = module.cluster_key.arn
   tags              = local.tags
 }
 

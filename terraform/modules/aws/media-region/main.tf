@@ -8,10 +8,6 @@ data "aws_region" "home" {
   provider = aws.home
 }
 
-data "aws_caller_identity" "current" {}
-
-data "aws_partition" "current" {}
-
 # Standard zones in name order; the first availability_zone_count are used. No state filter: a zone
 # that is impaired for a while must not shift the others and renumber the subnets.
 data "aws_availability_zones" "available" {
@@ -38,12 +34,10 @@ data "aws_ami" "selected" {
 }
 
 locals {
-  name       = var.home.cluster_id
-  region     = data.aws_region.current.name
-  account_id = data.aws_caller_identity.current.account_id
-  partition  = data.aws_partition.current.partition
-  azs        = slice(data.aws_availability_zones.available.names, 0, var.availability_zone_count)
-  tags       = var.home.tags
+  name   = var.home.cluster_id
+  region = data.aws_region.current.name
+  azs    = slice(data.aws_availability_zones.available.names, 0, var.availability_zone_count)
+  tags   = var.home.tags
   # the controller may launch only into subnets and security groups carrying this tag
   node_network_tag = { "sm-node-network" = var.home.cluster_id }
 }
@@ -221,48 +215,22 @@ resource "aws_vpc_security_group_egress_rule" "private" {
 
 # -- flow logs, written with the home module's role ----------------------------------------------------
 
-data "aws_iam_policy_document" "kms_key" {
-  #checkov:skip=CKV_AWS_109:a key policy: "*" is this key, and the account root statement delegates its use to IAM policies (AWS's default key policy)
-  #checkov:skip=CKV_AWS_111:a key policy: "*" is this key, and the account root statement delegates its use to IAM policies (AWS's default key policy)
-  #checkov:skip=CKV_AWS_356:a key policy: "*" is this key, and the account root statement delegates its use to IAM policies (AWS's default key policy)
-  statement {
-    sid       = "AccountAdministersKeyThroughIam"
-    actions   = ["kms:*"]
-    resources = ["*"] # in a key policy, "*" is this key
-    principals {
-      type        = "AWS"
-      identifiers = ["arn:${local.partition}:iam::${local.account_id}:root"]
-    }
-  }
-
-  statement {
-    sid       = "CloudWatchLogsEncryptsTheFlowLogs"
-    actions   = ["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"]
-    resources = ["*"]
-    principals {
-      type        = "Service"
-      identifiers = ["logs.${local.region}.amazonaws.com"]
-    }
-    condition {
-      test     = "ArnLike"
-      variable = "kms:EncryptionContext:aws:logs:arn"
-      values   = ["arn:${local.partition}:logs:${local.region}:${local.account_id}:log-group:/streammanager/${local.name}/*"]
-    }
-  }
+module "logs_key" {
+  source       = "../log-key"
+  cluster_name = local.name
+  description  = "streammanager ${local.name}: flow logs in ${local.region}"
+  tags         = local.tags
 }
 
-resource "aws_kms_key" "logs" {
-  description             = "streammanager ${local.name}: flow logs in ${local.region}"
-  enable_key_rotation     = true
-  deletion_window_in_days = 30
-  policy                  = data.aws_iam_policy_document.kms_key.json
-  tags                    = local.tags
+moved {
+  from = aws_kms_key.logs
+  to   = module.logs_key.aws_kms_key.this
 }
 
 resource "aws_cloudwatch_log_group" "flow_logs" {
   name              = "/streammanager/${local.name}/vpc-flow-logs/${local.region}"
   retention_in_days = var.log_retention_days
-  kms_key_id        = aws_kms_key.logs.arn
+  kms_key_id        = module.logs_key.arn
   tags              = local.tags
 }
 
