@@ -40,8 +40,8 @@ class ApiServer(BaseApplication):
             "preload_app": False,
             "keepalive": 30,
             "backlog": 2048,
-            # a listening socket per worker (SO_REUSEPORT): the kernel spreads connections across
-            # workers; one shared socket let whichever worker woke first take most keep-alive clients
+            # SM_REUSE_PORT: a listening socket per worker (SO_REUSEPORT), the kernel spreads connections
+            # across workers; one shared socket let whichever worker woke first take most keep-alive clients
             "reuse_port": s.reuse_port,
             "graceful_timeout": 10,
             "timeout": 30,
@@ -87,8 +87,8 @@ def _child_exit(server, worker) -> None:
 
 
 def address_in_use(bind: str) -> str | None:
-    """Why ``bind`` cannot be ours, or None. Each worker opens its own SO_REUSEPORT socket, and such
-    sockets share a port with any other server that set the flag (a second ``streammanager serve`` on
+    """Why ``bind`` cannot be ours, or None. With SM_REUSE_PORT (the default) each worker opens its own
+    SO_REUSEPORT socket, and such sockets share a port with any other server that set the flag (a second ``streammanager serve`` on
     the same address would silently take half the traffic): a plain bind first says whether the port
     is really free."""
     host, _, port = bind.rpartition(":")
