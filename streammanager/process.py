@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
+import time
 from typing import Sequence
 
 log = logging.getLogger(__name__)
@@ -22,12 +24,59 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def stop_event_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> threading.Event:
-    """An event set by SIGTERM or Ctrl-C, for a foreground command's main thread to wait on."""
-    stop = threading.Event()
-    for sig in signals:
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class SignalStop(threading.Event):
+    """An event set by the given signals (or by ``set()`` from any thread).
+
+    CPython runs signal handlers in the main thread only, but the kernel hands a process-directed
+    signal to any thread that does not block it. When that is another thread (kazoo's, a relay
+    supervisor's), a main thread blocked in ``Event.wait()`` is not woken and the handler waits with it:
+    a node agent ignored SIGTERM until it was killed, in about one stop out of two with a relay
+    running. So the main thread waits on the signal module's wakeup pipe, which the C-level handler
+    writes in whichever thread took the signal; other threads wait on the event as usual."""
+
+    def __init__(self, signals: Sequence[int]):
+        super().__init__()
+        self._wake_read, self._wake_write = os.pipe()
+        for fd in (self._wake_read, self._wake_write):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, lambda *_: self.set())
+
+    def set(self) -> None:
+        super().set()
+        try:
+            os.write(self._wake_write, b"\0")  # wakes a main thread waiting in select()
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return super().wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            remaining = WAKE_CHECK_S if deadline is None else min(WAKE_CHECK_S, deadline - time.monotonic())
+            if remaining <= 0:
+                break
+            # Back in the interpreter after select() returns, the pending Python handler runs (it sets
+            # the event); the short cap covers a wake-up drained before that handler had run.
+            select.select([self._wake_read], [], [], remaining)
+            try:
+                while os.read(self._wake_read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        return self.is_set()
+
+
+WAKE_CHECK_S = 1.0
+
+
+def stop_event_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> SignalStop:
+    """An event set by SIGTERM or Ctrl-C, for a foreground command's main thread to wait on (call it
+    from the main thread: only it may install signal handlers)."""
+    return SignalStop(signals)
 
 
 class Supervised:
