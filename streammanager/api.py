@@ -118,7 +118,7 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     ``init_timeout_s``; the client keeps reconnecting in the background after that)."""
     paths = ZkPaths(settings.zk_root)
     client = make_client(settings.zk_hosts, settings.zk_timeout_s)
-    view = RegistryView(client, paths)
+    view = RegistryView(client, paths, feed_socket=settings.feed_socket)
     view.start()
     if not view.wait_initialized(init_timeout_s):
         log.warning("registry view not loaded after %.0f s (ZooKeeper %s): lookups answer 503 until it is",
@@ -478,6 +478,7 @@ def healthz():
         "viewAgeMs": age_ms,
         "nodes": view.node_count(),
         "liveStreams": view.stream_count(),
+        "registrySource": view.source,
     }
     return jsonify(body), (200 if view.initialized else 503)
 

@@ -110,6 +110,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            "a listening socket per worker (SO_REUSEPORT): the kernel spreads connections evenly; off: one "
            "shared socket, which a restarting worker does not take connections from until it is ready",
            boolean),
+    Option("registry_feed", "SM_REGISTRY_FEED", True,
+           "one registry watcher per host feeding every worker (streammanager.feed); off: each worker "
+           "watches ZooKeeper itself", boolean),
     Option("threads", "SM_THREADS", 2,
            "threads per worker (a lookup takes ~25 us of CPU: more threads mostly add GIL contention)",
            positive(int)),
@@ -136,6 +139,7 @@ class ServerSettings:
     bind: str = "127.0.0.1:5080"
     workers: int = 2
     reuse_port: bool = True
+    registry_feed: bool = True
     threads: int = 2
     heartbeat_max_age_s: float = 180.0
     reservation_ttl_s: float = 30.0
@@ -145,6 +149,7 @@ class ServerSettings:
     log_format: str = "json"
     # COMMANDS_API_AUTH and its credentials (coordinator_config.COMMANDS_API_OPTIONS); None: no auth
     commands_auth: HttpAuth | None = None  # its repr hides the secrets
+    feed_socket: str | None = None  # set by ``serve`` for its workers: the host's registry feed
 
     def __repr__(self) -> str:  # never print the token
         return redacted_repr(self, SERVER_OPTIONS)

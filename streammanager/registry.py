@@ -31,6 +31,7 @@ from streammanager.models import (
     StreamKey,
     StreamRecord,
 )
+from streammanager.feed import FeedCache
 from streammanager.selection import Candidate
 from streammanager.zkcache import ChildrenDataCache
 
@@ -165,9 +166,11 @@ class RegistryView:
     the cache reads everything again when the client reconnects.
     """
 
-    def __init__(self, client: KazooClient, paths: ZkPaths):
+    def __init__(self, client: KazooClient, paths: ZkPaths, feed_socket: str | None = None):
         self._client = client
         self._paths = paths
+        self._feed_socket = feed_socket  # the host's registry feed (streammanager.feed), if any
+        self._feed: FeedCache | None = None  # while the view is fed by it
         self._cache: ChildrenDataCache | None = None
         self._nodes: dict[str, Candidate] = {}
         self._slice_members: dict[tuple[str, str], dict[str, Candidate]] = {}
@@ -192,31 +195,69 @@ class RegistryView:
         self._starter.start()
 
     def _connect_and_load(self) -> None:
+        if self._feed_socket:
+            feed = FeedCache(self._feed_socket, self._on_change, self._on_initialized, self._on_feed_state,
+                             self._on_feed_lost)
+            try:
+                feed.start()
+                self._feed = feed
+                log.info("registry view fed by %s", self._feed_socket)
+            except OSError as exc:
+                log.warning("no registry feed at %s (%s): watching ZooKeeper directly", self._feed_socket, exc)
         while not self._closed.is_set():
             try:
                 if not self._client.connected:
                     self._client.start(timeout=5.0)
+                if self._feed is not None:
+                    return  # the client is for writes (reservations); the feed brings the records
                 self._on_state(KazooState.CONNECTED)
-                cache = ChildrenDataCache(self._client, self._paths.nodes, self._on_change,
-                                          self._on_initialized)
-                cache.start()
-                self._cache = cache
+                self._watch_directly()
                 return
             except Exception as exc:  # kazoo raises its own timeout types, not all KazooException
                 log.warning("registry not reachable yet (%s): retrying", exc)
                 self._closed.wait(1.0)
+
+    def _watch_directly(self, known: set[str] | None = None) -> None:
+        cache = ChildrenDataCache(self._client, self._paths.nodes, self._on_change, self._on_initialized,
+                                  known=known)
+        cache.start()
+        self._cache = cache
+
+    def _on_feed_state(self, connected: bool, since_ms: int | None) -> None:
+        self._connected = connected
+        self._disconnected_since_ms = since_ms
+        if not connected:
+            log.warning("the registry feed lost ZooKeeper: answering from the last view")
+
+    def _on_feed_lost(self) -> None:
+        """On the feed's reader thread, after its last change: watch ZooKeeper from here on, starting
+        from the records the feed reported (so that any removed meanwhile are reported removed)."""
+        feed, self._feed = self._feed, None
+        if self._closed.is_set() or feed is None:
+            return
+        self._on_state(KazooState.CONNECTED if self._client.connected else KazooState.SUSPENDED)
+        try:
+            self._watch_directly(known=feed.known)
+        except Exception:  # not connected now: the starter's loop below retries
+            log.exception("cannot watch the registry directly yet")
+            self._starter = threading.Thread(target=self._connect_and_load, name="registry-start", daemon=True)
+            self._starter.start()
 
     def wait_initialized(self, timeout_s: float) -> bool:
         return self._initialized.wait(timeout_s)
 
     def close(self) -> None:
         self._closed.set()
+        if self._feed is not None:
+            self._feed.close()
         if self._cache is not None:
             self._cache.close()
         self._client.remove_listener(self._on_state)
 
     # -- connection state ------------------------------------------------------------------------
     def _on_state(self, state: str) -> None:
+        if self._feed is not None:
+            return  # the feed reports its own connection, which is the one the records come through
         if state == KazooState.CONNECTED:
             self._connected = True
             self._disconnected_since_ms = None
@@ -229,6 +270,12 @@ class RegistryView:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def source(self) -> str:
+        """Where the records come from: ``feed`` (the host's registry feed) or ``zookeeper`` (watched
+        by this process)."""
+        return "feed" if self._feed is not None else "zookeeper"
 
     @property
     def initialized(self) -> bool:

@@ -6,6 +6,7 @@ are aggregated across workers through prometheus-client's multiprocess mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -13,10 +14,12 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 
 from gunicorn.app.base import BaseApplication
 
 from streammanager.config import ServerSettings
+from streammanager.process import Supervised
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +124,39 @@ def serve(settings: ServerSettings) -> int:
     import streammanager.api  # noqa: F401
 
     master = os.getpid()
+    feed_dir = feed = None
+    if settings.registry_feed:
+        feed_dir = tempfile.mkdtemp(prefix="sm-feed-")  # private (0700): only this user's workers read it
+        settings, feed = start_feed(settings, feed_dir)
     try:
         ApiServer(settings, metrics_dir).run()
     finally:
         # Workers are forks of this process and leave through sys.exit(), unwinding this very frame:
         # only the master may remove the directory the other workers still write to.
         if os.getpid() == master:
+            if feed is not None:
+                feed.stop(5)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            if feed_dir:
+                shutil.rmtree(feed_dir, ignore_errors=True)
     return 0
+
+
+FEED_START_S = 15.0
+
+
+def start_feed(settings: ServerSettings, feed_dir: str):
+    """Start the host's registry feed (streammanager.feed) and wait until it listens, so that workers
+    booting now use it. Returns the workers' settings and the feed process. If the feed is not up in
+    time, workers that find no socket watch ZooKeeper themselves; the feed keeps trying to connect."""
+    socket_path = os.path.join(feed_dir, "registry.sock")
+    feed = Supervised("registry-feed", [sys.executable, "-m", "streammanager.feed", "--socket", socket_path],
+                      log_name="streammanager.feed")
+    feed.start()
+    deadline = time.monotonic() + FEED_START_S
+    while not os.path.exists(socket_path) and feed.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not os.path.exists(socket_path):
+        log.warning("the registry feed is not up after %.0f s: workers watch ZooKeeper themselves until it is",
+                    FEED_START_S)
+    return dataclasses.replace(settings, feed_socket=socket_path), feed

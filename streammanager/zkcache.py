@@ -35,13 +35,15 @@ class ChildrenDataCache:
     ``on_change(name, None)`` when it goes; ``on_initialized()`` once, when the first full read is done."""
 
     def __init__(self, client: KazooClient, path: str, on_change: ChangeListener,
-                 on_initialized: Callable[[], None] = lambda: None):
+                 on_initialized: Callable[[], None] = lambda: None, known: set[str] | None = None):
+        """``known``: children the listener already has (from an earlier source); those missing from
+        the first listing are reported removed."""
         self._client = client
         self._path = path.rstrip("/")
         self._on_change = on_change
         self._on_initialized = on_initialized
         # Touched on kazoo's completion thread only:
-        self._known: set[str] = set()  # children reported present
+        self._known: set[str] = set(known or ())  # children reported present
         self._sync = 0  # the latest full listing; reads of the first sync count down until loaded
         self._pending: set[str] = set()  # first sync: children not read yet
         self._initialized = False

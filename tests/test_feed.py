@@ -1,0 +1,134 @@
+"""The host's registry feed: one watcher streaming node records to the API workers, and the workers'
+fall-back to watching ZooKeeper themselves when it goes. Against the real ZooKeeper and real agents."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+
+import pytest
+import requests
+
+from streammanager.feed import RegistryFeed, decode_entries, encode_entries
+from streammanager.models import StreamKey
+from streammanager.registry import RegistryView, ZkPaths, make_client
+from streammanager.zookeeper import free_port
+from tests.conftest import BIN, wait_until
+
+
+def test_entries_survive_encoding():
+    entries = {"edge-a": b'{"v": 1}', "n%2Fé": b"", "gone": None}
+    assert decode_entries(encode_entries(entries)) == list(entries.items())
+    with pytest.raises(ValueError):
+        decode_entries(encode_entries({"edge-a": b"0123456789"})[:-3])
+
+
+@pytest.fixture
+def socket_dir():
+    path = tempfile.mkdtemp(prefix="sm-feed-test-")  # short: a Unix socket path holds 107 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def feed_and_view(zookeeper, zk_root, socket_dir):
+    made = []
+
+    def start(with_feed: bool = True):
+        paths = ZkPaths(zk_root)
+        feed = None
+        sock = os.path.join(socket_dir, "registry.sock")
+        if with_feed:
+            feed = RegistryFeed(make_client(zookeeper.hosts), paths.nodes, sock)
+            feed.start()
+        view = RegistryView(make_client(zookeeper.hosts), paths, feed_socket=sock)
+        view.start()
+        made.append((feed, view))
+        assert view.wait_initialized(10)
+        return feed, view
+
+    yield start
+    for feed, view in made:
+        view.close()
+        view._client.stop()
+        view._client.close()
+        if feed is not None:
+            feed.close()
+
+
+def node_ids(view):
+    return {record.id for record in view.nodes()}
+
+
+def test_a_fed_view_follows_nodes_arriving_changing_and_leaving(feed_and_view, make_node):
+    first = make_node("origin", "us-east-1")
+    feed, view = feed_and_view()
+    assert view.source == "feed"
+    wait_until(lambda: node_ids(view) == {first.id}, 5, what="the first node, from the snapshot")
+    second = make_node("edge", "eu-west-1")
+    wait_until(lambda: node_ids(view) == {first.id, second.id}, 5, what="a node that arrived later")
+    assert first.publish("cam1").status_code == 200
+    wait_until(lambda: view.live_stream(StreamKey("live", "cam1")) is not None, 5, what="the published stream")
+    second.agent.stop()
+    wait_until(lambda: node_ids(view) == {first.id}, 8, what="the node that left")
+    assert view.connected and view.age_ms() == 0
+
+
+def test_a_view_watches_by_itself_when_the_feed_goes(feed_and_view, make_node, zk, zk_root):
+    staying, leaving = make_node("origin", "us-east-1"), make_node("edge", "us-east-1")
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == {staying.id, leaving.id}, 5, what="both nodes")
+    # The feed stops hearing from ZooKeeper (its view goes stale, and says so), a node leaves, then
+    # the feed goes: the view must find out from ZooKeeper that the node left while it was not told.
+    feed._client.stop()
+    wait_until(lambda: not view.connected, 5, what="the feed's disconnection, reported")
+    leaving.agent.stop()
+    wait_until(lambda: zk.exists(ZkPaths(zk_root).node(leaving.id)) is None, 5, what="the node's record gone")
+    assert leaving.id in node_ids(view)
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    wait_until(lambda: node_ids(view) == {staying.id}, 8, what="the node that left meanwhile")
+    late = make_node("edge", "eu-west-1")
+    wait_until(lambda: node_ids(view) == {staying.id, late.id}, 5, what="a node after the fall-back")
+
+
+def test_without_a_feed_the_view_watches_by_itself(feed_and_view, make_node):
+    node = make_node("origin", "us-east-1")
+    _, view = feed_and_view(with_feed=False)
+    assert view.source == "zookeeper"
+    wait_until(lambda: node_ids(view) == {node.id}, 5, what="the node")
+
+
+def feed_pid(master_pid: int) -> int | None:
+    out = subprocess.run(["pgrep", "-P", str(master_pid), "-f", "streammanager.feed"], capture_output=True,
+                         text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def test_serve_runs_one_feed_and_survives_losing_it(procs, spawn_agent, zookeeper, zk_root, tmp_path):
+    port = free_port()
+    env = {"SM_ZK_HOSTS": zookeeper.hosts, "SM_ZK_ROOT": zk_root, "SM_BIND": f"127.0.0.1:{port}",
+           "SM_ACCESS_TOKEN": "tok", "SM_LOG_FORMAT": "text"}
+    api = procs([str(BIN / "streammanager"), "serve"], env, tmp_path / "api.log")
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    def health():
+        try:
+            return requests.get(url, timeout=1).json()
+        except (requests.RequestException, ValueError):
+            return {}
+    spawn_agent("origin", "us-east-1")
+    wait_until(lambda: health().get("nodes") == 1, 30, what="the API with one node")
+    assert all(health()["registrySource"] == "feed" for _ in range(10)), api.log()
+    pid = feed_pid(api.pid)
+    assert pid is not None, api.log()
+    os.kill(pid, signal.SIGKILL)
+    # every worker (each connection may reach either) goes on by itself and still follows the registry
+    wait_until(lambda: all(health().get("registrySource") == "zookeeper" for _ in range(10)), 10,
+               what="the workers watching ZooKeeper themselves")
+    spawn_agent("edge", "us-east-1")
+    wait_until(lambda: all(health().get("nodes") == 2 for _ in range(10)), 10, what="a new node in every worker")
+    api.stop()
+    assert feed_pid(api.pid) is None
