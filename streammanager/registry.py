@@ -198,11 +198,12 @@ class RegistryView:
         if self._feed_socket:
             feed = FeedCache(self._feed_socket, self._on_change, self._on_initialized, self._on_feed_state,
                              self._on_feed_lost)
+            self._feed = feed  # before start: the feed may deliver everything at once
             try:
                 feed.start()
-                self._feed = feed
                 log.info("registry view fed by %s", self._feed_socket)
             except OSError as exc:
+                self._feed = None
                 log.warning("no registry feed at %s (%s): watching ZooKeeper directly", self._feed_socket, exc)
         while not self._closed.is_set():
             try:
