@@ -32,7 +32,7 @@ from typing import Callable
 
 from kazoo.client import KazooClient, KazooState
 
-from streammanager.zkcache import ChangeListener, ChildrenDataCache
+from streammanager.zkcache import ChangeListener, ChildrenDataCache, KnownChildren
 
 
 def now_ms() -> int:
@@ -250,11 +250,10 @@ class FeedCache:
     def __init__(self, socket_path: str, on_change: ChangeListener, on_initialized: Callable[[], None],
                  on_state: Callable[[bool, int | None], None], on_lost: Callable[[], None]):
         self._socket_path = socket_path
-        self._on_change = on_change
         self._on_initialized = on_initialized
         self._on_state = on_state
         self._on_lost = on_lost
-        self._known: set[str] = set()
+        self._known = KnownChildren(on_change, "registry feed")
         self._initialized = False
         self._closed = False
         self._sock: socket.socket | None = None
@@ -262,7 +261,7 @@ class FeedCache:
     @property
     def known(self) -> set[str]:
         """Children reported present (read it from the reader thread, or after ``on_lost``)."""
-        return set(self._known)
+        return set(self._known.names)
 
     def start(self) -> None:
         """Connect (OSError when there is no feed) and read in the background."""
@@ -302,14 +301,12 @@ class FeedCache:
                 payload = self._read_exact(size) if size else b""
                 if kind == SNAPSHOT:
                     entries = decode_entries(payload)
-                    present = {name for name, _ in entries}
-                    for name in self._known - present:
-                        self._report(name, None)
+                    self._known.remove_missing({name for name, _ in entries})
                     for name, data in entries:
-                        self._report(name, data)
+                        self._known.report(name, data)
                 elif kind == BATCH:
                     for name, data in decode_entries(payload):
-                        self._report(name, data)
+                        self._known.report(name, data)
                 elif kind == STATE:
                     connected, since = STATE_BODY.unpack(payload)
                     self._on_state(bool(connected), None if connected else since)
@@ -324,18 +321,6 @@ class FeedCache:
             if self._sock is not None:
                 self._sock.close()
         self._on_lost()
-
-    def _report(self, name: str, data: bytes | None) -> None:
-        if data is None:
-            if name not in self._known:
-                return
-            self._known.discard(name)
-        else:
-            self._known.add(name)
-        try:
-            self._on_change(name, data)
-        except Exception:  # a listener bug must not stop the feed
-            log.exception("feed listener failed on %s", name)
 
 
 def main(argv: list[str] | None = None) -> int:

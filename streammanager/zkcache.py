@@ -30,6 +30,33 @@ log = logging.getLogger(__name__)
 ChangeListener = Callable[[str, "bytes | None"], None]
 
 
+class KnownChildren:
+    """The children a listener has been told of, and the one way to tell it more: the removal of a
+    child it never had is not reported, and a failing listener is logged without stopping the source."""
+
+    def __init__(self, on_change: ChangeListener, source: str, known: set[str] | None = None):
+        self._on_change = on_change
+        self._source = source
+        self.names: set[str] = set(known or ())
+
+    def report(self, name: str, data: bytes | None) -> None:
+        if data is None:
+            if name not in self.names:
+                return
+            self.names.discard(name)
+        else:
+            self.names.add(name)
+        try:
+            self._on_change(name, data)
+        except Exception:  # a listener bug must not stop the source
+            log.exception("listener failed on %s/%s", self._source, name)
+
+    def remove_missing(self, present: set[str]) -> None:
+        """Report every known child that is not in ``present`` removed."""
+        for name in self.names - present:
+            self.report(name, None)
+
+
 class ChildrenDataCache:
     """Calls ``on_change(name, data)`` for every child of ``path`` as it appears or changes, and
     ``on_change(name, None)`` when it goes; ``on_initialized()`` once, when the first full read is done."""
@@ -40,10 +67,9 @@ class ChildrenDataCache:
         the first listing are reported removed."""
         self._client = client
         self._path = path.rstrip("/")
-        self._on_change = on_change
         self._on_initialized = on_initialized
         # Touched on kazoo's completion thread only:
-        self._known: set[str] = set(known or ())  # children reported present
+        self._known = KnownChildren(on_change, self._path, known)  # children reported present
         self._sync = 0  # the latest full listing; reads of the first sync count down until loaded
         self._pending: set[str] = set()  # first sync: children not read yet
         self._initialized = False
@@ -99,9 +125,8 @@ class ChildrenDataCache:
         except Exception as exc:  # connection lost mid-call: the reconnection lists again
             log.debug("listing %s failed: %s", self._path, exc)
             return
-        for name in self._known - children:
-            self._report(name, None)
-        to_read = children if full else children - self._known
+        self._known.remove_missing(children)
+        to_read = children if full else children - self._known.names
         if full:
             self._sync += 1
             if not self._initialized:
@@ -138,23 +163,11 @@ class ChildrenDataCache:
         except Exception as exc:  # connection lost mid-call: the reconnection lists again
             log.debug("reading %s failed: %s", name, exc)
             return
-        self._report(name, data)
+        self._known.report(name, data)
         if not self._initialized and sync == self._sync:
             self._pending.discard(name)
             if not self._pending:
                 self._mark_initialized()
-
-    def _report(self, name: str, data: bytes | None) -> None:
-        if data is None:
-            if name not in self._known:
-                return
-            self._known.discard(name)
-        else:
-            self._known.add(name)
-        try:
-            self._on_change(name, data)
-        except Exception:  # a listener bug must not stop the cache
-            log.exception("cache listener failed on %s/%s", self._path, name)
 
     def _mark_initialized(self) -> None:
         self._initialized = True
