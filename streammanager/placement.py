@@ -9,7 +9,7 @@ import logging
 import random
 import threading
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 RESERVATION_WRITE_TIMEOUT_S = 1.0
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
+    """A lookup's answer (a tuple: one is built per lookup)."""
+
     key: StreamKey
     node: NodeRecord
 

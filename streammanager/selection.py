@@ -8,8 +8,9 @@ survives, the result says how many candidates each filter removed, so the error 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from streammanager.models import ROLE_EDGE, STATE_INSERVICE, NodeRecord
 from streammanager.regions import distance_km
@@ -27,8 +28,10 @@ class Candidate:
         return cls(node, node.used)
 
 
-@dataclass(frozen=True)
-class LookupRequest:
+class LookupRequest(NamedTuple):
+    """One lookup, as selection sees it. A tuple: a lookup builds one, and a frozen dataclass's
+    ``__init__`` cost more than the rest of a small region's selection."""
+
     role: str
     stream_key: str
     region: str | None = None  # requested region, None for any
@@ -37,11 +40,10 @@ class LookupRequest:
     group: str | None = None  # only nodes of this group (subscribe: the origin's group)
     now_ms: int = 0
     max_heartbeat_age_ms: int = 15_000
-    pending: Mapping[str, int] = field(default_factory=dict)  # answers not yet seen in load reports
+    pending: Mapping[str, int] = MappingProxyType({})  # answers not yet seen in load reports
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     node: NodeRecord | None
     removed: dict[str, int]  # filter name -> candidates it removed
     reason: str = ""
@@ -130,10 +132,12 @@ class StreamAffinityWeigher(Weigher):
         return [1.0 if key in c.node.streams else 0.0 for c in candidates]
 
 
+EDGE_WEIGHERS: tuple[Weigher, ...] = (LoadWeigher(), StreamAffinityWeigher())
+ORIGIN_WEIGHERS: tuple[Weigher, ...] = (LoadWeigher(),)
+
+
 def weighers_for(role: str) -> tuple[Weigher, ...]:
-    if role == ROLE_EDGE:
-        return (LoadWeigher(), StreamAffinityWeigher())
-    return (LoadWeigher(),)
+    return EDGE_WEIGHERS if role == ROLE_EDGE else ORIGIN_WEIGHERS
 
 
 def normalize(values: Sequence[float]) -> list[float]:
@@ -146,11 +150,19 @@ def normalize(values: Sequence[float]) -> list[float]:
 
 
 def weigh(candidates: Sequence[Candidate], req: LookupRequest, weighers: Iterable[Weigher]) -> list[float]:
-    totals = [0.0] * len(candidates)
+    """Each weigher's scores normalised (see :func:`normalize`), times its multiplier, summed."""
+    totals: list[float] | None = None
     for weigher in weighers:
-        for i, score in enumerate(normalize(weigher.weigh_all(candidates, req))):
-            totals[i] += weigher.multiplier * score
-    return totals
+        raw = weigher.weigh_all(candidates, req)
+        lo, hi = min(raw), max(raw)
+        if hi == lo:
+            continue  # normalised, all zero: it tells these candidates nothing
+        scale = weigher.multiplier / (hi - lo)
+        if totals is None:
+            totals = [(v - lo) * scale for v in raw]
+        else:
+            totals = [t + (v - lo) * scale for t, v in zip(totals, raw)]
+    return totals if totals is not None else [0.0] * len(candidates)
 
 
 def pick(candidates: Sequence[Candidate], weights: Sequence[float], rng: random.Random,
@@ -202,7 +214,7 @@ def sample(candidates: Sequence[Candidate], preferred: Sequence[Candidate], rng:
 def select(req: LookupRequest, candidates_in: Callable[[str | None], Sequence[Candidate]],
            regions: Iterable[str], rng: random.Random,
            filters: Sequence[Filter] = DEFAULT_FILTERS, *, best_few: int = 2,
-           preferred: Sequence[Candidate] = (), sample_size: int = 16) -> Selection:
+           preferred: Sequence[Candidate] = (), sample_size: int = 8) -> Selection:
     """Choose a node for ``req``.
 
     ``candidates_in(region)`` gives the nodes of ``req.role`` in one region (``None``: every region);
