@@ -8,7 +8,6 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-import socket
 import threading
 import time
 import weakref
@@ -38,6 +37,8 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = '/streammanager/api/<any("2.0","1.0"):version>'
 RESERVED_SCOPES = ("list",)
+# what the fast paths (FastLookups here, streammanager.front on the server) answer without Flask's routing
+LOOKUP_PATH = re.compile(r"^/streammanager/api/(?:2\.0|1\.0)/event/([^/]+)/([^/]+)$")
 MAX_REGION_LENGTH = 64
 
 LOOKUPS = Counter("sm_lookups_total", "Broadcast and subscribe lookups", ["action", "outcome"])
@@ -147,7 +148,7 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    app.wsgi_app = OneSegmentResponses(FastLookups(app))
+    app.wsgi_app = FastLookups(app)
     return app
 
 
@@ -328,7 +329,7 @@ class FastLookups:
     context and routing (about half the CPU of a lookup). Anything else, including every path Flask
     routes differently (``/event/list...``, nested names, other methods), goes to the app unchanged."""
 
-    PATH = re.compile(r"^/streammanager/api/(?:2\.0|1\.0)/event/([^/]+)/([^/]+)$")
+    PATH = LOOKUP_PATH
     HEADERS_JSON = "application/json"
 
     def __init__(self, app: Flask):
@@ -357,54 +358,6 @@ class FastLookups:
         start_response(_STATUS_LINES[status], [("Content-Type", self.HEADERS_JSON),
                                               ("Content-Length", str(len(body)))])
         return [body]
-
-
-class OneSegmentResponses:
-    """WSGI middleware: each response leaves in one TCP segment instead of two.
-
-    gunicorn sends the status line and headers, then the body, in two ``send`` calls; with
-    ``TCP_NODELAY`` each becomes its own segment and wakes the client twice. Corking the socket for
-    the response and uncorking it once gunicorn has written everything (it closes the body iterable
-    last) sends both together: +5 to 13 % lookups a second in interleaved ``wrk`` runs. Outside
-    gunicorn (tests, other servers) there is no ``gunicorn.socket`` and nothing changes.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    def __call__(self, environ, start_response):
-        sock = environ.get("gunicorn.socket")
-        body = self.app(environ, start_response)
-        if sock is None or not _set_cork(sock, True):
-            return body
-        return _Uncorking(body, sock)
-
-
-class _Uncorking:
-    """The app's body iterable; closing it (after the last write) flushes the corked socket."""
-
-    def __init__(self, body, sock):
-        self._body = body
-        self._sock = sock
-
-    def __iter__(self):
-        return iter(self._body)
-
-    def close(self):
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            _set_cork(self._sock, False)
-
-
-def _set_cork(sock, on: bool) -> bool:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
-        return True
-    except OSError:  # closed by the client meanwhile, or not TCP
-        return False
 
 
 _STATUS_LINES = {200: "200 OK", 400: "400 BAD REQUEST", 404: "404 NOT FOUND", 503: "503 SERVICE UNAVAILABLE",
@@ -470,7 +423,12 @@ def get_node(version: str, node_id: str):
 # -- operations -------------------------------------------------------------------------------------
 @ops.get("/healthz")
 def healthz():
-    view = services().view
+    status, body = health(services().view)
+    return jsonify(body), status
+
+
+def health(view: RegistryView) -> tuple[int, dict]:
+    """``/healthz``: (HTTP status, body). Shared by the Flask route and the server's front."""
     age_ms = view.age_ms()
     body = {
         "status": "ok" if view.connected and view.initialized else ("degraded" if view.initialized else "starting"),
@@ -480,7 +438,7 @@ def healthz():
         "liveStreams": view.stream_count(),
         "registrySource": view.source,
     }
-    return jsonify(body), (200 if view.initialized else 503)
+    return (200 if view.initialized else 503), body
 
 
 def _count_view_changes(view: RegistryView) -> None:

@@ -114,7 +114,8 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            "one registry watcher per host feeding every worker (streammanager.feed); off: each worker "
            "watches ZooKeeper itself", boolean),
     Option("threads", "SM_THREADS", 2,
-           "threads per worker (a lookup takes ~25 us of CPU: more threads mostly add GIL contention)",
+           "threads per worker for the routes Flask answers (admin, stats, listings, metrics, dashboard), and "
+           "as many for broadcast lookups; subscribe lookups and /healthz are answered on the worker's event loop",
            positive(int)),
     Option("heartbeat_max_age_s", "SM_HEARTBEAT_MAX_AGE_S", 180.0,
            "a node whose record is older is not chosen (a backstop: agents rewrite an unchanged record every "

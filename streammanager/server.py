@@ -1,5 +1,7 @@
-"""``streammanager serve``: the API under gunicorn, gthread workers.
+"""``streammanager serve``: the API under gunicorn, asyncio (ASGI) workers.
 
+Each worker runs one event loop (gunicorn's ``asgi`` worker class) with :class:`streammanager.front.ApiFront`:
+lookups and ``/healthz`` answered on the loop, every other route by the Flask app on a thread pool.
 Each worker builds its own app (and so its own ZooKeeper client and registry view) after the fork:
 a KazooClient started before a fork hangs in the child, so nothing is preloaded. Prometheus metrics
 are aggregated across workers through prometheus-client's multiprocess mode.
@@ -38,8 +40,9 @@ class ApiServer(BaseApplication):
         for key, value in {
             "bind": [s.bind],
             "workers": s.workers,
-            "threads": s.threads,
-            "worker_class": "gthread",
+            "worker_class": "asgi",  # asyncio: lookups on the loop, Flask on a thread pool (streammanager.front)
+            "asgi_loop": "asyncio",
+            "asgi_lifespan": "on",  # the front closes its ZooKeeper session when the worker stops
             "preload_app": False,
             "keepalive": 30,
             "backlog": 2048,
@@ -60,8 +63,9 @@ class ApiServer(BaseApplication):
         from streammanager import logs
         from streammanager.api import create_app
 
-        # The registry cache thread is CPU-bound while request threads mostly wait on sockets: with
-        # the default 5 ms GIL switch interval, requests queue behind it (the convoy effect).
+        # The registry view's reader thread and the Flask threads can be CPU-bound while the event loop
+        # mostly waits on sockets: with the default 5 ms GIL switch interval, every connection of the
+        # loop queues behind them (the convoy effect).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         logs.configure(self.settings.log_level, self.settings.log_format)
         app = create_app(self.settings)
@@ -80,7 +84,9 @@ class ApiServer(BaseApplication):
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.metrics_dir)
         app.config["PROMETHEUS_REGISTRY"] = registry
-        return app
+        from streammanager.front import ApiFront
+
+        return ApiFront(app, threads=self.settings.threads)
 
 
 def _child_exit(server, worker) -> None:

@@ -1,10 +1,11 @@
 """The 2.0 API against a real ZooKeeper with simulated nodes (in-process agents, ``--media none``)."""
+import asyncio
+import json
 import re
-import socket
 import time
+from urllib.parse import unquote, urlsplit
 
 import pytest
-from werkzeug.test import EnvironBuilder
 
 from tests.conftest import wait_for_nodes, wait_until
 
@@ -316,7 +317,7 @@ def test_the_fast_lookup_path_answers_exactly_as_the_flask_routes_do(make_app, c
     assert cluster["us_origin"].publish("s1").status_code == 200
     wait_until(lambda: app.test_client().get(f"{P}/event/live/s1/stats").status_code == 200, 5, what="live")
     fast = Client(app.wsgi_app).get(url)  # the WSGI fast path in front of the app
-    flask = Client(app.wsgi_app.app.wsgi_app).get(url)  # the app's own routes
+    flask = Client(app.wsgi_app.wsgi_app).get(url)  # the app's own routes
     assert fast.status_code == flask.status_code
     assert fast.headers["Content-Type"] == flask.headers["Content-Type"]
     fast_body, flask_body = fast.get_json(), flask.get_json()
@@ -328,26 +329,67 @@ def test_the_fast_lookup_path_answers_exactly_as_the_flask_routes_do(make_app, c
     assert fast_body == flask_body
 
 
-def test_responses_are_corked_until_gunicorn_has_written_them_then_flushed(make_app):
-    """Headers and body leave in one segment: the socket is corked while gunicorn writes and uncorked
-    when it closes the body (a socket left corked would hold every answer back 200 ms)."""
+def asgi_get(front, url: str, headers: tuple = ()) -> tuple[int, dict, bytes]:
+    """One GET through an ASGI app, as gunicorn's asgi worker calls it (the path percent-decoded)."""
+    parts = urlsplit(url)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": unquote(parts.path), "raw_path": parts.path.encode(),
+             "query_string": parts.query.encode(), "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:5080"), *headers],
+             "server": ("127.0.0.1", 5080), "client": ("127.0.0.1", 40000)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(front(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body
+
+
+@pytest.fixture
+def front(make_app, cluster):
+    from streammanager.front import ApiFront
+
     app = make_app()
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server_side, _ = listener.accept()
-    try:
-        environ = EnvironBuilder(path="/healthz").get_environ()
-        environ["gunicorn.socket"] = server_side
-        statuses = []
-        body = app.wsgi_app(environ, lambda status, headers, exc_info=None: statuses.append(status))
-        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
-        assert b"".join(body)  # what gunicorn writes while corked
-        body.close()
-        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
-        assert statuses and statuses[0].split()[0] in ("200", "503")
-    finally:
-        for s in (client, server_side, listener):
-            s.close()
+    wait_for_nodes(app.test_client(), 4)
+    return ApiFront(app)
+
+
+@pytest.mark.parametrize("url", LOOKUP_VARIANTS + ["/healthz", "/streammanager/api/2.0/admin/node"])
+def test_the_servers_asgi_front_answers_exactly_as_the_flask_routes_do(front, cluster, url):
+    """What ``streammanager serve`` runs: lookups and /healthz on the event loop, the rest through Flask."""
+    assert cluster["us_origin"].publish("s1").status_code == 200
+    flask = front.app.test_client()
+    wait_until(lambda: flask.get(f"{P}/event/live/s1/stats").status_code == 200, 5, what="live")
+    status, headers, body = asgi_get(front, url)
+    expected = flask.get(url)
+    assert status == expected.status_code
+    assert headers["content-type"] == expected.headers["Content-Type"]
+    assert int(headers["content-length"]) == len(body)
+    mine, theirs = json.loads(body), expected.get_json()
+    for doc in (mine, theirs):
+        if isinstance(doc, dict):
+            for volatile in ("timestamp", "serverAddress", "rtmpUrl"):  # a clock, a random pick
+                doc.pop(volatile, None)
+    assert mine == theirs
+
+
+def test_the_asgi_front_answers_broadcasts_off_the_loop_and_they_agree_on_one_origin(front, cluster):
+    """A broadcast for a new stream writes its reservation to ZooKeeper, on a thread of the front's own."""
+    answers = {json.loads(asgi_get(front, f"{P}/event/live/fresh?action=broadcast&region=us-east-1")[2])
+               ["serverAddress"] for _ in range(5)}
+    assert answers == {cluster["us_origin"].host}
+
+
+def test_the_asgi_front_passes_admin_tokens_to_the_flask_routes(front, cluster):
+    assert asgi_get(front, f"{P}/admin/node")[0] == 401
+    status, _, body = asgi_get(front, f"{P}/admin/node", ((b"authorization", b"Bearer s3cret-token"),))
+    assert status == 200 and len(json.loads(body)) == 4
 
 
 def test_the_dashboard_shows_regions_nodes_and_live_streams_to_an_admin(api, cluster, make_node):

@@ -1,0 +1,95 @@
+"""The API server's front: an ASGI app on gunicorn's asyncio worker.
+
+Lookups and ``/healthz`` are answered on the event loop itself, from the registry view in memory, by
+the same functions as the Flask routes (:func:`~streammanager.api.answer_lookup`,
+:func:`~streammanager.api.health`). Everything else (admin, stats, listings, metrics, the dashboard,
+the coordinator's routes) goes to the Flask app on a small thread pool (a2wsgi).
+
+Why not gthread workers: a lookup is ~25 us of CPU, but a gthread worker spent ~400 us of its own per
+request (handing each connection between its poller and its thread pool, waking the poller through a
+pipe, re-registering the socket), so at 50 keep-alive connections a worker was mostly busy with that,
+and the latency tail followed (README, Benchmarks). One event loop per worker serves the same
+connections without those hand-offs.
+
+A broadcast lookup for a stream that is not live yet writes its reservation to ZooKeeper (up to a
+second when ZooKeeper is slow): broadcast lookups run on the thread pool so that the loop never waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qsl
+
+import orjson
+from a2wsgi import WSGIMiddleware
+from flask import Flask
+
+from streammanager.api import LOOKUP_PATH, RESERVED_SCOPES, Services, answer_lookup, health
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS = ((b"content-type", b"application/json"),)
+
+
+class ApiFront:
+    """ASGI application: lookups and health on the loop, the rest through Flask (``threads`` threads)."""
+
+    def __init__(self, app: Flask, threads: int = 2):
+        self.app = app
+        self.svc: Services = app.extensions["sm"]
+        self._wsgi = WSGIMiddleware(app.wsgi_app, workers=threads)  # Flask's routes, on their own threads
+        # broadcast lookups apart: a slow listing on every Flask thread never holds back a publisher
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sm-broadcast")
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind == "http" and scope["method"] == "GET":
+            path = scope["path"]
+            match = LOOKUP_PATH.match(path)
+            if match is not None and match.group(1) not in RESERVED_SCOPES:
+                try:
+                    await self._lookup(match.group(1), match.group(2), scope, send)
+                    return
+                except Exception:  # never a traceback to the client: the app's handler answers it
+                    log.exception("fast lookup failed; answering through the app")
+            elif path == "/healthz":
+                status, doc = health(self.svc.view)
+                await _respond(send, status, orjson.dumps(doc))
+                return
+        await self._wsgi(scope, receive, send)
+
+    async def _lookup(self, scope_name: str, stream: str, scope, send) -> None:
+        args: dict[str, str] = {}
+        query = scope.get("query_string", b"")
+        if query:
+            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                args.setdefault(name, value)  # the first value wins, as request.args.get does
+        action = args.get("action")
+        call = (self.svc, scope_name, stream, action, args.get("region"), args.get("strict"))
+        if action == "broadcast":  # may write a reservation to ZooKeeper: not on the loop
+            status, body = await asyncio.get_running_loop().run_in_executor(self._pool, answer_lookup, *call)
+        else:
+            status, body = answer_lookup(*call)
+        await _respond(send, status, body)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # close the ZooKeeper session now: this worker's reservations go at once, not at its timeout
+                await asyncio.get_running_loop().run_in_executor(None, self.svc.close)
+                self._pool.shutdown(wait=False)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _respond(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": JSON_HEADERS + ((b"content-length", str(len(body)).encode()),)})
+    await send({"type": "http.response.body", "body": body})
