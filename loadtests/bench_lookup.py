@@ -1,11 +1,12 @@
 """``make bench``: lookup throughput against the registry size.
 
 For each case: a fresh ZooKeeper, ``streammanager serve`` with its production settings (gunicorn,
-2 gthread workers x 2 threads), a fleet of simulated nodes in 4 regions heartbeating like agents, and
+2 asyncio workers), a fleet of simulated nodes in 4 regions heartbeating like agents, and
 live streams. Simulated nodes write their records the way agents do (a heartbeat every 60 s, plus a
 write whenever their load changes: 0.1 changes per node per second by default; ``--heartbeat-s 1
 --changes-per-node-s 1`` is the worst case of every node changing every second). wrk runs random subscribe lookups (random stream, random region), then ``/healthz`` of
-the same server as the ceiling. One line per case:
+the same server as the ceiling, its requests built by the same Lua code (wrk's cost per request is the
+same in both runs). One line per case:
 
     nodes=10 streams=100 ... lookup_rps=... ceiling_rps=... ratio=... p99_ms=...
 """

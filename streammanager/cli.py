@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the HTTP API (gunicorn, gthread workers)",
+    serve = sub.add_parser("serve", help="run the HTTP API (gunicorn, asyncio workers)",
                            description="Run the Stream Manager 2.0 API. Every option is also an SM_ "
                                        "environment variable.")
     add_options(serve, SERVER_OPTIONS)
