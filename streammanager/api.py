@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from streammanager.commands_api import commands_api
 from streammanager.config import ServerSettings
 from streammanager.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from streammanager.lookupstats import LookupStats
 from streammanager.models import NodeRecord, RecordError, StreamKey, validate_name
 from streammanager.placement import Housekeeper, Placement
 from streammanager.registry import (
@@ -59,10 +60,11 @@ _changes_counted: "weakref.WeakKeyDictionary[RegistryView, int]" = weakref.WeakK
 _changes_lock = threading.Lock()
 
 LOOKUP_ACTIONS = ("broadcast", "subscribe")
-# label children resolved once: a lookup should not pay for label lookups
-LOOKUP_METRICS = {(a, o): LOOKUPS.labels(a, o) for a in LOOKUP_ACTIONS
-                  for o in ("ok", "bad_request", "not_found", "error")}
-LOOKUP_TIMERS = {a: LOOKUP_SECONDS.labels(a) for a in LOOKUP_ACTIONS}
+# every series exists from the start (zero until a lookup of its kind); lookups add to them in batches
+for _action in LOOKUP_ACTIONS:
+    for _outcome in ("ok", "bad_request", "not_found", "error"):
+        LOOKUPS.labels(_action, _outcome)
+LOOKUP_STATS = LookupStats(LOOKUPS, LOOKUP_SECONDS, LOOKUP_ACTIONS)
 
 api = Blueprint("api", __name__, url_prefix=API_PREFIX)
 ops = Blueprint("ops", __name__)
@@ -109,6 +111,7 @@ class Services:
     def close(self) -> None:
         if self.housekeeper is not None:
             self.housekeeper.stop()
+        LOOKUP_STATS.flush()
         self.view.close()
         self.client.stop()
         self.client.close()
@@ -131,7 +134,7 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
         assignment_ttl_s=settings.assignment_ttl_s,
         best_few=settings.best_few,
     )
-    housekeeper = Housekeeper(placement)
+    housekeeper = Housekeeper(placement, also=(LOOKUP_STATS.flush,))
     housekeeper.start()
 
     app = Flask("streammanager")
@@ -297,7 +300,7 @@ def answer_lookup(svc: "Services", scope: str, stream: str, action: str | None, 
     """A broadcast or subscribe lookup: (HTTP status, JSON body), errors in the documented shape.
     Shared by the Flask route and the WSGI fast path, so both answer exactly alike."""
     if action not in LOOKUP_ACTIONS:
-        LOOKUPS.labels("invalid", "bad_request").inc()
+        LOOKUP_STATS.record("invalid", "bad_request")
         if action is None or action == "":
             return 400, error_body("missing action: use action=broadcast or action=subscribe")
         return 400, error_body(f"unknown action {action[:40]!r}: use broadcast or subscribe")
@@ -316,8 +319,7 @@ def answer_lookup(svc: "Services", scope: str, stream: str, action: str | None, 
         outcome = {400: "bad_request", 404: "not_found"}.get(exc.status, "error")
         return exc.status, error_body(exc.message)
     finally:
-        LOOKUP_METRICS[action, outcome].inc()
-        LOOKUP_TIMERS[action].observe(time.perf_counter() - started)
+        LOOKUP_STATS.record(action, outcome, time.perf_counter() - started)
 
 
 def error_body(message: str) -> bytes:
@@ -458,6 +460,7 @@ def metrics():
     VIEW_AGE.set(view.age_ms() / 1000)
     VIEW_DECODE_ERRORS.set(view.decode_errors)
     _count_view_changes(view)
+    LOOKUP_STATS.flush()
     registry = current_app.config.get("PROMETHEUS_REGISTRY")
     payload = generate_latest(registry) if registry is not None else generate_latest()
     return Response(payload, mimetype=CONTENT_TYPE_LATEST)

@@ -216,20 +216,23 @@ class Placement:
 
 
 class Housekeeper(threading.Thread):
-    """Expires this process's reservations in the background."""
+    """Expires this process's reservations in the background, and runs the ``also`` tasks (the lookup
+    metrics' flush) at the same pace."""
 
-    def __init__(self, placement: Placement, interval_s: float = 2.0):
+    def __init__(self, placement: Placement, interval_s: float = 1.0, also: tuple = ()):
         super().__init__(name="sm-housekeeper", daemon=True)
         self._placement = placement
         self._interval_s = interval_s
+        self._tasks = (placement.expire_reservations, *also)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.wait(self._interval_s):
-            try:
-                self._placement.expire_reservations()
-            except Exception:
-                log.exception("housekeeping failed")
+            for task in self._tasks:
+                try:
+                    task()
+                except Exception:
+                    log.exception("housekeeping failed")
 
     def stop(self) -> None:
         self._stop_event.set()

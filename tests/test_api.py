@@ -242,10 +242,27 @@ def test_healthz_reports_the_view(api, cluster):
     assert body["nodes"] == 4
 
 
-def test_metrics_count_lookups(api, cluster):
-    lookup(api, "m", "broadcast")
+def metric(text: str, series: str) -> float:
+    found = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_count_every_lookup_and_time_it(api, cluster):
+    """Lookups add to the metrics in batches (streammanager.lookupstats): a scrape still counts each one."""
+    before = api.get("/metrics").get_data(as_text=True)
+    for name in ("m1", "m2", "m3"):
+        assert lookup(api, name, "broadcast").status_code == 200
+    assert lookup(api, "absent", "subscribe").status_code == 404
     text = api.get("/metrics").get_data(as_text=True)
-    assert 'sm_lookups_total{action="broadcast",outcome="ok"}' in text
+    ok, missing = 'sm_lookups_total{action="broadcast",outcome="ok"}', \
+        'sm_lookups_total{action="subscribe",outcome="not_found"}'
+    assert metric(text, ok) - metric(before, ok) == 3
+    assert metric(text, missing) - metric(before, missing) == 1
+    timed = 'sm_lookup_seconds_count{action="broadcast"}'
+    assert metric(text, timed) - metric(before, timed) == 3
+    slowest = 'sm_lookup_seconds_bucket{action="broadcast",le="+Inf"}'
+    assert metric(text, slowest) - metric(before, slowest) == 3
+    assert metric(text, 'sm_lookup_seconds_sum{action="broadcast"}') > metric(before, 'sm_lookup_seconds_sum{action="broadcast"}')
     assert "sm_view_nodes 4.0" in text
 
 
