@@ -52,17 +52,19 @@ class ApiFront:
             match = LOOKUP_PATH.match(path)
             if match is not None and match.group(1) not in RESERVED_SCOPES:
                 try:
-                    await self._lookup(match.group(1), match.group(2), scope, send)
-                    return
+                    status, body = await self._lookup(match.group(1), match.group(2), scope)
                 except Exception:  # never a traceback to the client: the app's handler answers it
                     log.exception("fast lookup failed; answering through the app")
+                else:
+                    await _respond(send, status, body)
+                    return
             elif path == "/healthz":
                 status, doc = health(self.svc.view)
                 await _respond(send, status, orjson.dumps(doc))
                 return
         await self._wsgi(scope, receive, send)
 
-    async def _lookup(self, scope_name: str, stream: str, scope, send) -> None:
+    async def _lookup(self, scope_name: str, stream: str, scope) -> tuple[int, bytes]:
         args: dict[str, str] = {}
         query = scope.get("query_string", b"")
         if query:
@@ -71,10 +73,8 @@ class ApiFront:
         action = args.get("action")
         call = (self.svc, scope_name, stream, action, args.get("region"), args.get("strict"))
         if action == "broadcast":  # may write a reservation to ZooKeeper: not on the loop
-            status, body = await asyncio.get_running_loop().run_in_executor(self._pool, answer_lookup, *call)
-        else:
-            status, body = answer_lookup(*call)
-        await _respond(send, status, body)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, answer_lookup, *call)
+        return answer_lookup(*call)
 
     async def _lifespan(self, receive, send) -> None:
         while True:

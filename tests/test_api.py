@@ -437,3 +437,15 @@ def test_the_stream_listings_follow_changes_within_a_second_or_so(api, cluster):
                what="the viewer counted in the shared listing")
     cluster["us_origin"].hook("publish_done", "fresh", clientid="pub-1")
     wait_until(lambda: api.get(f"{P}/event/list").get_json() == [], 3, what="the stream gone from the listing")
+
+
+def test_an_unexpected_failure_in_the_asgi_fronts_lookup_is_answered_in_the_documented_shape(front, cluster,
+                                                                                             monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("selection broke")
+
+    monkeypatch.setattr(front.svc.placement, "subscribe", broken)
+    status, headers, body = asgi_get(front, f"{P}/event/live/s1?action=subscribe")
+    doc = json.loads(body)
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert set(doc) == {"errorMessage", "timestamp"} and "selection broke" not in doc["errorMessage"]
