@@ -124,6 +124,10 @@ def bench_mode(relay: str, runs: int, work: Path) -> str:
         # next keyframe: a random pause before each join keeps fixed sleeps from locking the phase.
         phase = random.Random(7)
         for run in range(runs):
+            # Each join sees the same machine: the previous run's encoder and viewer stop first (nine
+            # x264 encoders left running saturated the 2 cores and slowed every later cold join). The
+            # last run's stay up for the relay's CPU measurement.
+            stop_all(procs)
             name = f"{relay}{run}"
             origin = lookup(cluster, name, "broadcast")["rtmpUrl"]
             procs.append(subprocess.Popen(PUBLISH + ["-t", "120", origin], stdin=subprocess.DEVNULL))
@@ -139,12 +143,12 @@ def bench_mode(relay: str, runs: int, work: Path) -> str:
                   f"warm low-latency player {quick[-1][0]:.2f} / {quick[-1][1]:.2f} s", flush=True)
 
         edge_agent = cluster.agent_pid(nodes[2].node_id)
-        measured = children(edge_agent, "ffmpeg")[:1] if relay == "ffmpeg" else children(edge_agent, "nginx")
+        # the last run's stream is the only one still relayed: its relay is the edge's newest ffmpeg
+        # (nginx: the edge's nginx, which pulls it and serves its viewer)
+        measured = sorted(children(edge_agent, "ffmpeg"))[-1:] if relay == "ffmpeg" else children(edge_agent, "nginx")
         before = cpu_seconds(measured[0])
         time.sleep(10)
         relay_cpu = (cpu_seconds(measured[0]) - before) / 10
-        if relay == "nginx":  # nginx relays every stream of this run and serves the viewers: per stream
-            relay_cpu /= runs
 
         gap = failover_gap(cluster, nodes, procs)
         return (f"relay={relay} runs={runs} cold_first_frame_s={statistics.median(c[0] for c in cold):.2f} "
@@ -155,10 +159,15 @@ def bench_mode(relay: str, runs: int, work: Path) -> str:
                 f"relay_cpu_pct={relay_cpu * 100:.2f} "
                 f"failover_gap_s={gap:.2f}")
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        stop_all(procs)
         cluster.stop()
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+    procs.clear()
 
 
 def failover_gap(cluster: LocalCluster, nodes: list[NodeSpec], procs: list) -> float:
