@@ -322,6 +322,15 @@ def answer_lookup(svc: "Services", scope: str, stream: str, action: str | None, 
         LOOKUP_STATS.record(action, outcome, time.perf_counter() - started)
 
 
+def query_args(query: str) -> dict[str, str]:
+    """A lookup's query parameters, the first value of each winning, as ``request.args.get`` does."""
+    args: dict[str, str] = {}
+    if query:
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            args.setdefault(name, value)
+    return args
+
+
 def error_body(message: str) -> bytes:
     return orjson.dumps({"errorMessage": message, "timestamp": now_ms()})
 
@@ -350,11 +359,7 @@ class FastLookups:
         return self.wsgi_app(environ, start_response)
 
     def _answer(self, scope: str, stream: str, environ, start_response):
-        args: dict[str, str] = {}
-        query = environ.get("QUERY_STRING", "")
-        if query:
-            for name, value in parse_qsl(query, keep_blank_values=True):
-                args.setdefault(name, value)  # the first value wins, as request.args.get does
+        args = query_args(environ.get("QUERY_STRING", ""))
         status, body = answer_lookup(self.svc, _wsgi_text(scope), _wsgi_text(stream), args.get("action"),
                                      args.get("region"), args.get("strict"))
         start_response(_STATUS_LINES[status], [("Content-Type", self.HEADERS_JSON),

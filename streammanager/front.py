@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import parse_qsl
 
 import orjson
 from a2wsgi import WSGIMiddleware
 from flask import Flask
 
-from streammanager.api import LOOKUP_PATH, RESERVED_SCOPES, Services, answer_lookup, health
+from streammanager.api import LOOKUP_PATH, RESERVED_SCOPES, Services, answer_lookup, health, query_args
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,7 @@ class ApiFront:
         await self._wsgi(scope, receive, send)
 
     async def _lookup(self, scope_name: str, stream: str, scope) -> tuple[int, bytes]:
-        args: dict[str, str] = {}
-        query = scope.get("query_string", b"")
-        if query:
-            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
-                args.setdefault(name, value)  # the first value wins, as request.args.get does
+        args = query_args(scope.get("query_string", b"").decode("latin-1"))
         action = args.get("action")
         call = (self.svc, scope_name, stream, action, args.get("region"), args.get("strict"))
         if action == "broadcast":  # may write a reservation to ZooKeeper: not on the loop

@@ -151,18 +151,14 @@ def normalize(values: Sequence[float]) -> list[float]:
 
 def weigh(candidates: Sequence[Candidate], req: LookupRequest, weighers: Iterable[Weigher]) -> list[float]:
     """Each weigher's scores normalised (see :func:`normalize`), times its multiplier, summed."""
-    totals: list[float] | None = None
+    totals = [0.0] * len(candidates)
     for weigher in weighers:
         raw = weigher.weigh_all(candidates, req)
-        lo, hi = min(raw), max(raw)
-        if hi == lo:
+        if min(raw) == max(raw):
             continue  # normalised, all zero: it tells these candidates nothing
-        scale = weigher.multiplier / (hi - lo)
-        if totals is None:
-            totals = [(v - lo) * scale for v in raw]
-        else:
-            totals = [t + (v - lo) * scale for t, v in zip(totals, raw)]
-    return totals if totals is not None else [0.0] * len(candidates)
+        multiplier = weigher.multiplier
+        totals = [t + multiplier * score for t, score in zip(totals, normalize(raw))]
+    return totals
 
 
 def pick(candidates: Sequence[Candidate], weights: Sequence[float], rng: random.Random,
