@@ -97,7 +97,8 @@ class Agent:
         self.media: NginxServer | None = None
         self.relays: RelayManager | None = None
         self._own_work_dir = False
-        self.work_dir: Path | None = Path(settings.work_dir) if settings.work_dir else None
+        # absolute: nginx reads a relative -c path against its -p prefix (a relative --work-dir doubled)
+        self.work_dir: Path | None = Path(settings.work_dir).resolve() if settings.work_dir else None
         self._reconciler: threading.Thread | None = None
         self._absent_once: set[tuple[str, str]] = set()
         self._pulls: dict[str, float] = {}  # stream -> when nginx was told to pull it

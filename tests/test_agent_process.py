@@ -1,4 +1,5 @@
 """``node-agent --media none`` as a real process: hooks over HTTP, deregistration, crash detection."""
+import os
 import signal
 import subprocess
 import threading
@@ -169,3 +170,13 @@ def test_an_agent_reports_itself_healthy_only_once_registered(make_node):
     node.agent.registered.clear()  # as between its start and its registration
     starting = create_hooks_app(node.agent).test_client().get("/healthz")
     assert starting.status_code == 503 and starting.get_json()["status"] == "starting"
+
+
+def test_an_agent_given_a_relative_work_dir_runs_its_media_server(spawn_agent, tmp_path):
+    """``make demo`` passes work directories relative to the checkout: nginx must still find its files."""
+    relative = os.path.relpath(tmp_path / "relative-node")
+    assert not os.path.isabs(relative)
+    proc, host, port, node_id = spawn_agent("edge", "us-east-1", media="nginx", extra_args=("--work-dir", relative))
+    assert requests.get(f"http://{host}:{port}/healthz", timeout=2).ok
+    assert (tmp_path / "relative-node" / "nginx.conf").is_file()
+    assert proc.popen.poll() is None, proc.log()
