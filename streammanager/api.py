@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = '/streammanager/api/<any("2.0","1.0"):version>'
 RESERVED_SCOPES = ("list",)
-# what the fast paths (FastLookups here, streammanager.front on the server) answer without Flask's routing
+# what the server's front (streammanager.front) answers itself, without Flask's routing
 LOOKUP_PATH = re.compile(r"^/streammanager/api/(?:2\.0|1\.0)/event/([^/]+)/([^/]+)$")
 MAX_REGION_LENGTH = 64
 
@@ -151,7 +151,6 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
-    app.wsgi_app = FastLookups(app)
     return app
 
 
@@ -298,7 +297,7 @@ def lookup(version: str, scope: str, stream: str):
 def answer_lookup(svc: "Services", scope: str, stream: str, action: str | None, region: str | None,
                   strict: str | None) -> tuple[int, bytes]:
     """A broadcast or subscribe lookup: (HTTP status, JSON body), errors in the documented shape.
-    Shared by the Flask route and the WSGI fast path, so both answer exactly alike."""
+    Shared by the Flask route and the server's front (streammanager.front), so both answer exactly alike."""
     if action not in LOOKUP_ACTIONS:
         LOOKUP_STATS.record("invalid", "bad_request")
         if action is None or action == "":
@@ -333,50 +332,6 @@ def query_args(query: str) -> dict[str, str]:
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"errorMessage": message, "timestamp": now_ms()})
-
-
-class FastLookups:
-    """WSGI middleware answering ``GET .../event/<scope>/<stream>?action=...`` without Flask's request
-    context and routing (about half the CPU of a lookup). Anything else, including every path Flask
-    routes differently (``/event/list...``, nested names, other methods), goes to the app unchanged."""
-
-    PATH = LOOKUP_PATH
-    HEADERS_JSON = "application/json"
-
-    def __init__(self, app: Flask):
-        self.app = app
-        self.wsgi_app = app.wsgi_app
-        self.svc: Services = app.extensions["sm"]
-
-    def __call__(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") == "GET":
-            match = self.PATH.match(environ.get("PATH_INFO", ""))
-            if match is not None and match.group(1) not in RESERVED_SCOPES:
-                try:
-                    return self._answer(match.group(1), match.group(2), environ, start_response)
-                except Exception:  # never a traceback to the client: the app's handler answers it
-                    log.exception("fast lookup failed; answering through the app")
-        return self.wsgi_app(environ, start_response)
-
-    def _answer(self, scope: str, stream: str, environ, start_response):
-        args = query_args(environ.get("QUERY_STRING", ""))
-        status, body = answer_lookup(self.svc, _wsgi_text(scope), _wsgi_text(stream), args.get("action"),
-                                     args.get("region"), args.get("strict"))
-        start_response(_STATUS_LINES[status], [("Content-Type", self.HEADERS_JSON),
-                                              ("Content-Length", str(len(body)))])
-        return [body]
-
-
-_STATUS_LINES = {200: "200 OK", 400: "400 BAD REQUEST", 404: "404 NOT FOUND", 503: "503 SERVICE UNAVAILABLE",
-                 401: "401 UNAUTHORIZED", 403: "403 FORBIDDEN", 500: "500 INTERNAL SERVER ERROR"}
-
-
-def _wsgi_text(segment: str) -> str:
-    """PATH_INFO holds bytes as latin-1 (PEP 3333); names are UTF-8, as Flask reads them."""
-    try:
-        return segment.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return segment
 
 
 @api.get("/event/<scope>/<path:rest>")

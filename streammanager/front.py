@@ -5,14 +5,15 @@ the same functions as the Flask routes (:func:`~streammanager.api.answer_lookup`
 :func:`~streammanager.api.health`). Everything else (admin, stats, listings, metrics, the dashboard,
 the coordinator's routes) goes to the Flask app on a small thread pool (a2wsgi).
 
-Why not gthread workers: a lookup is ~25 us of CPU, but a gthread worker spent ~400 us of its own per
+Why not gthread workers: a lookup is tens of microseconds of CPU, but a gthread worker spent ~400 us of its own per
 request (handing each connection between its poller and its thread pool, waking the poller through a
 pipe, re-registering the socket), so at 50 keep-alive connections a worker was mostly busy with that,
 and the latency tail followed (README, Benchmarks). One event loop per worker serves the same
 connections without those hand-offs.
 
 A broadcast lookup for a stream that is not live yet writes its reservation to ZooKeeper (up to a
-second when ZooKeeper is slow): broadcast lookups run on the thread pool so that the loop never waits.
+second when ZooKeeper is slow): broadcast lookups run on a thread pool of their own, so that the loop
+never waits. A query string of raw non-ASCII bytes gets a 400 here (a2wsgi cannot decode it).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import orjson
 from a2wsgi import WSGIMiddleware
 from flask import Flask
 
-from streammanager.api import LOOKUP_PATH, RESERVED_SCOPES, Services, answer_lookup, health, query_args
+from streammanager.api import LOOKUP_PATH, RESERVED_SCOPES, Services, answer_lookup, error_body, health, query_args
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class ApiFront:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
+            return
+        if kind == "http" and not scope.get("query_string", b"").isascii():
+            # HTTP clients percent-encode; a2wsgi (and WSGI) would fail on raw bytes with a 500
+            await _respond(send, 400, error_body("the query string holds raw non-ASCII bytes: percent-encode them"))
             return
         if kind == "http" and scope["method"] == "GET":
             path = scope["path"]

@@ -5,6 +5,7 @@ Every process a fixture starts is stopped by PID at teardown.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import requests
@@ -235,3 +237,35 @@ def _agent_up(host: str, port: int) -> bool:
         return requests.get(f"http://{host}:{port}/healthz", timeout=0.5).ok
     except requests.RequestException:
         return False
+
+
+def asgi_get(front, url: str, headers: tuple = ()) -> tuple[int, dict, bytes]:
+    """One GET through an ASGI app, as gunicorn's asgi worker calls it (the path percent-decoded)."""
+    parts = urlsplit(url)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": unquote(parts.path), "raw_path": parts.path.encode(),
+             "query_string": parts.query.encode(), "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:5080"), *headers],
+             "server": ("127.0.0.1", 5080), "client": ("127.0.0.1", 40000)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(front(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, body
+
+
+@pytest.fixture
+def front(make_app, cluster):
+    """The server's ASGI front over a fresh app that sees the ``cluster`` fixture's four nodes."""
+    from streammanager.front import ApiFront
+
+    app = make_app()
+    wait_for_nodes(app.test_client(), 4)
+    return ApiFront(app)
