@@ -34,6 +34,8 @@ class RecordError(ValueError):
 
 def validate_name(kind: str, value: str | None) -> str:
     """Return ``value`` if it is a usable scope or stream name, else raise :class:`RecordError`."""
+    if value and len(value) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(value) and value != "." and value != "..":
+        return value  # every lookup comes here: the usual answer first, the reasons after
     if value is None or value == "":
         raise RecordError(f"{kind} name is empty")
     if len(value) > MAX_NAME_LENGTH:

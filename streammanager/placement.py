@@ -9,6 +9,7 @@ import logging
 import random
 import threading
 from collections import deque
+from functools import partial
 from typing import NamedTuple
 
 from kazoo.client import KazooClient
@@ -70,8 +71,12 @@ class Assignments:
 
     def add(self, node_id: str, now: int) -> None:
         with self._lock:
-            self._times.setdefault(node_id, deque()).append(now)
-            self._counts[node_id] = self._counts.get(node_id, 0) + 1
+            times = self._times.get(node_id)
+            if times is None:
+                times = self._times[node_id] = deque()
+            times.append(now)
+            counts = self._counts
+            counts[node_id] = counts.get(node_id, 0) + 1
 
     def snapshot(self, now: int) -> dict[str, int]:
         if now >= self._next_prune_ms:
@@ -107,6 +112,7 @@ class Placement:
         self.assignments = Assignments(int(assignment_ttl_s * 1000))
         self._own_reservations: dict[str, int] = {}  # path -> expires_ms, for housekeeping
         self._own_lock = threading.Lock()
+        self._candidates_in = {role: partial(view.candidates, role) for role in (ROLE_ORIGIN, ROLE_EDGE)}
 
     # -- lookups ---------------------------------------------------------------------------------
     def broadcast(self, key: StreamKey, region: str | None, strict: bool) -> Answer:
@@ -136,13 +142,13 @@ class Placement:
                              "and no node runs there")
 
     def _select(self, role, key, region, strict, group, near_region, now) -> NodeRecord:
-        req = LookupRequest(
-            role=role, stream_key=str(key), region=region, strict=strict, near_region=near_region,
-            group=group, now_ms=now, max_heartbeat_age_ms=self._max_age_ms,
-            pending=self.assignments.snapshot(now),
-        )
-        preferred = self.view.carriers(key, role) if role == ROLE_EDGE else ()
-        result = select(req, lambda r: self.view.candidates(role, r), self.view.regions(role), self._rng,
+        skey = str(key)
+        # positional: the keyword form of a NamedTuple costs a small region's whole selection
+        req = LookupRequest(role, skey, region, strict, near_region, group, now, self._max_age_ms,
+                            self.assignments.snapshot(now))
+        view = self.view
+        preferred = view.carriers(skey, role) if role == ROLE_EDGE else ()
+        result = select(req, self._candidates_in[role], view.regions(role), self._rng,
                         best_few=self._best_few, preferred=preferred)
         if result.node is None:
             log.info("no node for lookup: %s", result.reason,

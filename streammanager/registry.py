@@ -181,6 +181,7 @@ class RegistryView:
         self._origin_of: dict[str, str] = {}  # "scope/name" -> origin node id publishing it
         self._carriers: dict[str, tuple[str, ...]] = {}  # "scope/name" -> node ids carrying it
         self._initialized = threading.Event()
+        self._loaded = False
         self._closed = threading.Event()
         self._starter: threading.Thread | None = None
         self._connected = False
@@ -280,7 +281,7 @@ class RegistryView:
 
     @property
     def initialized(self) -> bool:
-        return self._initialized.is_set()
+        return self._loaded  # every lookup asks: a plain attribute, set with the event
 
     def age_ms(self, now: int | None = None) -> int:
         """How stale the view may be: 0 while connected, else the time since the connection went."""
@@ -291,6 +292,7 @@ class RegistryView:
 
     # -- cache events (single thread) ------------------------------------------------------------
     def _on_initialized(self) -> None:
+        self._loaded = True
         self._initialized.set()
         log.info("registry view initialised: %d nodes, %d live streams", len(self._nodes), len(self._origin_of))
 
@@ -409,14 +411,12 @@ class RegistryView:
         self._by_role[role] = (version, everyone)
         return everyone
 
-    def carriers(self, key: StreamKey, role: str) -> list[Candidate]:
-        """Nodes of ``role`` that carry the stream now."""
-        out = []
-        for node_id in self._carriers.get(str(key), ()):
-            cand = self._nodes.get(node_id)
-            if cand is not None and cand.node.role == role:
-                out.append(cand)
-        return out
+    def carriers(self, key: StreamKey | str, role: str) -> list[Candidate]:
+        """Nodes of ``role`` that carry the stream now (``key``: a StreamKey or its ``scope/name``)."""
+        ids = self._carriers.get(key if isinstance(key, str) else str(key))
+        if not ids:
+            return []
+        return [c for c in map(self._nodes.get, ids) if c is not None and c.role == role]
 
     def regions(self, role: str) -> tuple[str, ...]:
         return self._regions.get(role, ())

@@ -12,20 +12,30 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from streammanager.models import ROLE_EDGE, STATE_INSERVICE, NodeRecord
+from streammanager.models import ROLE_EDGE, STATE_INSERVICE, NodeRecord, StreamLoad
 from streammanager.regions import distance_km
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A node as selection sees it; ``used`` is precomputed when the record changes."""
+    """A node as selection sees it: the record, and the fields that filters and weighers read, copied
+    when the record changes (a lookup reads them for every candidate it scores, one hop instead of two)."""
 
     node: NodeRecord
     used: int
+    id: str
+    role: str
+    group: str
+    region: str
+    state: str
+    updated_ms: int
+    capacity: int
+    streams: Mapping[str, StreamLoad]
 
     @classmethod
     def of(cls, node: NodeRecord) -> "Candidate":
-        return cls(node, node.used)
+        return cls(node, node.used, node.id, node.role, node.group, node.region, node.state, node.updated_ms,
+                   node.capacity, node.streams)
 
 
 class LookupRequest(NamedTuple):
@@ -63,9 +73,10 @@ class GroupFilter(Filter):
     description = "in another node group"
 
     def filter_all(self, candidates, req):
-        if req.group is None:
+        group = req.group
+        if group is None:
             return candidates
-        return [c for c in candidates if c.node.group == req.group]
+        return [c for c in candidates if c.group == group]
 
 
 class StateFilter(Filter):
@@ -73,7 +84,7 @@ class StateFilter(Filter):
     description = "not in service (starting or draining)"
 
     def filter_all(self, candidates, req):
-        return [c for c in candidates if c.node.state == STATE_INSERVICE]
+        return [c for c in candidates if c.state == STATE_INSERVICE]
 
 
 class HeartbeatFilter(Filter):
@@ -82,7 +93,7 @@ class HeartbeatFilter(Filter):
 
     def filter_all(self, candidates, req):
         oldest = req.now_ms - req.max_heartbeat_age_ms
-        return [c for c in candidates if c.node.updated_ms >= oldest]
+        return [c for c in candidates if c.updated_ms >= oldest]
 
 
 class CapacityFilter(Filter):
@@ -92,8 +103,8 @@ class CapacityFilter(Filter):
     def filter_all(self, candidates, req):
         pending = req.pending
         if not pending:
-            return [c for c in candidates if c.used < c.node.capacity]
-        return [c for c in candidates if c.used + pending.get(c.node.id, 0) < c.node.capacity]
+            return [c for c in candidates if c.used < c.capacity]
+        return [c for c in candidates if c.used + pending.get(c.id, 0) < c.capacity]
 
 
 DEFAULT_FILTERS: tuple[Filter, ...] = (GroupFilter(), StateFilter(), HeartbeatFilter(), CapacityFilter())
@@ -115,10 +126,9 @@ class LoadWeigher(Weigher):
 
     def weigh_all(self, candidates, req):
         pending = req.pending
-        return [
-            -((c.used + pending.get(c.node.id, 0)) / c.node.capacity) if c.node.capacity else -1.0
-            for c in candidates
-        ]
+        if not pending:
+            return [-(c.used / c.capacity) if c.capacity else -1.0 for c in candidates]
+        return [-((c.used + pending.get(c.id, 0)) / c.capacity) if c.capacity else -1.0 for c in candidates]
 
 
 class StreamAffinityWeigher(Weigher):
@@ -129,7 +139,7 @@ class StreamAffinityWeigher(Weigher):
 
     def weigh_all(self, candidates, req):
         key = req.stream_key
-        return [1.0 if key in c.node.streams else 0.0 for c in candidates]
+        return [1.0 if key in c.streams else 0.0 for c in candidates]
 
 
 EDGE_WEIGHERS: tuple[Weigher, ...] = (LoadWeigher(), StreamAffinityWeigher())
@@ -151,14 +161,17 @@ def normalize(values: Sequence[float]) -> list[float]:
 
 def weigh(candidates: Sequence[Candidate], req: LookupRequest, weighers: Iterable[Weigher]) -> list[float]:
     """Each weigher's scores normalised (see :func:`normalize`), times its multiplier, summed."""
-    totals = [0.0] * len(candidates)
+    totals = None
     for weigher in weighers:
         raw = weigher.weigh_all(candidates, req)
         if min(raw) == max(raw):
             continue  # normalised, all zero: it tells these candidates nothing
         multiplier = weigher.multiplier
-        totals = [t + multiplier * score for t, score in zip(totals, normalize(raw))]
-    return totals
+        if totals is None:
+            totals = normalize(raw) if multiplier == 1.0 else [multiplier * score for score in normalize(raw)]
+        else:
+            totals = [t + multiplier * score for t, score in zip(totals, normalize(raw))]
+    return totals if totals is not None else [0.0] * len(candidates)
 
 
 def pick(candidates: Sequence[Candidate], weights: Sequence[float], rng: random.Random,
@@ -170,17 +183,27 @@ def pick(candidates: Sequence[Candidate], weights: Sequence[float], rng: random.
     order = sorted(range(len(candidates)), key=weights.__getitem__, reverse=True)[:best_few]
     top = weights[order[0]]
     eligible = [i for i in order if top - weights[i] <= tolerance]
-    return candidates[rng.choice(eligible)]
+    return candidates[eligible[int(rng.random() * len(eligible))]]  # rng.choice, minus its Python layers
 
 
-def run_filters(candidates: list[Candidate], req: LookupRequest, filters: Sequence[Filter],
+def run_filters(candidates: Sequence[Candidate], req: LookupRequest, filters: Sequence[Filter],
                 removed: dict[str, int]) -> list[Candidate]:
+    """Apply ``filters`` in order, adding how many each removed to ``removed`` (for the error)."""
     for f in filters:
         if not candidates:
             break
         before = len(candidates)
         candidates = f.filter_all(candidates, req)
         removed[f.name] = removed.get(f.name, 0) + before - len(candidates)
+    return list(candidates)
+
+
+def survivors(candidates: Sequence[Candidate], req: LookupRequest, filters: Sequence[Filter]) -> Sequence[Candidate]:
+    """Apply ``filters`` in order, without counting: a lookup that finds a node never needs the counts."""
+    for f in filters:
+        candidates = f.filter_all(candidates, req)
+        if not candidates:
+            break
     return candidates
 
 
@@ -197,13 +220,13 @@ def sample(candidates: Sequence[Candidate], preferred: Sequence[Candidate], rng:
     count = len(candidates)
     if count <= size:
         return candidates
-    start = rng.randrange(count)
+    start = int(rng.random() * count)  # rng.randrange(count), minus its Python layers
     chosen = list(candidates[start:start + size])
     if len(chosen) < size:
         chosen.extend(candidates[:size - len(chosen)])
     if preferred:
-        ids = {c.node.id for c in chosen}
-        chosen.extend(c for c in preferred if c.node.id not in ids)
+        ids = {c.id for c in chosen}
+        chosen.extend(c for c in preferred if c.id not in ids)
     return chosen
 
 
@@ -220,46 +243,51 @@ def select(req: LookupRequest, candidates_in: Callable[[str | None], Sequence[Ca
     of ``sample_size`` (plus the preferred) is scored; only when no sampled node survives are all of
     them filtered, so a lookup is refused only when no node at all can take it.
     """
-    removed: dict[str, int] = {}
+    removed: dict[str, int] = {}  # filter name -> candidates removed, in the regions that had no survivor
     weighers = weighers_for(req.role)
-    reference = req.region or req.near_region
-
-    def survivors_in(region: str | None) -> list[Candidate]:
-        everyone = candidates_in(region)
-        mine = [c for c in preferred if region is None or c.node.region == region]
-        sampled = sample(everyone, mine, rng, sample_size)
-        if len(sampled) < len(everyone):
-            found = run_filters(sampled, req, filters, {})
-            if found:
-                return found
-        return run_filters(everyone, req, filters, removed)
-
-    def choose(survivors: list[Candidate]) -> Selection:
-        if len(survivors) == 1:
-            return Selection(survivors[0].node, removed)
-        weights = weigh(survivors, req, weighers)
-        return Selection(pick(survivors, weights, rng, best_few).node, removed)
-
     if req.region is not None:
-        survivors = survivors_in(req.region)
-        if survivors:
-            return choose(survivors)
+        found = _survivors_in(req.region, req, candidates_in, preferred, filters, rng, sample_size, removed)
+        if found:
+            return _choose(found, req, weighers, rng, best_few, removed)
         if req.strict:
             return Selection(None, removed, _explain(req, removed, f"in region {req.region} (strict)"))
 
+    reference = req.region or req.near_region
     if reference is None:
-        survivors = survivors_in(None)
-        if survivors:
-            return choose(survivors)
+        found = _survivors_in(None, req, candidates_in, preferred, filters, rng, sample_size, removed)
+        if found:
+            return _choose(found, req, weighers, rng, best_few, removed)
         return Selection(None, removed, _explain(req, removed, "in any region"))
 
     # Nearest region first: walk the other regions by distance until one has a survivor.
     others = sorted((r for r in regions if r != req.region), key=lambda r: (distance_km(reference, r), r))
     for region in others:
-        survivors = survivors_in(region)
-        if survivors:
-            return choose(survivors)
+        found = _survivors_in(region, req, candidates_in, preferred, filters, rng, sample_size, removed)
+        if found:
+            return _choose(found, req, weighers, rng, best_few, removed)
     return Selection(None, removed, _explain(req, removed, "in any region"))
+
+
+def _survivors_in(region, req, candidates_in, preferred, filters, rng, sample_size, removed) -> Sequence[Candidate]:
+    """The sampled candidates of ``region`` that pass the filters; failing that, every candidate that
+    does; failing that, nothing, and ``removed`` says which filter removed how many."""
+    everyone = candidates_in(region)
+    if len(everyone) > sample_size:
+        mine = [c for c in preferred if region is None or c.region == region] if preferred else ()
+        found = survivors(sample(everyone, mine, rng, sample_size), req, filters)
+        if found:
+            return found
+    found = survivors(everyone, req, filters)
+    if not found:
+        run_filters(everyone, req, filters, removed)  # again, counting, for the error message
+    return found
+
+
+def _choose(found: Sequence[Candidate], req: LookupRequest, weighers: Sequence[Weigher], rng: random.Random,
+            best_few: int, removed: dict[str, int]) -> Selection:
+    if len(found) == 1:
+        return Selection(found[0].node, removed)
+    return Selection(pick(found, weigh(found, req, weighers), rng, best_few).node, removed)
 
 
 def _explain(req: LookupRequest, removed: Mapping[str, int], where: str) -> str:
