@@ -202,6 +202,8 @@ def parse_region(region: str | None) -> str | None:
 
 
 def parse_strict(raw: str | None) -> bool:
+    if raw is None:
+        return False
     raw = (raw or "false").strip().lower()
     if raw in ("true", "1", "yes"):
         return True
@@ -324,9 +326,14 @@ def answer_lookup(svc: "Services", scope: str, stream: str, action: str | None, 
 def query_args(query: str) -> dict[str, str]:
     """A lookup's query parameters, the first value of each winning, as ``request.args.get`` does."""
     args: dict[str, str] = {}
-    if query:
-        for name, value in parse_qsl(query, keep_blank_values=True):
-            args.setdefault(name, value)
+    if not query:
+        return args
+    if "%" in query or "+" in query:  # something to decode: the standard library's parser
+        pairs = parse_qsl(query, keep_blank_values=True)
+    else:  # nothing to decode (a lookup's usual query): the same pairs, for a fifth of the cost
+        pairs = (part.partition("=")[::2] for part in query.split("&") if part)
+    for name, value in pairs:
+        args.setdefault(name, value)
     return args
 
 

@@ -45,3 +45,21 @@ def test_malformed_lookups_get_documented_errors_never_a_500(front, cluster):  #
             bad.append((url, status, body[:200]))
     assert not bad, bad[:10]
     assert statuses.get(200) and statuses.get(400) and statuses.get(404)  # every kind of answer was reached
+
+
+def test_lookup_query_parsing_agrees_with_the_standard_library():
+    """The front's query parsing (a plain split when there is nothing to decode) reads every query as
+    ``parse_qsl`` does, the first value of a repeated name winning, as Flask's ``request.args.get``."""
+    from urllib.parse import parse_qsl
+
+    from streammanager.api import query_args
+
+    rng = random.Random(11)
+    alphabet = ["action", "region", "strict", "=", "=", "&", "&", "&&", "%", "%2", "%41", "+", ";", "a", "subscribe",
+                "eu-west-1", "\u00e9", " ", "%zz", "=="]
+    for _ in range(5000):
+        query = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        expected: dict[str, str] = {}
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            expected.setdefault(name, value)
+        assert query_args(query) == expected, query
