@@ -350,18 +350,21 @@ class RegistryView:
         old_streams = old_node.streams if old_node else {}
         new_streams = record.streams if record else {}
         is_origin = (record or old_node).role == ROLE_ORIGIN
-        for key in old_streams.keys() - new_streams.keys():
-            self._drop_carrier(key, node_id)
-        for key in new_streams.keys() - old_streams.keys():
-            carriers = self._carriers.get(key, ())
-            if node_id not in carriers:
-                self._carriers[key] = carriers + (node_id,)
-            if is_origin:
-                self._reindex_origin(key)
+        if old_streams.keys() != new_streams.keys():  # most reports change counts, not the set of streams
+            for key in old_streams.keys() - new_streams.keys():
+                self._drop_carrier(key, node_id)
+            for key in new_streams.keys() - old_streams.keys():
+                carriers = self._carriers.get(key, ())
+                if node_id not in carriers:
+                    self._carriers[key] = carriers + (node_id,)
+                if is_origin:
+                    self._reindex_origin(key)
         if is_origin and old_streams and new_streams:
             for key, load in new_streams.items():
                 before = old_streams.get(key)
-                if before is not None and (before.publishing, before.start_ms) != (load.publishing, load.start_ms):
+                # an unchanged entry is the same object (NodeRecord.from_json keeps it): skipped at once
+                if (before is not None and before is not load
+                        and (before.publishing, before.start_ms) != (load.publishing, load.start_ms)):
                     self._reindex_origin(key)
 
     def _drop_carrier(self, key: str, node_id: str) -> None:
