@@ -150,11 +150,15 @@ def weighers_for(role: str) -> tuple[Weigher, ...]:
     return EDGE_WEIGHERS if role == ROLE_EDGE else ORIGIN_WEIGHERS
 
 
-def normalize(values: Sequence[float]) -> list[float]:
-    """Min-max normalisation to [0, 1]; all equal gives all zero."""
-    lo, hi = min(values), max(values)
+def normalize(values: Sequence[float], lo: float | None = None, hi: float | None = None) -> list[float]:
+    """Min-max normalisation to [0, 1]; all equal gives all zero. ``lo`` and ``hi``: the values' minimum
+    and maximum, when the caller has them already."""
+    if lo is None or hi is None:
+        lo, hi = min(values), max(values)
     if hi == lo:
         return [0.0] * len(values)
+    if lo == 0.0 and hi == 1.0:
+        return list(values)  # normalised already (a yes-or-no score)
     span = hi - lo
     return [(v - lo) / span for v in values]
 
@@ -164,13 +168,14 @@ def weigh(candidates: Sequence[Candidate], req: LookupRequest, weighers: Iterabl
     totals = None
     for weigher in weighers:
         raw = weigher.weigh_all(candidates, req)
-        if min(raw) == max(raw):
+        lo, hi = min(raw), max(raw)
+        if lo == hi:
             continue  # normalised, all zero: it tells these candidates nothing
-        multiplier = weigher.multiplier
+        scores, multiplier = normalize(raw, lo, hi), weigher.multiplier
         if totals is None:
-            totals = normalize(raw) if multiplier == 1.0 else [multiplier * score for score in normalize(raw)]
+            totals = scores if multiplier == 1.0 else [multiplier * score for score in scores]
         else:
-            totals = [t + multiplier * score for t, score in zip(totals, normalize(raw))]
+            totals = [t + multiplier * score for t, score in zip(totals, scores)]
     return totals if totals is not None else [0.0] * len(candidates)
 
 

@@ -114,6 +114,8 @@ def test_origins_are_chosen_for_broadcast_by_publishers_over_capacity():
 def test_normalize_maps_to_the_unit_interval():
     assert normalize([2.0, 4.0, 3.0]) == [0.0, 1.0, 0.5]
     assert normalize([1.0, 1.0]) == [0.0, 0.0]
+    assert normalize([0.0, 1.0, 0.0]) == [0.0, 1.0, 0.0]
+    assert normalize([-0.5, -0.25, -1.0], -1.0, -0.25) == [2 / 3, 1.0, 0.0]
 
 
 def test_distances_rank_neighbours_first():
