@@ -204,7 +204,7 @@ def parse_region(region: str | None) -> str | None:
 def parse_strict(raw: str | None) -> bool:
     if raw is None:
         return False
-    raw = (raw or "false").strip().lower()
+    raw = raw.strip().lower()
     if raw in ("true", "1", "yes"):
         return True
     if raw in ("false", "0", "no", ""):

@@ -117,22 +117,24 @@ class Placement:
     # -- lookups ---------------------------------------------------------------------------------
     def broadcast(self, key: StreamKey, region: str | None, strict: bool) -> Answer:
         self._check_region(region)
-        origin = self.view.origin_of(key)
+        skey = str(key)
+        origin = self.view.origin_of(skey)
         if origin is not None:
             return Answer(key, origin)  # live already: the broadcaster reconnects to its origin
         now = now_ms()
-        chosen = self._select(ROLE_ORIGIN, key, region, strict, None, None, now)
+        chosen = self._select(ROLE_ORIGIN, key, skey, region, strict, None, None, now)
         node = self._reserve(key, chosen, now)
         self.assignments.add(node.id, now)
         return Answer(key, node)
 
     def subscribe(self, key: StreamKey, region: str | None, strict: bool) -> Answer:
         self._check_region(region)
-        origin = self.view.origin_of(key)
+        skey = str(key)
+        origin = self.view.origin_of(skey)
         if origin is None:
             raise NotFound(f"stream {key.scope_path}/{key.name} is not live")
         now = now_ms()
-        chosen = self._select(ROLE_EDGE, key, region, strict, origin.group, origin.region, now)
+        chosen = self._select(ROLE_EDGE, key, skey, region, strict, origin.group, origin.region, now)
         self.assignments.add(chosen.id, now)
         return Answer(key, chosen)
 
@@ -141,8 +143,7 @@ class Placement:
             raise BadRequest(f"unknown region {region[:64]!r}: not a known AWS or GCE region "
                              "and no node runs there")
 
-    def _select(self, role, key, region, strict, group, near_region, now) -> NodeRecord:
-        skey = str(key)
+    def _select(self, role, key, skey, region, strict, group, near_region, now) -> NodeRecord:
         # positional arguments: a NamedTuple built from keywords costs twice as much, on every lookup
         req = LookupRequest(role, skey, region, strict, near_region, group, now, self._max_age_ms,
                             self.assignments.snapshot(now))

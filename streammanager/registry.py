@@ -427,8 +427,9 @@ class RegistryView:
     def all_regions(self) -> set[str]:
         return {c.node.region for c in list(self._nodes.values())}
 
-    def origin_of(self, key: StreamKey) -> NodeRecord | None:
-        node_id = self._origin_of.get(str(key))
+    def origin_of(self, key: StreamKey | str) -> NodeRecord | None:
+        """The node publishing the stream (``key``: a StreamKey or its ``scope/name``), if it is live."""
+        node_id = self._origin_of.get(key if isinstance(key, str) else str(key))
         return self.node(node_id) if node_id else None
 
     def live_stream(self, key: StreamKey) -> LiveStream | None:
