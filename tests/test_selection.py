@@ -4,7 +4,7 @@ from collections import Counter
 
 from streammanager.models import NodeRecord, StreamLoad
 from streammanager.regions import distance_km
-from streammanager.selection import Candidate, LookupRequest, normalize, sample, select
+from streammanager.selection import DEFAULT_FILTERS, Candidate, LookupRequest, normalize, sample, select
 
 NOW = 1_800_000_000_000
 
@@ -161,3 +161,44 @@ def test_the_sample_gives_every_node_the_same_chance_and_always_its_full_size():
             seen[c.node.id] += 1
     expected = 4000 * 16 / 40
     assert all(abs(count - expected) < 0.15 * expected for count in seen.values()), seen
+
+
+def random_fleet(rng):
+    """Nodes with every property a filter or weigher reads drawn at random, ties included."""
+    nodes = []
+    for i in range(rng.randint(1, 30)):
+        capacity = rng.choice((0, 1, 4, 10, 10, 100))
+        streams = {"live/demo": StreamLoad(1, 0, False, 1)} if rng.random() < 0.3 else {}
+        nodes.append(make(f"n{i}", role=rng.choice(("edge", "edge", "origin")),
+                          region=rng.choice(("us-east-1", "eu-west-1", "ap-northeast-1")), capacity=capacity,
+                          viewers=rng.choice((0, 0, 1, 5, 9, 10, 50)), streams=streams,
+                          state=rng.choice(("inservice", "inservice", "inservice", "draining", "starting")),
+                          updated_ms=NOW - rng.choice((0, 0, 0, 180_000, 180_001)), group=rng.choice(("g", "g", "h"))))
+    return nodes
+
+
+def test_the_one_pass_scoring_answers_as_the_filters_and_weighers_do():
+    # select() scores the default policy in one pass (selection.score); a list of the default
+    # filters (not the same object) takes the filter-by-filter, weigher-by-weigher way.
+    rng = random.Random(11)
+    compared = answered = 0
+    for _ in range(3000):
+        cands = [Candidate.of(n) for n in random_fleet(rng)]
+        role = rng.choice(("edge", "origin"))
+        req = LookupRequest(role, "live/demo", rng.choice((None, "us-east-1", "eu-west-1", "sa-east-1")),
+                            rng.random() < 0.3, rng.choice((None, "eu-west-1")), rng.choice((None, "g", "h")),
+                            NOW, 180_000, {c.id: rng.randint(0, 3) for c in cands if rng.random() < 0.3})
+
+        def candidates_in(region, role=role, cands=cands):
+            return [c for c in cands if c.role == role and (region is None or c.region == region)]
+
+        regions = sorted({c.region for c in cands if c.role == role})
+        preferred = [c for c in cands if c.role == role and "live/demo" in c.streams]
+        seed = rng.random()
+        fused = select(req, candidates_in, regions, random.Random(seed), preferred=preferred, sample_size=4)
+        stepwise = select(req, candidates_in, regions, random.Random(seed), list(DEFAULT_FILTERS),
+                          preferred=preferred, sample_size=4)
+        assert (fused.node and fused.node.id, fused.reason) == (stepwise.node and stepwise.node.id, stepwise.reason)
+        compared += 1
+        answered += fused.node is not None
+    assert 0.3 * compared < answered < 0.9 * compared  # both answers and refusals were compared
