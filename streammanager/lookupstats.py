@@ -4,16 +4,17 @@ In multiprocess mode every prometheus-client update takes a lock, checks the pro
 and writes the value into a memory-mapped file. A lookup updated three values (its counter, its
 histogram's sum and bucket): a fifth of a lookup's instructions (callgrind at 10 nodes: 29k of 145k;
 batched, 122k in all).
-Here a lookup adds two integers and a float under one lock; :meth:`LookupStats.flush` adds what
-gathered to the metrics, every second (the placement's housekeeper), before this worker answers a
-scrape, and when it stops. The metrics stay exact; another worker's latest second may be missing from
-one scrape.
+Here a lookup appends its action, outcome and time to a queue (no lock: a deque's append and popleft
+are atomic); :meth:`LookupStats.flush` counts them and adds them to the metrics, every second (the
+placement's housekeeper), before this worker answers a scrape, and when it stops. The metrics stay
+exact; another worker's latest second may be missing from one scrape.
 """
 from __future__ import annotations
 
 import bisect
 import logging
 import threading
+from collections import deque
 
 from prometheus_client import Counter, Histogram
 
@@ -32,38 +33,42 @@ class LookupStats:
         # the histogram's upper bounds, +Inf last, as prometheus-client keeps them
         self._bounds = tuple(children[0]._upper_bounds) if self._batched else ()  # noqa: SLF001
         self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str], int] = {}
-        self._timings: dict[str, list] = {}  # action -> [sum, count per bucket...]
+        self._recorded: deque[tuple[str, str, float | None]] = deque()  # since the last flush
 
     def record(self, action: str, outcome: str, seconds: float | None = None) -> None:
-        if not self._batched:  # a prometheus-client without the parts flush() uses: update at once
-            self._counter.labels(action, outcome).inc()
-            if seconds is not None:
-                self._histogram.labels(action).observe(seconds)
+        if self._batched:  # one append (atomic, no lock): the lookup's thread does nothing else here
+            self._recorded.append((action, outcome, seconds))
             return
-        key = (action, outcome)
-        with self._lock:
-            self._counts[key] = self._counts.get(key, 0) + 1
-            if seconds is not None:
-                timing = self._timings.get(action)
-                if timing is None:
-                    timing = self._timings[action] = [0.0] + [0] * len(self._bounds)
-                timing[0] += seconds
-                timing[1 + bisect.bisect_left(self._bounds, seconds)] += 1
+        # a prometheus-client without the parts flush() uses: update at once
+        self._counter.labels(action, outcome).inc()
+        if seconds is not None:
+            self._histogram.labels(action).observe(seconds)
 
     def flush(self) -> None:
-        """Add what gathered since the last flush to the metrics."""
-        with self._lock:
-            counts, self._counts = self._counts, {}
-            timings, self._timings = self._timings, {}
-        for (action, outcome), n in counts.items():
-            self._counter.labels(action, outcome).inc(n)
-        for action, timing in timings.items():
-            child = self._histogram.labels(action)
-            child._sum.inc(timing[0])  # noqa: SLF001 (see _adds_in_batches)
-            for bucket, n in zip(child._buckets, timing[1:]):  # noqa: SLF001
-                if n:
-                    bucket.inc(n)
+        """Add what was recorded since the last flush to the metrics."""
+        recorded = self._recorded
+        counts: dict[tuple[str, str], int] = {}
+        timings: dict[str, list] = {}  # action -> [sum, count per bucket...]
+        bounds = self._bounds
+        with self._lock:  # one flush at a time; record() appends meanwhile, popleft takes each once
+            while recorded:
+                action, outcome, seconds = recorded.popleft()
+                key = (action, outcome)
+                counts[key] = counts.get(key, 0) + 1
+                if seconds is not None:
+                    timing = timings.get(action)
+                    if timing is None:
+                        timing = timings[action] = [0.0] + [0] * len(bounds)
+                    timing[0] += seconds
+                    timing[1 + bisect.bisect_left(bounds, seconds)] += 1
+            for (action, outcome), n in counts.items():
+                self._counter.labels(action, outcome).inc(n)
+            for action, timing in timings.items():
+                child = self._histogram.labels(action)
+                child._sum.inc(timing[0])  # noqa: SLF001 (see _adds_in_batches)
+                for bucket, n in zip(child._buckets, timing[1:]):  # noqa: SLF001
+                    if n:
+                        bucket.inc(n)
 
 
 def _adds_in_batches(child) -> bool:

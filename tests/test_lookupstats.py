@@ -64,3 +64,32 @@ def test_without_the_histogram_parts_a_flush_needs_each_lookup_is_counted_at_onc
 def test_this_prometheus_client_takes_batches():
     _, _, histogram = metrics()
     assert lookupstats._adds_in_batches(histogram.labels("subscribe"))
+
+
+def test_lookups_recorded_while_a_flush_runs_are_each_counted_once():
+    import threading
+
+    registry, counter, histogram = metrics()
+    stats = LookupStats(counter, histogram, ("subscribe",))
+    done = threading.Event()
+
+    def flusher():
+        while not done.is_set():
+            stats.flush()
+
+    def lookups():
+        for _ in range(20_000):
+            stats.record("subscribe", "ok", 0.0002)
+
+    threads = [threading.Thread(target=lookups) for _ in range(4)]
+    background = threading.Thread(target=flusher)
+    background.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    background.join()
+    stats.flush()
+    assert value(registry, "t_lookups_total", action="subscribe", outcome="ok") == 80_000
+    assert value(registry, "t_lookup_seconds_bucket", action="subscribe", le="0.0005") == 80_000
