@@ -10,7 +10,7 @@ import random
 import threading
 from collections import deque
 from functools import partial
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
@@ -58,44 +58,49 @@ def rtmp_url(node: NodeRecord, key: StreamKey) -> str:
 class Assignments:
     """Answers given by this process that load reports may not show yet, per node.
 
-    Each answer counts against its node for ``ttl_ms``: long enough for the client to connect and the
-    node's next report to include it.
+    Each answer counts against its node for ``ttl_ms`` (and at most two ``BUCKET_MS`` more): long enough
+    for the client to connect and the node's next report to include it. Answers are kept in buckets of
+    ``BUCKET_MS`` (node -> answers), so forgetting old answers costs one step per node and bucket
+    answered, not a walk over every node ten times a second.
     """
+
+    BUCKET_MS = 100
 
     def __init__(self, ttl_ms: int):
         self._ttl_ms = ttl_ms
-        self._times: dict[str, deque[int]] = {}
-        self._counts: dict[str, int] = {}
+        self._buckets: deque[tuple[int, dict[str, int]]] = deque()  # (first answer's ms, node -> answers)
+        self._counts: dict[str, int] = {}  # node -> answers in all buckets
         self._lock = threading.Lock()
         self._next_prune_ms = 0
 
     def add(self, node_id: str, now: int) -> None:
         with self._lock:
-            times = self._times.get(node_id)
-            if times is None:
-                times = self._times[node_id] = deque()
-            times.append(now)
+            buckets = self._buckets
+            if not buckets or now >= buckets[-1][0] + self.BUCKET_MS:
+                buckets.append((now, {}))
+            bucket = buckets[-1][1]
+            bucket[node_id] = bucket.get(node_id, 0) + 1
             counts = self._counts
             counts[node_id] = counts.get(node_id, 0) + 1
 
-    def snapshot(self, now: int) -> dict[str, int]:
+    def snapshot(self, now: int) -> Mapping[str, int]:
+        """Node -> answers not yet expired. The mapping is live: read it with ``get``, do not iterate."""
         if now >= self._next_prune_ms:
             self._prune(now)
         return self._counts
 
     def _prune(self, now: int) -> None:
         with self._lock:
-            self._next_prune_ms = now + 100
-            oldest = now - self._ttl_ms
-            counts = {}
-            for node_id, times in list(self._times.items()):
-                while times and times[0] < oldest:
-                    times.popleft()
-                if times:
-                    counts[node_id] = len(times)
-                else:
-                    del self._times[node_id]
-            self._counts = counts  # readers hold the old dict: replace, never mutate in place
+            self._next_prune_ms = now + self.BUCKET_MS
+            buckets, counts = self._buckets, self._counts
+            # a bucket goes when its last possible answer is older than the ttl
+            while buckets and buckets[0][0] + self.BUCKET_MS <= now - self._ttl_ms:
+                for node_id, answers in buckets.popleft()[1].items():
+                    left = counts[node_id] - answers
+                    if left:
+                        counts[node_id] = left
+                    else:
+                        del counts[node_id]
 
 
 class Placement:
