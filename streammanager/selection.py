@@ -193,15 +193,15 @@ def pick(candidates: Sequence[Candidate], weights: Sequence[float], rng: random.
 
 
 def run_filters(candidates: Sequence[Candidate], req: LookupRequest, filters: Sequence[Filter],
-                removed: dict[str, int]) -> list[Candidate]:
-    """Apply ``filters`` in order, adding how many each removed to ``removed`` (for the error)."""
+                removed: dict[str, int]) -> None:
+    """Apply ``filters`` in order, adding how many each removed to ``removed`` (the error's counts; a
+    lookup that finds a node uses :func:`score` or :func:`survivors`)."""
     for f in filters:
         if not candidates:
             break
         before = len(candidates)
         candidates = f.filter_all(candidates, req)
         removed[f.name] = removed.get(f.name, 0) + before - len(candidates)
-    return list(candidates)
 
 
 def survivors(candidates: Sequence[Candidate], req: LookupRequest, filters: Sequence[Filter]) -> Sequence[Candidate]:
