@@ -26,16 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP API (gunicorn, asyncio workers)",
-                           description="Run the Stream Manager 2.0 API. Every option is also an SM_ "
-                                       "environment variable.")
+                           description="Run the Stream Manager 2.0 API. Every option is also an environment variable "
+                                       "(named in its help: SM_..., and COMMANDS_API_AUTH... for the "
+                                       "commands API).")
     add_options(serve, SERVER_OPTIONS)
     add_options(serve, COMMANDS_API_OPTIONS)
 
     controller = sub.add_parser(
         "controller", help="run the controller (autoscaler and leader-only duties; one of several leads)",
         description="Run a controller. Several may run; one leads (ZooKeeper election) and keeps every node "
-                    "group at the right size through its cloud provider. Every option is also an SM_ "
-                    "environment variable.")
+                    "group at the right size through its cloud provider. Every option is also an environment "
+                    "variable (named in its help: SM_..., and EVENT_CALLBACK_... for event callbacks).")
     add_options(controller, CONTROLLER_OPTIONS)
     add_options(controller, EVENT_CALLBACK_OPTIONS)
 

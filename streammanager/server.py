@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -55,6 +56,7 @@ class ApiServer(BaseApplication):
             "loglevel": s.log_level.lower(),
             "proc_name": "streammanager-api",
             "child_exit": _child_exit,
+            "when_ready": _when_ready,
             "control_socket_disable": True,
         }.items():
             self.cfg.set(key, value)
@@ -89,6 +91,13 @@ class ApiServer(BaseApplication):
         return ApiFront(app, threads=self.settings.threads)
 
 
+def _when_ready(server) -> None:
+    # with reuse_port the master holds no socket and gunicorn's own "Listening at:" names none
+    cfg = server.cfg
+    sockets = "a socket per worker (SO_REUSEPORT)" if cfg.reuse_port else "one shared socket"
+    server.log.info("streammanager API on http://%s: %d workers, %s", ",".join(cfg.bind), cfg.workers, sockets)
+
+
 def _child_exit(server, worker) -> None:
     from prometheus_client import multiprocess
 
@@ -117,6 +126,18 @@ def address_in_use(bind: str) -> str | None:
     return None
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT before gunicorn runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def serve(settings: ServerSettings) -> int:
     problem = address_in_use(settings.bind)
     if problem:
@@ -131,11 +152,17 @@ def serve(settings: ServerSettings) -> int:
 
     master = os.getpid()
     feed_dir = feed = None
-    if settings.registry_feed:
-        feed_dir = tempfile.mkdtemp(prefix="sm-feed-")  # private (0700): only this user's workers read it
-        settings, feed = start_feed(settings, feed_dir)
+    # Until gunicorn installs its own handlers, SIGTERM and Ctrl-C unwind this frame: a server stopped
+    # while it waits for its feed stops the feed and removes its directories
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     try:
+        if settings.registry_feed:
+            feed_dir = tempfile.mkdtemp(prefix="sm-feed-")  # private (0700): only this user's workers read it
+            settings, feed = start_feed(settings, feed_dir)
         ApiServer(settings, metrics_dir).run()
+    except Interrupted as stopped:
+        return 128 + stopped.signum
     finally:
         # Workers are forks of this process and leave through sys.exit(), unwinding this very frame:
         # only the master may remove the directory the other workers still write to.
@@ -160,8 +187,12 @@ def start_feed(settings: ServerSettings, feed_dir: str):
                       log_name="streammanager.feed")
     feed.start()
     deadline = time.monotonic() + FEED_START_S
-    while not os.path.exists(socket_path) and feed.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    try:
+        while not os.path.exists(socket_path) and feed.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C while waiting: the caller never gets the feed to stop
+        feed.stop(5)
+        raise
     if not os.path.exists(socket_path):
         log.warning("the registry feed is not up after %.0f s: workers watch ZooKeeper themselves until it is",
                     FEED_START_S)

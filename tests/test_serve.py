@@ -231,3 +231,36 @@ def test_serve_with_one_shared_socket_when_reuse_port_is_off(procs, tmp_path, zo
     bad = subprocess.run([str(BIN / "streammanager"), "serve"], env={**os.environ, **env, "SM_REUSE_PORT": "maybe",
                          "SM_BIND": f"127.0.0.1:{free_port()}"}, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "SM_REUSE_PORT" in bad.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_server_stopped_while_waiting_for_its_feed_leaves_nothing_behind(procs, tmp_path, sig):
+    # ZooKeeper unreachable: the master waits for the registry feed (up to 15 s) before gunicorn starts.
+    # Stopped then, it must stop the feed and remove its directories, without a traceback.
+    closed = free_port()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {"SM_ZK_HOSTS": f"127.0.0.1:{closed}", "SM_BIND": f"127.0.0.1:{free_port()}", "TMPDIR": str(tmp),
+           "SM_LOG_FORMAT": "text"}
+    proc = procs([str(BIN / "streammanager"), "serve"], env, tmp_path / "api.log")
+
+    def feed_pid():
+        out = subprocess.run(["pgrep", "-P", str(proc.popen.pid), "-f", "streammanager.feed"],
+                             capture_output=True, text=True).stdout.split()
+        return int(out[0]) if out else None
+    wait_until(feed_pid, 15, what="the registry feed to start")
+    feed = feed_pid()
+    assert proc.popen.poll() is None, proc.log()
+    proc.signal(sig)
+    assert proc.popen.wait(15) == 128 + sig, proc.log()
+    assert "Traceback" not in proc.log()
+    wait_until(lambda: not os.path.exists(f"/proc/{feed}") or _zombie(feed), 10, what="the feed to stop")
+    assert list(tmp.iterdir()) == []  # no sm-metrics-*, no sm-feed-*
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
