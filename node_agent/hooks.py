@@ -74,6 +74,16 @@ def _query_args(text, what: str) -> dict[str, str]:
     return dict(parse_qsl(text.lstrip("?")))
 
 
+def _url_query(url):
+    """The query of ``url`` if it is a string (anything else is for ``_query_args`` to refuse)."""
+    if not isinstance(url, str):
+        return url
+    try:
+        return urlsplit(url).query
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise MalformedHook(f"tcUrl is not a URL: {exc}") from None
+
+
 def create_hooks_app(agent: Agent) -> Flask:
     app = Flask("node_agent")
     connects = ConnectArgs()
@@ -121,8 +131,7 @@ def create_hooks_app(agent: Agent) -> Flask:
         action = body.get("action")
         if action not in SRS_ACTIONS:
             raise MalformedHook(f"unknown action {str(action)[:40]!r}")
-        tc_url = body.get("tcUrl")
-        tc_args = _query_args(urlsplit(tc_url).query if isinstance(tc_url, str) else tc_url, "tcUrl")
+        tc_args = _query_args(_url_query(body.get("tcUrl")), "tcUrl")
         if action == "on_connect":
             # the key may be only here (tcUrl): remember it for this client's on_publish
             if body.get("client_id") is not None and tc_args:
