@@ -83,6 +83,8 @@ class Agent:
         self.relay_secret = secrets.token_hex(16)  # edges accept publishers only with it (our relays)
         self.registered = threading.Event()  # set once start() registered the node
         self._record_missing = False  # our node record was deleted while our session lives
+        self._claims_to_check: set[str] = set()  # claim paths whose watch fired: claim again if still ours
+        self._claims_lock = threading.Lock()
         self.last_progress = time.monotonic()  # when the report loop last ran
         self.state = STATE_INSERVICE
         self.started_ms = now_ms()
@@ -188,11 +190,14 @@ class Agent:
 
     def report(self, force: bool = False) -> bool:
         """Write the node record if it changed, or if a heartbeat is due, or with ``force``; after a
-        new session, register it again and reclaim streams. Returns whether it wrote. Skipped while
+        new session, register it again and reclaim streams; claim again streams whose claim someone
+        removed (``DELETE /admin/event``). Returns whether it wrote the record. Skipped while
         disconnected: the session's return (or a new one) brings the next report."""
         if not self.client.connected:
             return False
         session = self.client.client_id[0] if self.client.client_id else None
+        if self._claims_to_check and session == self._registered_session:
+            self._check_claims()
         record = self.record()
         content = (record.state, record.capacity, dict(record.streams), round(record.cpu, 1))
         heartbeat_due = time.monotonic() - self._last_write >= self.settings.heartbeat_interval_s
@@ -231,13 +236,61 @@ class Agent:
             else:
                 self.client.set(path, data)
 
-    def _reclaim_streams(self) -> None:
+    def _reclaim_streams(self, only_paths: set[str] | None = None) -> None:
+        """Claim every stream published here (an origin's: an edge's published streams are its relays,
+        owned by their origin), or only those whose claim path is in ``only_paths``."""
+        if self.settings.role != ROLE_ORIGIN:
+            return
         for stream in self.table.published():
+            path = self.paths.stream(stream.key)
+            if only_paths is not None and path not in only_paths:
+                continue
             record = StreamRecord(self.settings.node_id, stream.session_id or "", stream.start_ms)
             owner = self.claims.claim(stream.key, record)
-            if owner.session_id != record.session_id and owner.node_id != self.settings.node_id:
+            extra = {**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name}
+            if owner.session_id == record.session_id:
+                self._watch_claim(path)
+                if only_paths is not None:
+                    log.info("the stream's claim was removed while it is published here (DELETE "
+                             "/admin/event?): claimed it again", extra=extra)
+            elif owner.node_id != self.settings.node_id:
                 log.warning("stream was claimed elsewhere while this node was away: %s", owner.node_id,
-                            extra={**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name})
+                            extra=extra)
+
+    # Claims are watched: one removed by someone else while the stream is published here (an admin's
+    # DELETE /admin/event clears every claim; the specification says publishing goes on) is claimed
+    # again by the next report, woken at once. A claim released by an unpublish fires the watch too;
+    # the stream is no longer published then, and nothing is claimed.
+    def _watch_claim(self, path: str) -> None:
+        watched = self.client.exists_async(path, watch=self._on_claim_event)
+        watched.rawlink(lambda result: self._claim_watched(path, result))
+
+    def _claim_watched(self, path: str, result) -> None:
+        try:
+            if result.get_nowait() is None:  # removed before the watch was set
+                self._claim_lost(path)
+        except Exception:  # the connection went: a new session reclaims every stream anyway
+            pass
+
+    def _on_claim_event(self, event) -> None:
+        if event.path is not None:  # None: the session went; a new one reclaims every stream
+            self._claim_lost(event.path)
+
+    def _claim_lost(self, path: str) -> None:
+        if not self._stopping.is_set():
+            with self._claims_lock:
+                self._claims_to_check.add(path)
+            self.changed(urgent=True)
+
+    def _check_claims(self) -> None:
+        with self._claims_lock:
+            paths, self._claims_to_check = self._claims_to_check, set()
+        try:
+            self._reclaim_streams(only_paths=paths)
+        except BaseException:
+            with self._claims_lock:
+                self._claims_to_check |= paths  # the next report tries again
+            raise
 
     def _on_own_record(self, data, stat, event=None) -> bool:
         if self._stopping.is_set():
@@ -325,6 +378,7 @@ class Agent:
             except KazooException:
                 pass
             return Decision.refuse("the registry is unreachable", 503)
+        self._watch_claim(self.paths.stream(key))
         log.info("stream published", extra=extra)
         self.changed(urgent=True)
         return Decision.allow()

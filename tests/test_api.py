@@ -222,16 +222,48 @@ def test_without_an_access_token_configured_every_admin_call_is_refused(make_app
 
 
 def test_delete_admin_event_clears_stream_entries_and_answers_count(api, cluster, zk, zk_root):
-    cluster["us_origin"].publish("one", clientid="p1")
-    cluster["eu_origin"].publish("two", clientid="p2")
     lookup(api, "reserved-only", "broadcast")
+    assert zk.get_children(f"{zk_root}/v1/reservations") == ["live"]
     response = api.delete(f"{P}/admin/event?accessToken=s3cret-token")
     assert response.status_code == 200
     body = response.get_json()
-    assert body["count"] == 2 and body["timestamp"] > 1_600_000_000_000
-    assert zk.get_children(f"{zk_root}/v1/streams") == []
+    assert body["count"] == 0 and body["timestamp"] > 1_600_000_000_000
     assert zk.get_children(f"{zk_root}/v1/reservations") == []
-    assert api.delete(f"{P}/admin/event?accessToken=s3cret-token").get_json()["count"] == 0
+    # a stale claim (its node gone without closing its session) is what the call is for
+    zk.create(f"{zk_root}/v1/streams/live/stale", b'{"schema": 1, "node_id": "gone", "session_id": "s", "start_ms": 1}',
+              makepath=True)
+    assert api.delete(f"{P}/admin/event?accessToken=s3cret-token").get_json()["count"] == 1
+    assert zk.exists(f"{zk_root}/v1/streams/live/stale") is None
+
+
+def test_delete_admin_event_does_not_change_publishing(api, cluster, zk, zk_root):
+    # The specification: the call "does not change the actual state (publishing) of a stream". Origins
+    # still publishing claim their streams again at once: they stay live, on the same origin, and a
+    # second encoder elsewhere is still refused.
+    cluster["us_origin"].publish("one", clientid="p1")
+    cluster["eu_origin"].publish("two", clientid="p2")
+    wait_until(lambda: len(api.get(f"{P}/event/list").get_json()) == 2, 5, what="both streams listed")
+    response = api.delete(f"{P}/admin/event?accessToken=s3cret-token")
+    assert response.status_code == 200 and response.get_json()["count"] == 2
+
+    def claimed():
+        return sorted(zk.get_children(f"{zk_root}/v1/streams/live")) == ["one", "two"] \
+            if zk.exists(f"{zk_root}/v1/streams/live") else False
+    wait_until(claimed, 5, what="the origins to claim their streams again")
+    wait_until(lambda: lookup(api, "one", "subscribe", region="eu-west-1").status_code == 200, 5,
+               what="stream one live again in the view")
+    answer = lookup(api, "one", "broadcast", region="eu-west-1").get_json()
+    assert answer["serverAddress"] == cluster["us_origin"].host  # still its origin
+    assert cluster["eu_origin"].publish("one", clientid="p3").status_code == 403  # a second encoder
+    assert cluster["eu_edge"].play("two", clientid="v1").status_code == 200
+    # and the claims are watched again: a second clear is undone as well
+    assert api.delete(f"{P}/admin/event?accessToken=s3cret-token").get_json()["count"] == 2
+    wait_until(claimed, 5, what="the origins to claim their streams a second time")
+    # an unpublished stream is not claimed again
+    cluster["us_origin"].hook("publish_done", "one", clientid="p1")
+    wait_until(lambda: zk.get_children(f"{zk_root}/v1/streams/live") == ["two"], 5, what="one released")
+    time.sleep(1.0)
+    assert zk.get_children(f"{zk_root}/v1/streams/live") == ["two"]
 
 
 def test_healthz_reports_the_view(api, cluster):
@@ -402,3 +434,36 @@ def test_a_query_of_raw_non_ascii_bytes_gets_a_400_on_every_route_through_the_fr
         status, headers, body = asgi_get(front, url)
         assert status == 400 and headers["content-type"] == "application/json"
         assert set(json.loads(body)) == {"errorMessage", "timestamp"}
+
+
+def _expire_session(client, hosts: str) -> int:
+    """Expire ``client``'s ZooKeeper session the way a long partition does (a twin client with the same
+    session id and password closes it); returns the expired session's id."""
+    from kazoo.client import KazooClient
+
+    session_id, password = client.client_id
+    twin = KazooClient(hosts=hosts, client_id=(session_id, password))
+    twin.start(timeout=10)
+    twin.stop()
+    twin.close()
+    return session_id
+
+
+def test_after_a_session_expiry_an_origin_claims_its_streams_again_and_an_edge_claims_none(
+        api, cluster, zk, zk_root, zookeeper):
+    origin, edge = cluster["us_origin"], cluster["us_edge"]
+    assert origin.publish("kept", clientid="p1").status_code == 200
+    # the edge relays a stream whose origin left: its table holds a publish that is not its to claim
+    assert edge.hook("publish", "orphan", clientid="r1", type="live",
+                     relaykey=edge.agent.relay_secret).status_code == 200
+    for node in (origin, edge):
+        expired = _expire_session(node.agent.client, zookeeper.hosts)
+        wait_until(lambda: node.agent.client.connected and node.agent.client.client_id[0] != expired
+                   and node.agent._registered_session == node.agent.client.client_id[0], 15,
+                   what=f"{node.id} back on a new session")
+    wait_until(lambda: zk.exists(f"{zk_root}/v1/streams/live/kept") is not None, 5, what="kept claimed again")
+    data, _ = zk.get(f"{zk_root}/v1/streams/live/kept")
+    assert json.loads(data)["node_id"] == origin.id
+    wait_until(lambda: lookup(api, "kept", "subscribe").status_code == 200, 5, what="kept live in the view")
+    assert zk.exists(f"{zk_root}/v1/streams/live/orphan") is None
+    assert lookup(api, "orphan", "subscribe").status_code == 404
