@@ -360,7 +360,7 @@ def stream_stats(version: str, scope: str, stream: str):
 @api.delete("/admin/event")
 def clear_streams(version: str):
     """Clear stream ownership records and broadcast reservations. Publishing is not touched: agents
-    that still carry a stream claim it again on their next report."""
+    that still publish a stream claim it again at once (they watch their claims)."""
     require_admin()
     svc = services()
     count = delete_children_twice_deep(svc.client, svc.paths.streams)
