@@ -103,6 +103,13 @@ class Assignments:
                         del counts[node_id]
 
 
+def _check_strict(key: StreamKey, origin: NodeRecord, region: str | None, strict: bool, what: str) -> None:
+    """A stream's one origin answers every broadcast lookup; ``strict=true`` refuses it when it is elsewhere."""
+    if strict and region is not None and origin.region != region:
+        raise BadRequest(f"stream {key.scope_path}/{key.name} {what} on an origin in region {origin.region}, "
+                         f"not in {region[:64]} (strict)")
+
+
 class Placement:
     def __init__(self, view: RegistryView, client: KazooClient, paths: ZkPaths, *,
                  heartbeat_max_age_s: float = 180.0, reservation_ttl_s: float = 30.0,
@@ -124,11 +131,14 @@ class Placement:
         self._check_region(region)
         skey = str(key)
         origin = self.view.origin_of(skey)
-        if origin is not None:
-            return Answer(key, origin)  # live already: the broadcaster reconnects to its origin
+        if origin is not None:  # live already: the broadcaster reconnects to its origin
+            _check_strict(key, origin, region, strict, "is live")
+            return Answer(key, origin)
         now = now_ms()
         chosen = self._select(ROLE_ORIGIN, key, skey, region, strict, None, None, now)
         node = self._reserve(key, chosen, now)
+        if node is not chosen:  # another lookup's reservation: every encoder of the stream goes there
+            _check_strict(key, node, region, strict, "is reserved")
         self.assignments.add(node.id, now)
         return Answer(key, node)
 

@@ -147,6 +147,20 @@ def test_a_region_without_nodes_falls_back_to_the_nearest_one_unless_strict(api,
     assert lookup(api, "x", "broadcast", region="us-east-2").get_json()["region"] == "us-east-1"
 
 
+def test_strict_refuses_a_broadcast_whose_stream_has_its_origin_in_another_region(api, cluster):
+    # reserved by a first lookup in us-east-1: a strict lookup in eu-west-1 must not answer us-east-1
+    assert lookup(api, "pending", "broadcast", region="us-east-1").get_json()["region"] == "us-east-1"
+    assert_error(lookup(api, "pending", "broadcast", region="eu-west-1", strict="true"), 400,
+                 "is reserved on an origin in region us-east-1, not in eu-west-1 (strict)")
+    assert lookup(api, "pending", "broadcast", region="eu-west-1").get_json()["region"] == "us-east-1"
+    assert lookup(api, "pending", "broadcast", region="us-east-1", strict="true").get_json()["region"] == "us-east-1"
+    cluster["us_origin"].publish("onair")
+    wait_until(lambda: api.get(f"{P}/event/live/onair/stats").status_code == 200, what="live")
+    assert_error(lookup(api, "onair", "broadcast", region="eu-west-1", strict="true"), 400,
+                 "is live on an origin in region us-east-1, not in eu-west-1 (strict)")
+    assert lookup(api, "onair", "broadcast", region="eu-west-1").get_json()["serverAddress"] == cluster["us_origin"].host
+
+
 def test_a_draining_node_gets_no_new_subscribers(api, make_node):
     origin = make_node("origin", "us-east-1")
     draining = make_node("edge", "us-east-1")
