@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from kazoo.exceptions import KazooException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from werkzeug.exceptions import HTTPException
 
@@ -41,6 +42,7 @@ RESERVED_SCOPES = ("list",)
 # what the server's front (streammanager.front) answers itself, without Flask's routing
 LOOKUP_PATH = re.compile(r"^/streammanager/api/(?:2\.0|1\.0)/event/([^/]+)/([^/]+)$")
 MAX_REGION_LENGTH = 64
+ADMIN_ZK_TIMEOUT_S = 10.0  # an admin call that writes to ZooKeeper answers 503 after this, not never
 
 LOOKUPS = Counter("sm_lookups_total", "Broadcast and subscribe lookups", ["action", "outcome"])
 LOOKUP_SECONDS = Histogram("sm_lookup_seconds", "Time to answer a lookup", ["action"],
@@ -363,8 +365,15 @@ def clear_streams(version: str):
     that still publish a stream claim it again at once (they watch their claims)."""
     require_admin()
     svc = services()
-    count = delete_children_twice_deep(svc.client, svc.paths.streams)
-    reservations = delete_children_twice_deep(svc.client, svc.paths.reservations)
+    if not svc.client.connected:
+        raise ServiceUnavailable("ZooKeeper is unreachable: nothing was cleared")
+    try:
+        count = delete_children_twice_deep(svc.client, svc.paths.streams, ADMIN_ZK_TIMEOUT_S)
+        reservations = delete_children_twice_deep(svc.client, svc.paths.reservations, ADMIN_ZK_TIMEOUT_S)
+    except (KazooException, svc.client.handler.timeout_exception) as exc:
+        log.warning("clearing stream entries failed: %s", exc)
+        raise ServiceUnavailable(f"the registry did not complete the clear ({exc}): some entries may be "
+                                 "left; try again") from None
     log.info("admin cleared %d stream records and %d reservations", count, reservations)
     return jsonify({"count": count, "timestamp": now_ms()})
 

@@ -532,26 +532,44 @@ class StreamClaims:
             return None
 
 
-def delete_children_twice_deep(client: KazooClient, parent: str) -> int:
-    """Delete every ``parent/<a>/<b>`` leaf (and emptied ``<a>``); return how many leaves went."""
+def delete_children_twice_deep(client: KazooClient, parent: str, timeout_s: float = 10.0) -> int:
+    """Delete every ``parent/<a>/<b>`` leaf (and emptied ``<a>``); return how many leaves went.
+
+    Bounded: calls that fail for a lost connection are tried again until ``timeout_s`` has passed in
+    all, then ``ConnectionLoss`` is raised (kazoo queues requests while it reconnects, so an unbounded
+    retry waited as long as ZooKeeper was away, and the admin's request with it)."""
+    deadline = time.monotonic() + timeout_s
+
+    def call(method: str, path: str):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectionLoss(f"ZooKeeper did not answer within {timeout_s:g} s")
+            try:
+                return getattr(client, method + "_async")(path).get(timeout=remaining)
+            except client.handler.timeout_exception:
+                continue  # the deadline check above raises
+            except ConnectionLoss:
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
     count = 0
     try:
-        scopes = client.retry(client.get_children, parent)
+        scopes = call("get_children", parent)
     except NoNodeError:
         return 0
     for scope in scopes:
         try:
-            names = client.retry(client.get_children, f"{parent}/{scope}")
+            names = call("get_children", f"{parent}/{scope}")
         except NoNodeError:
             continue
         for name in names:
             try:
-                client.retry(client.delete, f"{parent}/{scope}/{name}")
+                call("delete", f"{parent}/{scope}/{name}")
                 count += 1
             except NoNodeError:
                 pass
         try:
-            client.retry(client.delete, f"{parent}/{scope}")
+            call("delete", f"{parent}/{scope}")
         except (NoNodeError, NotEmptyError):
             pass
     return count

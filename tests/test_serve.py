@@ -264,3 +264,34 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_clearing_stream_entries_answers_503_in_bounded_time_when_zookeeper_hangs(tmp_path, zk_root, monkeypatch):
+    import time
+
+    from streammanager import api as api_module
+    from streammanager.api import create_app
+    from streammanager.config import ServerSettings
+
+    monkeypatch.setattr(api_module, "ADMIN_ZK_TIMEOUT_S", 1.5)
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "frozen-zk", port=free_port(), tick_ms=500))
+    zk.start()
+    app = create_app(ServerSettings(zk_hosts=zk.hosts, zk_root=zk_root, zk_timeout_s=30, access_token="tok"),
+                     init_timeout_s=15)
+    try:
+        api = app.test_client()
+        assert api.delete(f"{P}/admin/event?accessToken=tok").status_code == 200
+        os.kill(zk.pid, signal.SIGSTOP)  # still "connected", but nothing answers
+        try:
+            started = time.monotonic()
+            response = api.delete(f"{P}/admin/event?accessToken=tok")
+            assert response.status_code == 503, response.get_data(as_text=True)
+            assert "did not complete the clear" in response.get_json()["errorMessage"]
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(zk.pid, signal.SIGCONT)
+        wait_until(lambda: api.delete(f"{P}/admin/event?accessToken=tok").status_code == 200, 15,
+                   what="the clear to work again")
+    finally:
+        app.extensions["sm"].close()
+        zk.stop()
