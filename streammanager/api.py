@@ -141,6 +141,9 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
 
     app = Flask("streammanager")
     app.json.sort_keys = False
+    # No 308 redirects that merge slashes: ".../event/live//stats" would become a lookup of the stream
+    # "stats"; an empty name is a 400 (see _http_error)
+    app.url_map.merge_slashes = False
     app.extensions["sm"] = Services(settings, client, view, placement, paths, housekeeper)
     from streammanager.admin_groups import admin_groups
     from streammanager.dashboard import dashboard
@@ -171,7 +174,14 @@ def _api_error(exc: ApiError) -> Response:
     return error_response(exc.status, exc.message)
 
 
+EVENT_PATH = re.compile(r"^/streammanager/api/(?:2\.0|1\.0)/event/")
+
+
 def _http_error(exc: HTTPException) -> Response:
+    if exc.code == 404 and request.method in ("GET", "HEAD") and EVENT_PATH.match(request.path):
+        # every well-formed /event/... path has a route: what is left has an empty scope or name
+        return error_response(400, "scope and stream names cannot be empty: use "
+                                   f".../event/<scope>/<stream> (got {request.path[:200]})")
     if exc.code == 404:
         return error_response(404, f"no such resource: {request.method} {request.path[:200]}")
     if exc.code == 405:
@@ -219,10 +229,10 @@ def require_admin() -> None:
     if not expected:
         raise Forbidden("the admin API is disabled: set SM_ACCESS_TOKEN on the stream manager")
     given = request.args.get("accessToken")
-    if given is None:
-        auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = auth[len("Bearer "):]
+    if not given:
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":  # auth schemes are case-insensitive (RFC 9110)
+            given = credentials.strip()
     if not given:
         raise Unauthorized("missing accessToken")
     if not hmac.compare_digest(given.encode(), expected.encode()):

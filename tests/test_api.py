@@ -191,6 +191,13 @@ def test_a_draining_node_gets_no_new_subscribers(api, make_node):
     (f"{P}/event/live/nobody/stats", 404, "not live"),
     (f"{P}/nothing/here", 404, "no such resource"),
     ("/streammanager/api/3.0/event/list", 404, "no such resource"),
+    # empty names: never a redirect that merges the slashes into another resource's path
+    (f"{P}/event/live//stats", 400, "cannot be empty"),
+    (f"{P}/event//demo/stats", 400, "cannot be empty"),
+    (f"{P}/event//demo?action=subscribe", 400, "cannot be empty"),
+    (f"{P}/event/live/?action=subscribe", 400, "cannot be empty"),
+    (f"{P}/event/?action=subscribe", 400, "cannot be empty"),
+    (f"/streammanager/api/2.0//event/live/demo?action=subscribe", 404, "no such resource"),
 ])
 def test_bad_input_gets_a_clear_error_in_the_documented_shape(api, cluster, path, status, fragment):
     assert_error(api.get(path), status, fragment)
@@ -226,6 +233,14 @@ def test_admin_node_lists_every_node_with_role_region_state_capacity_load_and_st
 def test_admin_calls_refuse_a_missing_or_wrong_token(api, cluster, query):
     assert_error(api.get(f"{P}/admin/node{query}"), 401, "accessToken")
     assert_error(api.delete(f"{P}/admin/event{query}"), 401, "accessToken")
+
+
+@pytest.mark.parametrize("header", ["Bearer s3cret-token", "bearer s3cret-token", "BEARER  s3cret-token"])
+def test_the_token_is_accepted_as_a_bearer_credential_of_any_case(api, cluster, header):
+    assert api.get(f"{P}/admin/node", headers={"Authorization": header}).status_code == 200
+    assert api.get(f"{P}/admin/node?accessToken=", headers={"Authorization": header}).status_code == 200
+    assert_error(api.get(f"{P}/admin/node", headers={"Authorization": header + "x"}), 401, "invalid")
+    assert_error(api.get(f"{P}/admin/node", headers={"Authorization": "Basic s3cret-token"}), 401, "missing")
 
 
 def test_without_an_access_token_configured_every_admin_call_is_refused(make_app):
