@@ -18,16 +18,65 @@ import socket
 import sys
 import tempfile
 import time
+import weakref
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gasgi import ASGIWorker
 
-from streammanager.config import ServerSettings
+from streammanager.config import SERVER_OPTIONS, ServerSettings
 from streammanager.process import Supervised
 
 log = logging.getLogger(__name__)
 
 GIL_SWITCH_INTERVAL_S = 0.001
 GC_THRESHOLDS = (50_000, 20, 100)
+
+
+class ApiWorker(ASGIWorker):
+    """gunicorn's ASGI worker, but a stop does not wait for idle keep-alive connections.
+
+    gunicorn's worker waits up to ``graceful_timeout`` (10 s) for every open connection to close, idle
+    ones included: one client that keeps a connection open (a load balancer, an SDK's pool) made every
+    stop take 10 s, longer than some supervisors wait before SIGKILL (Docker's default is 10 s), and a
+    killed server leaves its ZooKeeper session (this worker's reservations) to time out. Here the
+    connections waiting for their next request are closed as the stop begins, as uvicorn does; requests
+    in progress are finished as before, their connections closed after the answer.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._protocols: "weakref.WeakSet" = weakref.WeakSet()
+
+    async def _serve(self):
+        create_server = self.loop.create_server
+        protocols = self._protocols
+
+        async def tracking_create_server(factory, *args, **kwargs):
+            def tracked():
+                protocol = factory()
+                protocols.add(protocol)
+                return protocol
+            return await create_server(tracked, *args, **kwargs)
+
+        self.loop.create_server = tracking_create_server
+        await super()._serve()
+
+    async def _shutdown(self):
+        idle = [p for p in list(self._protocols) if _idle(p)]
+        for protocol in idle:
+            protocol.transport.close()
+        if idle:
+            self.log.info("closed %d idle keep-alive connections", len(idle))
+        await super()._shutdown()
+
+
+def _idle(protocol) -> bool:
+    """Whether a connection waits for its next request with no byte of it received. gunicorn keeps this
+    in private attributes: if they change, nothing is idle and gunicorn's own graceful wait applies."""
+    parser = getattr(protocol, "_callback_parser", None)  # gunicorn's pure-Python HTTP/1 parser
+    held = getattr(parser, "_buffer", None)
+    return (getattr(protocol, "_awaiting_request", False) is True and getattr(parser, "_state", None) == "request_line"
+            and held is not None and len(held) == 0 and getattr(protocol, "transport", None) is not None)
 
 
 class ApiServer(BaseApplication):
@@ -41,7 +90,9 @@ class ApiServer(BaseApplication):
         for key, value in {
             "bind": [s.bind],
             "workers": s.workers,
-            "worker_class": "asgi",  # asyncio: lookups on the loop, Flask on a thread pool (streammanager.front)
+            # gunicorn's asyncio (ASGI) worker, closing idle keep-alive connections at shutdown (ApiWorker):
+            # lookups on the loop, Flask on a thread pool (streammanager.front)
+            "worker_class": "streammanager.server.ApiWorker",
             "asgi_loop": "asyncio",
             "asgi_lifespan": "on",  # the front closes its ZooKeeper session when the worker stops
             "preload_app": False,
@@ -176,6 +227,18 @@ def serve(settings: ServerSettings) -> int:
 
 
 FEED_START_S = 15.0
+FEED_SETTINGS = ("zk_hosts", "zk_root", "zk_timeout_s", "log_level", "log_format")
+
+
+def feed_environment(settings: ServerSettings) -> dict[str, str]:
+    """The feed's environment: this server's own, with the settings the feed reads as this server
+    resolved them (a command-line option wins over the environment; the feed has no options of its own:
+    given ``--zk-hosts`` alone, it watched the default ZooKeeper)."""
+    env = dict(os.environ)
+    for option in SERVER_OPTIONS:
+        if option.field in FEED_SETTINGS:
+            env[option.env] = str(getattr(settings, option.field))
+    return env
 
 
 def start_feed(settings: ServerSettings, feed_dir: str):
@@ -184,7 +247,7 @@ def start_feed(settings: ServerSettings, feed_dir: str):
     time, workers that find no socket watch ZooKeeper themselves; the feed keeps trying to connect."""
     socket_path = os.path.join(feed_dir, "registry.sock")
     feed = Supervised("registry-feed", [sys.executable, "-m", "streammanager.feed", "--socket", socket_path],
-                      log_name="streammanager.feed")
+                      log_name="streammanager.feed", env=feed_environment(settings))
     feed.start()
     deadline = time.monotonic() + FEED_START_S
     try:

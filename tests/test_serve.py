@@ -295,3 +295,44 @@ def test_clearing_stream_entries_answers_503_in_bounded_time_when_zookeeper_hang
     finally:
         app.extensions["sm"].close()
         zk.stop()
+
+
+def test_a_stop_closes_idle_keep_alive_connections_at_once_and_finishes_a_request_under_way(
+        procs, tmp_path, zookeeper, zk_root):
+    # gunicorn's ASGI worker alone waited graceful_timeout (10 s) for any idle keep-alive connection
+    port = free_port()
+    proc = procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts",
+                  zookeeper.hosts, "--zk-root", zk_root, "--log-format", "text"], log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    for conn in idle:  # one answered request each, then nothing: idle keep-alive connections
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+    under_way = socket.create_connection(("127.0.0.1", port), timeout=10)
+    under_way.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # the request's end not sent yet
+    threading.Event().wait(0.3)
+    proc.signal(signal.SIGTERM)
+    for conn in idle:
+        assert conn.recv(65536) == b""  # closed by the server, not left to the 10 s graceful timeout
+        conn.close()
+    under_way.sendall(b"\r\n")
+    answer = under_way.recv(65536)
+    under_way.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert proc.popen.wait(8) == 0, proc.log()
+    log = proc.log()
+    assert "idle keep-alive connections" in log and "Forcing close" not in log and "Traceback" not in log
+
+
+def test_the_registry_feed_watches_the_zookeeper_given_on_the_command_line(procs, spawn_agent, tmp_path,
+                                                                           zookeeper, zk_root):
+    # the environment names another ZooKeeper and root: the options must win for the feed too
+    spawn_agent("origin", "us-east-1")
+    port = free_port()
+    env = {"SM_ZK_HOSTS": f"127.0.0.1:{free_port()}", "SM_ZK_ROOT": "/not-this-one"}
+    procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts", zookeeper.hosts,
+           "--zk-root", zk_root], env, tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    for _ in range(10):  # both workers
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()
+        assert (health["registrySource"], health["nodes"]) == ("feed", 1), health
