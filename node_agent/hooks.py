@@ -28,13 +28,17 @@ class MalformedHook(ValueError):
 def _client_id(raw) -> str:
     if isinstance(raw, bool) or raw is None:
         raise MalformedHook("clientid is missing")
+    if not isinstance(raw, (str, int)):
+        raise MalformedHook("clientid must be a string or a number")
     text = str(raw)
     if not text or len(text) > MAX_CLIENT_ID_LENGTH or not text.isprintable():
         raise MalformedHook("clientid is not a short printable value")
     return text
 
 
-def _key(app: str | None, name: str | None) -> StreamKey:
+def _key(app, name) -> StreamKey:
+    if not isinstance(app, (str, type(None))) or not isinstance(name, (str, type(None))):
+        raise MalformedHook("app and stream must be strings")
     try:
         return StreamKey.validated(app, name)
     except RecordError as exc:
@@ -125,7 +129,10 @@ def create_hooks_app(agent: Agent) -> Flask:
 
     @app.post("/hooks/srs")
     def srs_hook():
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # nested deeper than the JSON parser goes
+            body = None
         if not isinstance(body, dict):
             raise MalformedHook("expected a JSON object")
         action = body.get("action")

@@ -382,8 +382,8 @@ def clear_streams(version: str):
         reservations = delete_children_twice_deep(svc.client, svc.paths.reservations, ADMIN_ZK_TIMEOUT_S)
     except (KazooException, svc.client.handler.timeout_exception) as exc:
         log.warning("clearing stream entries failed: %s", exc)
-        raise ServiceUnavailable(f"the registry did not complete the clear ({exc}): some entries may be "
-                                 "left; try again") from None
+        raise ServiceUnavailable(f"the registry did not complete the clear ({str(exc) or type(exc).__name__}): "
+                                 "some entries may be left; try again") from None
     log.info("admin cleared %d stream records and %d reservations", count, reservations)
     return jsonify({"count": count, "timestamp": now_ms()})
 

@@ -5,6 +5,7 @@ Raw dicts from ZooKeeper are decoded here and nowhere else. A record that cannot
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, NamedTuple
@@ -30,6 +31,13 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._~!$'()*,:@-]+")
 
 class RecordError(ValueError):
     """A registry record or a name that does not decode or validate."""
+
+
+def _finite(value) -> float:
+    number = float(value)
+    if not math.isfinite(number):  # "nan" and "inf" parse, and would make the API's JSON invalid
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def validate_name(kind: str, value: str | None) -> str:
@@ -199,7 +207,7 @@ class NodeRecord:
                 capacity=doc["capacity"],
                 state=doc.get("state", STATE_INSERVICE),
                 streams=streams,
-                cpu=float(doc.get("cpu", 0.0)),
+                cpu=_finite(doc.get("cpu", 0.0)),
                 updated_ms=int(doc.get("updated_ms", 0)),
                 started_ms=int(doc.get("started_ms", 0)),
                 private_host=str(doc.get("private_host", "")),

@@ -312,6 +312,7 @@ class RegistryView:
         if record.id != node_id:
             self.decode_errors += 1
             log.warning("ignoring node record %s: it names itself %s", node_id, record.id)
+            self._apply(node_id, None)  # what it said before is no more to be trusted than what it says now
             return
         self._apply(node_id, record)
 
@@ -359,7 +360,10 @@ class RegistryView:
                     self._carriers[key] = carriers + (node_id,)
                 if is_origin:
                     self._reindex_origin(key)
-        if is_origin and old_streams and new_streams:
+        if old_node is not None and record is not None and old_node.role != record.role:
+            for key in old_streams.keys() | new_streams.keys():  # an origin's streams are no more its own
+                self._reindex_origin(key)
+        elif is_origin and old_streams and new_streams:
             for key, load in new_streams.items():
                 before = old_streams.get(key)
                 # an unchanged entry is the same object (NodeRecord.from_json keeps it): skipped at once
@@ -568,6 +572,9 @@ def delete_children_twice_deep(client: KazooClient, parent: str, timeout_s: floa
                 count += 1
             except NoNodeError:
                 pass
+            except NotEmptyError:  # not a record of ours (none has children): left alone, said so
+                log.warning("not clearing %s/%s/%s: it has children (not a record this system writes)",
+                            parent, scope, name)
         try:
             call("delete", f"{parent}/{scope}")
         except (NoNodeError, NotEmptyError):

@@ -66,7 +66,12 @@ def test_malformed_hook_bodies_get_400_and_change_nothing(api, spawn_agent):
     for body in (b"not json", b"[]", b'{"action": "on_publish"}', b'{"action": "on_fly", "client_id": "1"}',
                  b'{"action": "on_publish", "client_id": "1", "app": "live", "stream": "../x"}',
                  b'{"action": "on_publish", "client_id": "1", "app": "live", "stream": "x", "tcUrl": "rtmp://[::1/live"}',
-                 b'{"action": "on_connect", "client_id": "1", "app": "live", "tcUrl": "rtmp://[127.0.0.1/live?k=1"}'):
+                 b'{"action": "on_connect", "client_id": "1", "app": "live", "tcUrl": "rtmp://[127.0.0.1/live?k=1"}',
+                 b'{"action": "on_publish", "client_id": "1", "app": "live", "stream": 55}',
+                 b'{"action": "on_publish", "client_id": "1", "app": ["live"], "stream": "x"}',
+                 b'{"action": "on_publish", "client_id": [1], "app": "live", "stream": "x"}',
+                 b'{"action": "on_publish", "client_id": {"a": 1}, "app": "live", "stream": "x"}',
+                 b'{"a": ' * 100_000 + b'1' + b'}' * 100_000):
         response = requests.post(f"{url}/hooks/srs", data=body, headers={"Content-Type": "application/json"},
                                  timeout=5)
         assert response.status_code == 400, (body, response.text)

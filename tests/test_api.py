@@ -261,8 +261,11 @@ def test_delete_admin_event_clears_stream_entries_and_answers_count(api, cluster
     # a stale claim (its node gone without closing its session) is what the call is for
     zk.create(f"{zk_root}/v1/streams/live/stale", b'{"schema": 1, "node_id": "gone", "session_id": "s", "start_ms": 1}',
               makepath=True)
+    # garbage that no agent writes (a claim with a child) is left, and does not stop the rest
+    zk.create(f"{zk_root}/v1/streams/live/deep/extra", b"", makepath=True)
     assert api.delete(f"{P}/admin/event?accessToken=s3cret-token").get_json()["count"] == 1
     assert zk.exists(f"{zk_root}/v1/streams/live/stale") is None
+    assert zk.exists(f"{zk_root}/v1/streams/live/deep/extra") is not None
 
 
 def test_delete_admin_event_does_not_change_publishing(api, cluster, zk, zk_root):

@@ -41,6 +41,15 @@ def test_garbage_records_raise_record_error_not_anything_else(data):
         NodeRecord.from_json(data)
 
 
+@pytest.mark.parametrize("cpu", ["nan", "inf", "-inf", "lots"])
+def test_a_cpu_load_that_is_not_a_finite_number_is_refused(cpu):
+    # float() takes "nan": the admin API would then answer NaN, which is not JSON
+    doc = json.loads(node().to_json())
+    doc["cpu"] = cpu
+    with pytest.raises(RecordError):
+        NodeRecord.from_json(json.dumps(doc).encode())
+
+
 def test_a_stream_load_with_negative_counts_is_refused():
     doc = json.loads(node().to_json())
     doc["streams"] = {"live/a": [-1, 0, 1, 0]}

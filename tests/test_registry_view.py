@@ -52,3 +52,22 @@ def test_a_stream_leaving_an_edge_leaves_its_carriers():
     view._on_change("e1", None)  # noqa: SLF001 (the node's ephemeral record went)
     assert view.carriers("live/x", "edge") == [] and view.node("e1") is None
     assert view.origin_of(KEY).id == "o1"
+
+
+def test_a_node_turning_from_origin_to_edge_is_no_longer_any_stream_s_origin():
+    view = RegistryView(None, ZkPaths("/t"))
+    report(view, record("n1", "origin", {"live/demo": StreamLoad(0, 1, True, 100)}))
+    assert view.origin_of(KEY).id == "n1"
+    report(view, record("n1", "edge", {"live/demo": StreamLoad(0, 1, True, 100)}, updated_ms=2))
+    assert view.origin_of(KEY) is None and view.live_stream(KEY) is None
+    assert [c.id for c in view.carriers(KEY, "edge")] == ["n1"]
+    report(view, record("n1", "origin", {"live/demo": StreamLoad(0, 1, True, 100)}, updated_ms=3))
+    assert view.origin_of(KEY).id == "n1"
+
+
+def test_a_record_that_names_another_node_drops_what_the_node_said_before():
+    view = RegistryView(None, ZkPaths("/t"))
+    report(view, record("n1", "origin", {"live/demo": StreamLoad(0, 1, True, 100)}))
+    view._on_change("n1", record("other", "origin", {}).to_json())  # noqa: SLF001
+    assert view.node("n1") is None and view.origin_of(KEY) is None
+    assert view.decode_errors == 1
