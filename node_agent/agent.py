@@ -45,7 +45,7 @@ from streammanager.models import (
 )
 from streammanager.commands import COMMAND_CLOSE, COMMAND_DRAIN
 from streammanager.events import EventQueue
-from streammanager.registry import StreamClaims, ZkPaths, ensure_layout, make_client, now_ms
+from streammanager.registry import UNREADABLE_CLAIM, StreamClaims, ZkPaths, ensure_layout, make_client, now_ms
 from streammanager.zookeeper import free_port
 
 log = logging.getLogger(__name__)
@@ -248,14 +248,31 @@ class Agent:
             record = StreamRecord(self.settings.node_id, stream.session_id or "", stream.start_ms)
             owner = self.claims.claim(stream.key, record)
             extra = {**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name}
+            if owner.session_id != record.session_id and owner.node_id == self.settings.node_id:
+                owner = self._replace_stale_claim(stream.key, owner, record)
             if owner.session_id == record.session_id:
                 self._watch_claim(path)
                 if only_paths is not None:
                     log.info("the stream's claim was removed while it is published here (DELETE "
                              "/admin/event?): claimed it again", extra=extra)
-            elif owner.node_id != self.settings.node_id:
-                log.warning("stream was claimed elsewhere while this node was away: %s", owner.node_id,
+            elif owner == UNREADABLE_CLAIM:
+                log.warning("the stream's claim is unreadable: left alone, the stream stays published here",
                             extra=extra)
+            else:
+                # Another origin took the stream while this node was away (its session expired): the
+                # claim decides. Publishing on here too would give the stream two origins, and lookups
+                # the one that started first, whatever the claim says.
+                log.warning("stream was claimed by %s while this node was away: dropping its publisher here",
+                            owner.node_id, extra=extra)
+                self._lose_stream(stream)
+
+    def _lose_stream(self, stream) -> None:
+        """End a publish here whose stream belongs to another origin now: the encoder is dropped (it
+        asks the stream manager again and is sent to the owner) and the stream leaves this node's record."""
+        key = stream.key
+        if self.media is not None:
+            self.media.drop_publisher(key.scope, key.name)
+        self.on_publish_done(key, stream.publisher or "")  # no-op if nginx's publish_done came first
 
     # Claims are watched: one removed by someone else while the stream is published here (an admin's
     # DELETE /admin/event clears every claim; the specification says publishing goes on) is claimed

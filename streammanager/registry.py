@@ -476,6 +476,9 @@ class RegistryView:
         return len(self._origin_of)
 
 
+UNREADABLE_CLAIM = StreamRecord("unknown", "unreadable", 0)  # a claim whose data does not decode
+
+
 class StreamClaims:
     """Ownership of live streams by an origin's agent: one ephemeral znode per stream.
 
@@ -513,7 +516,7 @@ class StreamClaims:
             try:
                 return StreamRecord.from_json(data)
             except RecordError:
-                return StreamRecord("unknown", "unreadable", 0)
+                return UNREADABLE_CLAIM
         raise ConnectionLoss(f"could not settle the claim on {key}")
 
     def release(self, key: StreamKey, session_id: str) -> bool:

@@ -1,4 +1,5 @@
 """``node-agent --media none`` as a real process: hooks over HTTP, deregistration, crash detection."""
+import json
 import os
 import signal
 import subprocess
@@ -187,3 +188,30 @@ def test_an_agent_given_a_relative_work_dir_runs_its_media_server(spawn_agent, t
     assert requests.get(f"http://{host}:{port}/healthz", timeout=2).ok
     assert (tmp_path / "relative-node" / "nginx.conf").is_file()
     assert proc.popen.poll() is None, proc.log()
+
+
+def test_an_origin_back_after_its_session_expired_gives_up_a_stream_another_origin_took(api, spawn_agent, zk,
+                                                                                          zk_root):
+    proc, host, port, node_id = spawn_agent("origin", "us-east-1", extra_env={"AGENT_ZK_TIMEOUT_S": "2"})
+    _, b_host, b_port, b_id = spawn_agent("origin", "us-east-1")
+    wait_for_nodes(api, 2)
+    assert post_form(host, port, {**NGINX_PUBLISH, "name": "contested"}).status_code == 200
+    claim = f"{zk_root}/v1/streams/live/contested"
+    wait_until(lambda: zk.exists(claim) is not None, 3, what="claimed")
+    proc.signal(signal.SIGSTOP)  # frozen past its session timeout: ZooKeeper drops its claim
+    try:
+        wait_until(lambda: zk.exists(claim) is None, 10, what="the frozen origin's claim to go")
+        assert post_form(b_host, b_port, {**NGINX_PUBLISH, "name": "contested", "clientid": "8"}).status_code == 200
+    finally:
+        proc.signal(signal.SIGCONT)
+    # the claim decides: the origin that came back stops publishing, and every answer names the other one
+
+    def a_publishes():
+        doc = api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").get_json()
+        return doc.get("streams") and any(s["name"] == "contested" and s["publishing"] for s in doc["streams"])
+    wait_until(lambda: api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").status_code == 200
+               and not a_publishes(), 15, what="the returning origin to give the stream up")
+    assert json.loads(zk.get(claim)[0])["node_id"] == b_id
+    assert api.get(f"{P}/event/live/contested?action=broadcast").get_json()["serverAddress"] == b_host
+    assert api.get(f"{P}/event/live/contested/stats").get_json()["serverAddress"] == b_host
+    assert "dropping its publisher here" in proc.log()
