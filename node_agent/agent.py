@@ -85,6 +85,7 @@ class Agent:
         self._record_missing = False  # our node record was deleted while our session lives
         self._claims_to_check: set[str] = set()  # claim paths whose watch fired: claim again if still ours
         self._claims_lock = threading.Lock()
+        self._releases_owed: dict[StreamKey, str] = {}  # claims an unpublish could not release yet: key -> session
         self.last_progress = time.monotonic()  # when the report loop last ran
         self.state = STATE_INSERVICE
         self.started_ms = now_ms()
@@ -198,6 +199,8 @@ class Agent:
         session = self.client.client_id[0] if self.client.client_id else None
         if self._claims_to_check and session == self._registered_session:
             self._check_claims()
+        if self._releases_owed and session == self._registered_session:
+            self._release_owed()
         record = self.record()
         content = (record.state, record.capacity, dict(record.streams), round(record.cpu, 1))
         heartbeat_due = time.monotonic() - self._last_write >= self.settings.heartbeat_interval_s
@@ -265,6 +268,25 @@ class Agent:
                 log.warning("stream was claimed by %s while this node was away: dropping its publisher here",
                             owner.node_id, extra=extra)
                 self._lose_stream(stream)
+
+    def _release(self, key: StreamKey, session: str) -> None:
+        """Release the claim of a publish that ended; if ZooKeeper does not answer, the reports try
+        again (else the claim outlived the publish as long as this agent's session, refusing the
+        stream's publishers on every other origin)."""
+        try:
+            self.claims.release(key, session)
+        except KazooException as exc:
+            log.warning("could not release the stream's claim (%s): trying again with the next reports", exc,
+                        extra={**self._log_extra, "scope": key.scope, "stream": key.name})
+            with self._claims_lock:
+                self._releases_owed[key] = session
+            self.changed()
+
+    def _release_owed(self) -> None:
+        with self._claims_lock:
+            owed, self._releases_owed = self._releases_owed, {}
+        for key, session in owed.items():
+            self._release(key, session)  # owed again if it fails again; a claim of another session stays
 
     def _lose_stream(self, stream) -> None:
         """End a publish here whose stream belongs to another origin now: the encoder is dropped (it
@@ -390,10 +412,7 @@ class Agent:
         except Exception as exc:  # kazoo's errors and timeouts
             log.warning("could not record the publish session: %s", exc, extra=extra)
             self.table.end_publish(key, clientid)  # undo: refused
-            try:
-                self.claims.release(key, record.session_id)
-            except KazooException:
-                pass
+            self._release(key, record.session_id)
             return Decision.refuse("the registry is unreachable", 503)
         self._watch_claim(self.paths.stream(key))
         log.info("stream published", extra=extra)
@@ -416,10 +435,7 @@ class Agent:
             return  # not the publisher (e.g. a refused duplicate)
         self._end_pull(key)
         if self.settings.role == ROLE_ORIGIN:
-            try:
-                self.claims.release(key, session)
-            except KazooException as exc:
-                log.warning("could not release stream: %s", exc, extra=self._log_extra)
+            self._release(key, session)
             self.sessions.ended(session)
         log.info("stream unpublished", extra={**self._log_extra, "scope": key.scope, "stream": key.name,
                                                "action": "publish_done"})

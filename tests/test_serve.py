@@ -336,3 +336,36 @@ def test_the_registry_feed_watches_the_zookeeper_given_on_the_command_line(procs
     for _ in range(10):  # both workers
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()
         assert (health["registrySource"], health["nodes"]) == ("feed", 1), health
+
+
+def test_a_claim_an_unpublish_could_not_release_is_released_once_zookeeper_answers(tmp_path, zk_root):
+    # ZooKeeper hangs during the unpublish: the claim must not outlive the publish (another origin's
+    # encoder would be refused for as long as the first agent's session lives)
+    from node_agent.agent import Agent
+    from node_agent.config import AgentSettings
+    from tests.conftest import LocalNode, next_loopback
+
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "hung-zk", port=free_port(), tick_ms=500))
+    zk.start()
+    origins = []
+    try:
+        for name in ("a", "b"):
+            host = next_loopback()
+            agent = Agent(AgentSettings(role="origin", region="us-east-1", host=host, http_host=host,
+                                        http_port=free_port(), media="none", node_id=f"o-{name}", zk_hosts=zk.hosts,
+                                        zk_root=zk_root, zk_timeout_s=30, report_interval_s=0.5))
+            agent.start()
+            origins.append(LocalNode(agent))
+        a, b = origins
+        assert a.publish("held", clientid="p1").status_code == 200
+        os.kill(zk.pid, signal.SIGSTOP)
+        try:
+            assert a.hook("publish_done", "held", clientid="p1").status_code == 200  # the release times out
+        finally:
+            os.kill(zk.pid, signal.SIGCONT)
+        wait_until(lambda: b.publish("held", clientid="p2").status_code == 200, 10,
+                   what="the claim released, the stream free for another origin")
+    finally:
+        for node in origins:
+            node.agent.stop()
+        zk.stop()
