@@ -11,7 +11,8 @@ So ``streammanager serve`` starts one feed process beside its workers (``python 
 It watches the node records with one ZooKeeper session (:class:`~streammanager.zkcache.ChildrenDataCache`)
 and streams them to the workers over a Unix socket in a private directory: a full snapshot when a
 worker connects, then the changes, coalesced for ``FLUSH_S`` so a worker wakes once for a batch, and the
-feed's connection state. A worker decodes and applies the records itself (:class:`FeedCache`). If the
+feed's connection state, and a heartbeat each second when nothing changed (a worker that hears nothing
+for ``SILENCE_S`` takes the feed for hung). A worker decodes and applies the records itself (:class:`FeedCache`). If the
 feed is missing or dies, each worker goes back to watching ZooKeeper directly: the feed makes the
 registry cheaper, never a single point of failure.
 
@@ -43,11 +44,13 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("!BI")
 ENTRY = struct.Struct("!Hi")
-SNAPSHOT, BATCH, READY, STATE = 1, 2, 3, 4
+SNAPSHOT, BATCH, READY, STATE, HEARTBEAT = 1, 2, 3, 4, 5
 STATE_BODY = struct.Struct("!Bq")  # connected, disconnected since (ms, 0 while connected)
 FLUSH_S = 0.02  # changes coalesce this long: at 100 changes/s a worker wakes 50 times, not 100+
 SEND_TIMEOUT_S = 5.0  # a worker that reads nothing for this long is dropped (it watches by itself then)
 MAX_FRAME = 256 * 1024 * 1024
+HEARTBEAT_S = 1.0  # a feed with nothing to send says so this often
+SILENCE_S = 5.0  # a worker that hears nothing for this long takes the feed for hung and watches by itself
 
 
 def encode_entries(entries: dict[str, bytes | None]) -> bytes:
@@ -213,10 +216,11 @@ class RegistryFeed:
 
     def _flush_loop(self) -> None:
         while not self._closed.is_set():
-            self._wake.wait()
+            woken = self._wake.wait(HEARTBEAT_S)
             if self._closed.is_set():
                 return
-            time.sleep(self._flush_s)  # let a burst of changes gather into one batch
+            if woken:
+                time.sleep(self._flush_s)  # let a burst of changes gather into one batch
             self._wake.clear()
             with self._lock:
                 out = b""
@@ -229,6 +233,8 @@ class RegistryFeed:
                 if self._ready_pending:
                     out += frame(READY)
                     self._ready_pending = False
+                if not out:  # nothing changed: a heartbeat, so that workers can tell quiet from hung
+                    out = frame(HEARTBEAT)
                 self._subscribers = [s for s in self._subscribers if s.alive]
                 subscribers = list(self._subscribers)
             for sub in subscribers:
@@ -264,13 +270,16 @@ class FeedCache:
         return set(self._known.names)
 
     def start(self) -> None:
-        """Connect (OSError when there is no feed) and read in the background."""
+        """Connect (OSError when there is no feed) and read in the background. A feed silent for
+        ``SILENCE_S`` (it sends a heartbeat every ``HEARTBEAT_S`` when nothing changes) counts as lost:
+        a hung feed would otherwise freeze the view while /healthz said all was well."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self._socket_path)
         except OSError:
             sock.close()
             raise
+        sock.settimeout(SILENCE_S)
         self._sock = sock
         threading.Thread(target=self._read_loop, name="registry-feed", daemon=True).start()
 
@@ -285,7 +294,10 @@ class FeedCache:
     def _read_exact(self, size: int) -> bytes:
         chunks, remaining = [], size
         while remaining:
-            chunk = self._sock.recv(min(remaining, 1 << 20))
+            try:
+                chunk = self._sock.recv(min(remaining, 1 << 20))
+            except socket.timeout:
+                raise FeedLost(f"the registry feed sent nothing for {SILENCE_S:g} s (hung?)") from None
             if not chunk:
                 raise FeedLost("the registry feed closed the connection")
             chunks.append(chunk)

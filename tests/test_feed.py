@@ -107,7 +107,8 @@ def feed_pid(master_pid: int) -> int | None:
     return int(out[0]) if out else None
 
 
-def test_serve_runs_one_feed_and_survives_losing_it(procs, spawn_agent, zookeeper, zk_root, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])  # gone, or hung (heard from no more)
+def test_serve_runs_one_feed_and_survives_losing_it(procs, spawn_agent, zookeeper, zk_root, tmp_path, sig):
     port = free_port()
     env = {"SM_ZK_HOSTS": zookeeper.hosts, "SM_ZK_ROOT": zk_root, "SM_BIND": f"127.0.0.1:{port}",
            "SM_ACCESS_TOKEN": "tok", "SM_LOG_FORMAT": "text"}
@@ -124,11 +125,15 @@ def test_serve_runs_one_feed_and_survives_losing_it(procs, spawn_agent, zookeepe
     assert all(health()["registrySource"] == "feed" for _ in range(10)), api.log()
     pid = feed_pid(api.pid)
     assert pid is not None, api.log()
-    os.kill(pid, signal.SIGKILL)
-    # every worker (each connection may reach either) goes on by itself and still follows the registry
-    wait_until(lambda: all(health().get("registrySource") == "zookeeper" for _ in range(10)), 10,
-               what="the workers watching ZooKeeper themselves")
-    spawn_agent("edge", "us-east-1")
-    wait_until(lambda: all(health().get("nodes") == 2 for _ in range(10)), 10, what="a new node in every worker")
+    os.kill(pid, sig)
+    try:
+        # every worker (each connection may reach either) goes on by itself and still follows the registry
+        wait_until(lambda: all(health().get("registrySource") == "zookeeper" for _ in range(10)), 15,
+                   what="the workers watching ZooKeeper themselves")
+        spawn_agent("edge", "us-east-1")
+        wait_until(lambda: all(health().get("nodes") == 2 for _ in range(10)), 10, what="a new node in every worker")
+    finally:
+        if sig == signal.SIGSTOP:
+            os.kill(pid, signal.SIGCONT)
     api.stop()
     assert feed_pid(api.pid) is None
