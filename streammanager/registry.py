@@ -137,14 +137,62 @@ class PollingHandler(SequentialThreadingHandler):
 
 
 def make_client(hosts: str, timeout_s: float = 4.0) -> KazooClient:
-    """A client that reconnects forever and retries each command a few times."""
-    return KazooClient(
+    """A client that reconnects forever (even to an ensemble that lost its data: :class:`ZxidGuard`)
+    and retries each command a few times."""
+    client = KazooClient(
         hosts=hosts,
         handler=PollingHandler(),
         timeout=timeout_s,
         connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=2.0),
         command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=1.0),
     )
+    ZxidGuard(client, max(5.0, 2 * timeout_s))
+    return client
+
+
+class ZxidGuard:
+    """Lets a client back into an ensemble whose history is behind what the client saw.
+
+    A ZooKeeper server refuses a client that has seen a later transaction than its own (the client
+    must not travel back in time), and kazoo keeps the last transaction id it saw across reconnects.
+    After an ensemble restarts with its data lost (or restored from an older backup), every agent and
+    API worker was refused until new writes carried the ensemble past what each had seen: in a busy
+    cluster as good as never, with agents unregistered and the API answering from an old view. So after
+    ``after_s`` without a connection the id is forgotten: a server that still knows the session resumes
+    it; one that does not expires it, and the client starts a new session (agents register again and
+    claim their streams, views reload). The cost: a client away that long may read from a server a
+    little behind what it saw before, as a new client may.
+    """
+
+    def __init__(self, client: KazooClient, after_s: float):
+        self._client = client
+        self._after_s = after_s
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        client.add_listener(self._on_state)
+
+    def _on_state(self, state: str) -> None:
+        with self._lock:
+            if state == KazooState.CONNECTED:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            elif self._timer is None:
+                self._timer = threading.Timer(self._after_s, self._forget)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._timer = None
+            client = self._client
+            if client.connected or not client.last_zxid:
+                return
+            if getattr(client, "_stopped", None) is not None and client._stopped.is_set():
+                return  # stopped on purpose
+            log.warning("ZooKeeper has not taken this client back for %.0f s: forgetting the last transaction "
+                        "it saw (%#x), in case the ensemble lost its data", self._after_s, client.last_zxid)
+            client.last_zxid = 0
 
 
 @dataclass(frozen=True, slots=True)

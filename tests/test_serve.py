@@ -369,3 +369,56 @@ def test_a_claim_an_unpublish_could_not_release_is_released_once_zookeeper_answe
         for node in origins:
             node.agent.stop()
         zk.stop()
+
+
+def test_agents_and_the_api_come_back_to_a_zookeeper_that_lost_its_data(tmp_path, zk_root, procs):
+    # A server refuses clients that saw later transactions than its own: after a restart with its
+    # data wiped, nobody was let back in until new writes caught up with what each client had seen.
+    import shutil
+
+    from kazoo.client import KazooClient
+    from node_agent.agent import Agent
+    from node_agent.config import AgentSettings
+    from tests.conftest import LocalNode, next_loopback
+
+    port = free_port()
+    data = tmp_path / "wiped-zk"
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=data, port=port, tick_ms=500))
+    zk.start()
+    host = next_loopback()
+    agent = Agent(AgentSettings(role="origin", region="us-east-1", host=host, http_host=host, http_port=free_port(),
+                                media="none", node_id="o-wiped", zk_hosts=zk.hosts, zk_root=zk_root,
+                                zk_timeout_s=2, report_interval_s=0.5))
+    agent.start()
+    api_port = free_port()
+    api = procs([str(BIN / "streammanager"), "serve"], {"SM_ZK_HOSTS": zk.hosts, "SM_ZK_ROOT": zk_root,
+                "SM_BIND": f"127.0.0.1:{api_port}", "SM_ZK_TIMEOUT_S": "2", "SM_LOG_FORMAT": "text"},
+                tmp_path / "api.log")
+    url = f"http://127.0.0.1:{api_port}"
+    try:
+        assert LocalNode(agent).publish("kept", clientid="p1").status_code == 200
+        writer = KazooClient(hosts=zk.hosts)
+        writer.start(timeout=10)
+        writer.ensure_path("/churn")
+        for i in range(300):  # history the wiped ensemble will not have
+            writer.set("/churn", str(i).encode())
+        writer.stop()
+        writer.close()
+        wait_until(lambda: _up(api_port) and requests.get(f"{url}{P}/event/live/kept/stats", timeout=2).ok, 30,
+                   what="the stream live in the API")
+        threading.Event().wait(1.5)  # pings carry the latest transaction id to every client
+        zk.stop()
+        shutil.rmtree(data)
+        zk = ZooKeeperServer(ZooKeeperConfig(data_dir=data, port=port, tick_ms=500))
+        zk.start()
+        wait_until(lambda: agent.client.connected and agent._registered_session == agent.client.client_id[0]
+                   and agent.client.exists(f"{zk_root}/v1/streams/live/kept") is not None, 30,
+                   what="the agent registered again with its stream")
+        wait_until(lambda: all(requests.get(f"{url}/healthz", timeout=2).json()["status"] == "ok"
+                               for _ in range(10)), 30, what="every API worker connected again")
+        wait_until(lambda: requests.get(f"{url}{P}/event/live/kept/stats", timeout=2).ok, 10,
+                   what="the stream live in the API again")
+    finally:
+        agent.stop()
+        api.stop()
+        zk.stop()
