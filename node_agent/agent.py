@@ -54,6 +54,7 @@ NGINX_RELAY_FLASHVER = "ngx-local-relay"
 PULL_PENDING_S = 5.0
 LOOP_TICK_S = 2.0  # the report loop runs at least this often, written or not
 CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher's publish_done
+REGISTER_WAIT_S = 10.0  # at start, how long a record of another session of this node id is waited out (at least)
 
 
 
@@ -71,6 +72,10 @@ class Decision:
     @classmethod
     def refuse(cls, message: str, status: int = 403) -> "Decision":
         return cls(False, status, message)
+
+
+class DuplicateNode(RuntimeError):
+    """Another live agent holds this node id's record."""
 
 
 class Agent:
@@ -227,17 +232,38 @@ class Agent:
         return True
 
     def _register(self, path: str, data: bytes) -> None:
-        try:
-            self.client.create(path, data, ephemeral=True, makepath=True)
-        except NodeExistsError:
-            _, stat = self.client.get(path)
-            if stat.ephemeralOwner != self.client.client_id[0]:
-                log.warning("replacing a node record left by an earlier session of this node id",
-                            extra=self._log_extra)
-                self.client.delete(path)
+        """Create the node record. A record of another session is waited out at start (a restarted
+        agent's previous session lingers up to its timeout), never deleted: if it outlives that wait, or
+        appears later, another live agent has this node id (DuplicateNode); replacing its record made
+        the two overwrite each other, and lookups answer the one that wrote last."""
+        wait_s = 0.0 if self.registered.is_set() else max(REGISTER_WAIT_S, 2 * self.settings.zk_timeout_s + 1)
+        deadline = time.monotonic() + wait_s
+        said = False
+        while True:
+            try:
                 self.client.create(path, data, ephemeral=True, makepath=True)
-            else:
+                return
+            except NodeExistsError:
+                pass
+            try:
+                theirs, stat = self.client.get(path)
+            except NoNodeError:
+                continue
+            if stat.ephemeralOwner == self.client.client_id[0]:
                 self.client.set(path, data)
+                return
+            if time.monotonic() >= deadline:
+                try:
+                    where = NodeRecord.from_json(theirs).host
+                except RecordError:
+                    where = "unreadable record"
+                raise DuplicateNode(f"node id {self.settings.node_id} is registered by another live agent "
+                                    f"({where}): give each node its own --node-id")
+            if not said:
+                log.info("waiting for the record of an earlier session of this node id to expire",
+                         extra=self._log_extra)
+                said = True
+            time.sleep(0.2)
 
     def _reclaim_streams(self, only_paths: set[str] | None = None) -> None:
         """Claim every stream published here (an origin's: an edge's published streams are its relays,
@@ -362,6 +388,8 @@ class Agent:
                     self._urgent.wait(self.settings.report_interval_s)
             except KazooException as exc:
                 log.warning("load report failed: %s", exc, extra=self._log_extra)
+            except DuplicateNode as exc:
+                log.error("%s", exc, extra=self._log_extra)
             except Exception:
                 log.exception("load report failed", extra=self._log_extra)
 

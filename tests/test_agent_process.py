@@ -8,6 +8,7 @@ import time
 
 import requests
 
+from streammanager.zookeeper import free_port
 from tests.conftest import BIN, wait_for_nodes, wait_until
 
 P = "/streammanager/api/2.0"
@@ -215,3 +216,27 @@ def test_an_origin_back_after_its_session_expired_gives_up_a_stream_another_orig
     assert api.get(f"{P}/event/live/contested?action=broadcast").get_json()["serverAddress"] == b_host
     assert api.get(f"{P}/event/live/contested/stats").get_json()["serverAddress"] == b_host
     assert "dropping its publisher here" in proc.log()
+
+
+def test_a_second_live_agent_with_the_same_node_id_is_refused_and_a_restarted_one_takes_its_place(
+        api, spawn_agent, procs, zookeeper, zk_root, tmp_path):
+    first, host, port, node_id = spawn_agent("origin", "us-east-1")
+    wait_for_nodes(api, 1)
+    post_form(host, port, {**NGINX_PUBLISH, "name": "mine"})
+    wait_until(lambda: live(api, "mine"), 3, what="live")
+    def argv():
+        return [str(BIN / "node-agent"), "--role", "origin", "--region", "us-east-1", "--host", "127.0.1.250",
+                "--http-port", str(free_port()), "--media", "none", "--node-id", node_id, "--log-format", "text"]
+    env = {"AGENT_ZK_HOSTS": zookeeper.hosts, "AGENT_ZK_ROOT": zk_root, "AGENT_ZK_TIMEOUT_S": "2"}
+    twin = procs(argv(), env, tmp_path / "twin.log")
+    assert twin.popen.wait(30) == 1, twin.log()
+    assert "registered by another live agent" in twin.log() and host in twin.log()
+    doc = api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").get_json()
+    assert doc["serverAddress"] == host and live(api, "mine")  # the first one untouched
+    # a crashed agent restarted at once under its id waits out its old session and takes its place
+    first.signal(signal.SIGKILL)
+    first.popen.wait(5)
+    again = procs(argv(), env, tmp_path / "again.log")
+    wait_until(lambda: api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").get_json()
+               .get("serverAddress") == "127.0.1.250", 20, what="the restarted agent registered")
+    assert again.popen.poll() is None, again.log()
