@@ -284,9 +284,10 @@ class Agent:
                 if only_paths is not None:
                     log.info("the stream's claim was removed while it is published here (DELETE "
                              "/admin/event?): claimed it again", extra=extra)
-            elif owner == UNREADABLE_CLAIM:
-                log.warning("the stream's claim is unreadable: left alone, the stream stays published here",
-                            extra=extra)
+            elif owner == UNREADABLE_CLAIM or owner.node_id == self.settings.node_id:
+                # unreadable, or a stale claim of this node that could not be replaced just now
+                log.warning("the stream's claim could not be settled: left alone, the stream stays published "
+                            "here", extra=extra)
             else:
                 # Another origin took the stream while this node was away (its session expired): the
                 # claim decides. Publishing on here too would give the stream two origins, and lookups
