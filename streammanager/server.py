@@ -121,7 +121,9 @@ class ApiServer(BaseApplication):
         # loop queues behind them (the convoy effect).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         logs.configure(self.settings.log_level, self.settings.log_format)
-        app = create_app(self.settings)
+        # A worker listens once its view is loaded, or after VIEW_WAIT_S without ZooKeeper: then it answers
+        # /healthz and lookups with 503 until the view loads (a load balancer sees why), not silence.
+        app = create_app(self.settings, init_timeout_s=VIEW_WAIT_S)
         # The registry view holds millions of long-lived objects; without this, each full collection
         # walks them all and stalls every request for tens of milliseconds.
         # Collect young objects far less often: every registry update allocates hundreds of objects,
@@ -226,7 +228,8 @@ def serve(settings: ServerSettings) -> int:
     return 0
 
 
-FEED_START_S = 15.0
+FEED_START_S = 5.0  # the feed is up in well under a second when ZooKeeper answers
+VIEW_WAIT_S = 5.0
 FEED_SETTINGS = ("zk_hosts", "zk_root", "zk_timeout_s", "log_level", "log_format")
 
 

@@ -422,3 +422,27 @@ def test_agents_and_the_api_come_back_to_a_zookeeper_that_lost_its_data(tmp_path
         agent.stop()
         api.stop()
         zk.stop()
+
+
+def test_a_server_started_before_zookeeper_answers_503_starting_then_serves(procs, tmp_path, zk_root):
+    zk_port, port = free_port(), free_port()
+    procs([str(BIN / "streammanager"), "serve"], {"SM_ZK_HOSTS": f"127.0.0.1:{zk_port}", "SM_ZK_ROOT": zk_root,
+          "SM_BIND": f"127.0.0.1:{port}", "SM_LOG_FORMAT": "text"}, tmp_path / "api.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def health():
+        try:
+            response = requests.get(f"{url}/healthz", timeout=2)
+            return response.status_code, response.json()
+        except (requests.RequestException, ValueError):
+            return None, {}
+    wait_until(lambda: health()[0] == 503, 30, what="the server answering while ZooKeeper is away")
+    assert health()[1]["status"] == "starting"
+    lookup = requests.get(f"{url}{P}/event/live/x?action=subscribe", timeout=2)
+    assert lookup.status_code == 503 and "not loaded" in lookup.json()["errorMessage"]
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "late-zk", port=zk_port, tick_ms=500))
+    zk.start()
+    try:
+        wait_until(lambda: all(health()[0] == 200 for _ in range(10)), 30, what="every worker loaded")
+    finally:
+        zk.stop()
