@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+import re
 from typing import Callable, Mapping, Protocol
 
 from kazoo.client import KazooClient, KazooState
@@ -47,6 +48,9 @@ from streammanager.registry import RegistryView, ZkPaths, ensure_layout, make_cl
 from streammanager.scaling_store import Conflict, GroupStore, InstanceStore
 
 log = logging.getLogger(__name__)
+
+HOLD_LOG_EVERY_S = 60.0
+_HOLD_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
 LEADER = Gauge("sm_controller_leader", "1 while this controller leads")
 LAUNCHES = Counter("sm_controller_launches_total", "Instances launched", ["group", "region", "role", "outcome"])
@@ -90,7 +94,7 @@ class Controller:
         self._duties = duties
         self._last_evaluated: dict[str, int] = {}
         self._last_sweep = 0.0
-        self._holds: dict[tuple[str, str, str], str] = {}
+        self._holds: dict[tuple[str, str, str], tuple[str, float]] = {}  # pool -> (kind of hold, logged at)
         self.leading = threading.Event()
         self._lost = threading.Event()
 
@@ -299,12 +303,19 @@ class Controller:
             counts[record.state] = counts.get(record.state, 0) + 1
         for state in ("requested", "starting", "inservice", "draining", "terminating", "gone", "failed"):
             INSTANCES.labels(state).set(counts.get(state, 0))
-        holds = {(h.group, h.region, h.role): h.reason for h in decided.holds}
-        for pool, reason in holds.items():
-            if self._holds.get(pool) != reason.split(":")[0]:
-                log.info("holding %s/%s/%s: %s", *pool, reason, extra={"group": pool[0], "region": pool[1],
-                                                                       "role": pool[2]})
-        self._holds = {pool: reason.split(":")[0] for pool, reason in holds.items()}
+        # A pool held for the same kind of reason (its numbers aside) is logged again once a minute, not
+        # at every step: a pool held at its max logged the same line every evaluation interval.
+        now = time.monotonic()
+        for hold in decided.holds:
+            pool = (hold.group, hold.region, hold.role)
+            kind = _HOLD_NUMBERS.sub("#", hold.reason)
+            logged = self._holds.get(pool)
+            if logged is None or logged[0] != kind or now - logged[1] >= HOLD_LOG_EVERY_S:
+                log.info("holding %s/%s/%s: %s", *pool, hold.reason,
+                         extra={"group": pool[0], "region": pool[1], "role": pool[2]})
+                self._holds[pool] = (kind, now)
+        known = {(p.group, p.region, p.role) for p in decided.pools}
+        self._holds = {pool: logged for pool, logged in self._holds.items() if pool in known}
 
     def destroy_all(self) -> int:
         """Destroy every instance of this cluster at every configured provider (the demo's and tests'

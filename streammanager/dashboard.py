@@ -40,7 +40,7 @@ class NodeRow:
 def show():
     require_admin()
     refresh = request.args.get("refresh", str(DEFAULT_REFRESH_S))
-    if not refresh.isdigit() or not 0 <= int(refresh) <= 3600:
+    if not (refresh.isascii() and refresh.isdigit()) or not 0 <= int(refresh) <= 3600:  # "²" is a digit
         raise BadRequest("refresh must be a number of seconds from 0 (off) to 3600")
     svc = services()
     view = svc.view

@@ -71,7 +71,10 @@ def _field(doc: Mapping[str, Any], name: str, kind: type | tuple, where: str, de
     if isinstance(value, bool) and bool not in kinds:
         raise GroupError(f"{where}{name} must be {_kind_name(kinds)}, not a boolean")
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise GroupError(f"{where}{name} must be a finite number") from None
     if not isinstance(value, kinds):
         raise GroupError(f"{where}{name} must be {_kind_name(kinds)}")
     if isinstance(value, float) and not math.isfinite(value):  # Flask's JSON parser accepts NaN, Infinity
@@ -337,13 +340,23 @@ def _check_template(text: str) -> None:
         raise GroupError(f"launchConfig.bootScript is not a valid template: {exc}") from None
 
 
-def _check_region(provider: str, region: str) -> None:
+# The controller names an instance "<group>-<region>-<role>-<6 hex>"; GCE takes names of at most 63 characters
+GCE_MAX_NAME = 63
+INSTANCE_SUFFIX = len("-origin-") + 6  # the longest role
+
+
+def _check_region(provider: str, region: str, group: str = "") -> None:
     if not isinstance(region, str) or not is_known(region):
         raise GroupError(f"region {str(region)[:40]!r} is unknown")
     if provider == "ec2" and not AWS_REGION.match(region):
         raise GroupError(f"region {region!r} is not an AWS region (provider ec2)")
     if provider == "gce" and not GCE_REGION.match(region):
         raise GroupError(f"region {region!r} is not a GCE region (provider gce)")
+    if provider == "gce" and len(group) + 1 + len(region) + INSTANCE_SUFFIX > GCE_MAX_NAME:
+        longest = GCE_MAX_NAME - 1 - len(region) - INSTANCE_SUFFIX
+        raise GroupError(f"the group name {group!r} is too long for region {region} on GCE: instance names "
+                         f"(<group>-<region>-<role>-<id>) take at most {GCE_MAX_NAME} characters, so at most "
+                         f"{longest} for the group name there")
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +384,7 @@ class NodeGroup:
             raise GroupError("regions must be an object with at least one region")
         regions: dict[str, dict[str, PoolLimits]] = {}
         for region, roles in raw_regions.items():
-            _check_region(launch.provider, region)
+            _check_region(launch.provider, region, group_name)
             if not isinstance(roles, dict) or not roles:
                 raise GroupError(f"regions.{region} must be an object with origin and/or edge limits")
             _no_extra(roles, ROLES, f"regions.{region}.")

@@ -171,9 +171,13 @@ def deep(**changes):
     (deep(launchConfig__bootScript="run ${password}"), "password"),
     (deep(launchConfig__capacity={"origin": 10 ** 30, "edge": 1}), "launchConfig.capacity.origin"),
     ([EXAMPLE], "JSON object"),
+    (doc(scalePolicy={"scaleOutAt": 10 ** 400}), "scalePolicy.scaleOutAt"),
+    # GCE names instances <group>-<region>-<role>-<id>, at most 63 characters
+    (doc(name="a" * 26, launchConfig={"provider": "gce", "image": "debian-12", "size": "e2-small"},
+         regions={"northamerica-northeast1": {"origin": {"min": 0, "max": 1}}}), "at most 25 for the group name"),
 ], ids=["min-over-max", "unknown-provider", "unknown-region", "aws-region-for-gce", "uppercase-name",
         "trailing-dash", "non-string-name", "scale-in-at-scale-out", "zero-interval", "unknown-field",
-        "unknown-boot-variable", "huge-capacity", "not-an-object"])
+        "unknown-boot-variable", "huge-capacity", "not-an-object", "huge-number", "gce-name-too-long"])
 def test_an_invalid_group_is_a_400_naming_the_field_and_nothing_is_stored(api, body, fragment):
     assert_error(call(api, "post", "/admin/nodegroup", json=body), 400, fragment)
     assert call(api, "get", "/admin/nodegroup").get_json() == []

@@ -435,6 +435,7 @@ def test_the_dashboard_shows_regions_nodes_and_live_streams_to_an_admin(api, clu
     assert '<meta http-equiv="refresh" content="5">' in html
     assert "http-equiv" not in api.get("/dashboard?accessToken=s3cret-token&refresh=0").get_data(as_text=True)
     assert_error(api.get("/dashboard?accessToken=s3cret-token&refresh=soon"), 400, "refresh")
+    assert_error(api.get("/dashboard?accessToken=s3cret-token&refresh=%C2%B2"), 400, "refresh")  # a digit, not ASCII
 
 
 def test_the_stream_listings_follow_changes_within_a_second_or_so(api, cluster):

@@ -246,3 +246,30 @@ def test_killing_the_leading_controller_hands_over_without_a_double_launch(
         for provider in build_providers(controller_settings).values():
             for instance in provider.list_instances("test-cluster"):
                 provider.destroy(instance.id, "test-cluster")
+
+
+def test_a_pool_held_for_the_same_reason_is_logged_once_a_minute_not_at_every_step(caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from streammanager import autoscaler, controller
+
+    clock = [1000.0]
+    monkeypatch.setattr(controller.time, "monotonic", lambda: clock[0])
+    pool = autoscaler.PoolStatus("m1", "us-east-1", "edge", 1, 1, 0, 10, 10)
+    fake = SimpleNamespace(_holds={}, instances=SimpleNamespace(records=lambda: {}))
+
+    def step(*reasons):
+        holds = [autoscaler.Hold("m1", "us-east-1", "edge", r) for r in reasons]
+        controller.Controller._report(fake, autoscaler.Plan(holds=holds, pools=[pool]))
+        clock[0] += 1.0
+
+    with caplog.at_level(logging.INFO, logger="streammanager.controller"):
+        for i in range(30):  # due steps hold, the steps between hold nothing; the load wobbles
+            step(f"load {0.9 + i / 1000:.3f} >= 0.6 but at max 1") if i % 2 == 0 else step()
+        step("in warm-up for 3 s")  # another kind of hold: at once
+        clock[0] += 60
+        step("in warm-up for 2 s")  # the same kind, a minute later: again
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("holding")]
+    assert len(lines) == 3, lines
+    assert "at max" in lines[0] and "warm-up" in lines[1] and "warm-up" in lines[2]
