@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -43,6 +42,7 @@ from streammanager.groups import (
     TERMINATING,
     InstanceRecord,
     NodeGroup,
+    new_instance_id,
 )
 from streammanager.registry import RegistryView, ZkPaths, ensure_layout, make_client, now_ms
 from streammanager.scaling_store import Conflict, GroupStore, InstanceStore
@@ -202,7 +202,7 @@ class Controller:
             self._launch(now, groups[launch.group], launch)
 
     def _launch(self, now: int, group: NodeGroup, launch: autoscaler.Launch) -> None:
-        instance_id = f"{group.name}-{launch.region}-{launch.role}-{secrets.token_hex(3)}"
+        instance_id = new_instance_id(group.name, launch.region, launch.role)
         record = InstanceRecord(id=instance_id, group=group.name, region=launch.region, role=launch.role,
                                 provider=group.launch.provider, state=REQUESTED, created_ms=now,
                                 state_since_ms=now, reason=launch.reason)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -340,9 +341,12 @@ def _check_template(text: str) -> None:
         raise GroupError(f"launchConfig.bootScript is not a valid template: {exc}") from None
 
 
-# The controller names an instance "<group>-<region>-<role>-<6 hex>"; GCE takes names of at most 63 characters
-GCE_MAX_NAME = 63
-INSTANCE_SUFFIX = len("-origin-") + 6  # the longest role
+GCE_MAX_NAME = 63  # GCE's limit on instance names
+
+
+def new_instance_id(group: str, region: str, role: str) -> str:
+    """A new instance's id (and its name at the provider): ``<group>-<region>-<role>-<6 hex>``."""
+    return f"{group}-{region}-{role}-{secrets.token_hex(3)}"
 
 
 def _check_region(provider: str, region: str, group: str = "") -> None:
@@ -352,8 +356,9 @@ def _check_region(provider: str, region: str, group: str = "") -> None:
         raise GroupError(f"region {region!r} is not an AWS region (provider ec2)")
     if provider == "gce" and not GCE_REGION.match(region):
         raise GroupError(f"region {region!r} is not a GCE region (provider gce)")
-    if provider == "gce" and len(group) + 1 + len(region) + INSTANCE_SUFFIX > GCE_MAX_NAME:
-        longest = GCE_MAX_NAME - 1 - len(region) - INSTANCE_SUFFIX
+    longest_id = max(len(new_instance_id(group, region, role)) for role in ROLES)
+    if provider == "gce" and longest_id > GCE_MAX_NAME:
+        longest = len(group) - (longest_id - GCE_MAX_NAME)
         raise GroupError(f"the group name {group!r} is too long for region {region} on GCE: instance names "
                          f"(<group>-<region>-<role>-<id>) take at most {GCE_MAX_NAME} characters, so at most "
                          f"{longest} for the group name there")
