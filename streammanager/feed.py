@@ -14,7 +14,8 @@ worker connects, then the changes, coalesced for ``FLUSH_S`` so a worker wakes o
 feed's connection state, and a heartbeat each second when nothing changed (a worker that hears nothing
 for ``SILENCE_S`` takes the feed for hung). A worker decodes and applies the records itself (:class:`FeedCache`). If the
 feed is missing or dies, each worker goes back to watching ZooKeeper directly: the feed makes the
-registry cheaper, never a single point of failure.
+registry cheaper, never a single point of failure. ``serve`` starts a feed that exits again, and a
+worker watching by itself returns to a feed once one has loaded the registry and answers.
 
 Frames: a 5-byte header (kind, payload length) then the payload. A batch or snapshot is a run of
 entries (name length, data length or -1 for a removed child, name, data).
@@ -263,6 +264,8 @@ class FeedCache:
         self._initialized = False
         self._closed = False
         self._sock: socket.socket | None = None
+        self._caught_up: dict[str, bytes | None] | None = None  # from catch_up(), for resume()
+        self._caught_up_state: tuple[bool, int | None] | None = None
 
     @property
     def known(self) -> set[str]:
@@ -273,6 +276,10 @@ class FeedCache:
         """Connect (OSError when there is no feed) and read in the background. A feed silent for
         ``SILENCE_S`` (it sends a heartbeat every ``HEARTBEAT_S`` when nothing changes) counts as lost:
         a hung feed would otherwise freeze the view while /healthz said all was well."""
+        self.connect()
+        self._reader()
+
+    def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self._socket_path)
@@ -281,6 +288,44 @@ class FeedCache:
             raise
         sock.settimeout(SILENCE_S)
         self._sock = sock
+
+    def catch_up(self, timeout_s: float) -> None:
+        """Read, now, everything up to the feed's first READY (its snapshot and the changes since) without
+        telling the listener: a view that watches ZooKeeper by itself switches only to a feed that has
+        loaded the whole registry and answers (a feed restarted a moment ago sends part of it first, a
+        hung one nothing). Raises FeedLost, OSError or ValueError; :meth:`resume` applies what was read."""
+        deadline = time.monotonic() + timeout_s
+        entries: dict[str, bytes | None] = {}
+        state = None
+        while True:
+            if time.monotonic() > deadline:
+                raise FeedLost(f"the registry feed did not load the registry within {timeout_s:g} s")
+            kind, payload = self._read_frame()
+            if kind == SNAPSHOT:
+                entries = dict(decode_entries(payload))
+            elif kind == BATCH:
+                entries.update(decode_entries(payload))
+            elif kind == STATE:
+                connected, since = STATE_BODY.unpack(payload)
+                state = (bool(connected), None if connected else since)
+            elif kind == READY:
+                self._caught_up, self._caught_up_state = entries, state
+                return
+
+    def resume(self, known: set[str]) -> None:
+        """After :meth:`catch_up`: tell the listener what was read (children in ``known``, which it has
+        from another source, and not in the feed are reported removed), then read on in the background."""
+        entries, self._caught_up = self._caught_up or {}, None
+        self._known.names |= known
+        self._known.remove_missing({name for name, data in entries.items() if data is not None})
+        for name, data in entries.items():
+            self._known.report(name, data)
+        if self._caught_up_state is not None:
+            self._on_state(*self._caught_up_state)
+        self._initialized = True  # the listener was initialised by the other source
+        self._reader()
+
+    def _reader(self) -> None:
         threading.Thread(target=self._read_loop, name="registry-feed", daemon=True).start()
 
     def close(self) -> None:
@@ -290,6 +335,12 @@ class FeedCache:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def discard(self) -> None:
+        """Close a feed that was connected (or caught up with) but never resumed."""
+        self.close()
+        if self._sock is not None:
+            self._sock.close()
 
     def _read_exact(self, size: int) -> bytes:
         chunks, remaining = [], size
@@ -304,13 +355,16 @@ class FeedCache:
             remaining -= len(chunk)
         return b"".join(chunks)
 
+    def _read_frame(self) -> tuple[int, bytes]:
+        kind, size = HEADER.unpack(self._read_exact(HEADER.size))
+        if size > MAX_FRAME:
+            raise FeedLost(f"feed frame of {size} bytes")
+        return kind, self._read_exact(size) if size else b""
+
     def _read_loop(self) -> None:
         try:
             while True:
-                kind, size = HEADER.unpack(self._read_exact(HEADER.size))
-                if size > MAX_FRAME:
-                    raise FeedLost(f"feed frame of {size} bytes")
-                payload = self._read_exact(size) if size else b""
+                kind, payload = self._read_frame()
                 if kind == SNAPSHOT:
                     entries = decode_entries(payload)
                     self._known.remove_missing({name for name, _ in entries})

@@ -13,10 +13,13 @@ FACTS.md for why).
 from __future__ import annotations
 
 import logging
+import os
 import select
+import struct
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import quote, unquote
 
 from kazoo.client import KazooClient, KazooState
@@ -31,7 +34,7 @@ from streammanager.models import (
     StreamKey,
     StreamRecord,
 )
-from streammanager.feed import FeedCache
+from streammanager.feed import FeedCache, FeedLost
 from streammanager.selection import Candidate
 from streammanager.zkcache import ChildrenDataCache
 
@@ -205,6 +208,11 @@ class LiveStream:
     subscribers: int
 
 
+FEED_RETRY_S = 2.0  # a view watching ZooKeeper by itself looks for the host's feed this often
+FEED_RETRY_MAX_S = 30.0  # ... backing off to this while a feed is there but does not answer
+FEED_CATCH_UP_S = 15.0  # how long a feed may take to send the whole registry before it is given up
+
+
 class RegistryView:
     """An in-memory, watch-driven view of every node record, with the stream index derived from it.
 
@@ -232,6 +240,8 @@ class RegistryView:
         self._loaded = False
         self._closed = threading.Event()
         self._starter: threading.Thread | None = None
+        self._retry_lock = threading.Lock()
+        self._retrying = False  # a thread looks for the feed to come back
         self._connected = False
         self._disconnected_since_ms: int | None = now_ms()
         self.decode_errors = 0  # node records dropped because they did not decode
@@ -243,8 +253,8 @@ class RegistryView:
         self._starter = threading.Thread(target=self._connect_and_load, name="registry-start", daemon=True)
         self._starter.start()
 
-    def _connect_and_load(self) -> None:
-        if self._feed_socket:
+    def _connect_and_load(self, use_feed: bool = True) -> None:
+        if self._feed_socket and use_feed:
             feed = FeedCache(self._feed_socket, self._on_change, self._on_initialized, self._on_feed_state,
                              self._on_feed_lost)
             self._feed = feed  # before start: the feed may deliver everything at once
@@ -254,6 +264,7 @@ class RegistryView:
             except OSError as exc:
                 self._feed = None
                 log.warning("no registry feed at %s (%s): watching ZooKeeper directly", self._feed_socket, exc)
+                self._return_to_feed_later()
         while not self._closed.is_set():
             try:
                 if not self._client.connected:
@@ -290,8 +301,67 @@ class RegistryView:
             self._watch_directly(known=feed.known)
         except Exception:  # not connected now: the starter's loop below retries
             log.exception("cannot watch the registry directly yet")
-            self._starter = threading.Thread(target=self._connect_and_load, name="registry-start", daemon=True)
+            self._starter = threading.Thread(target=partial(self._connect_and_load, use_feed=False),
+                                             name="registry-start", daemon=True)
             self._starter.start()
+        self._return_to_feed_later()
+
+    # -- back to the feed ------------------------------------------------------------------------
+    def _return_to_feed_later(self) -> None:
+        """Watching ZooKeeper by itself costs every worker what the feed does once for the host
+        (``serve`` starts a feed that exits again): look for a feed until one answers."""
+        with self._retry_lock:
+            if self._retrying or self._closed.is_set():
+                return
+            self._retrying = True
+        threading.Thread(target=self._look_for_feed, name="registry-feed-retry", daemon=True).start()
+
+    def _look_for_feed(self) -> None:
+        delay = FEED_RETRY_S
+        try:
+            while not self._closed.wait(delay):
+                if self._cache is None or self._feed is not None or not os.path.exists(self._feed_socket):
+                    delay = FEED_RETRY_S  # not watching yet (ZooKeeper away), or no feed yet: look again soon
+                    continue
+                feed = FeedCache(self._feed_socket, self._on_change, self._on_initialized, self._on_feed_state,
+                                 self._on_feed_lost)
+                try:
+                    feed.connect()
+                except OSError:  # the socket of a feed that exited: the next one replaces it
+                    feed.discard()
+                    delay = FEED_RETRY_S
+                    continue
+                try:
+                    feed.catch_up(FEED_CATCH_UP_S)
+                except (OSError, FeedLost, ValueError, struct.error) as exc:
+                    feed.discard()
+                    delay = min(2 * delay, FEED_RETRY_MAX_S)  # a feed that is there but does not answer
+                    log.info("the registry feed does not answer (%s): watching ZooKeeper directly, trying it "
+                             "again in %.0f s", exc, delay)
+                    continue
+                with self._retry_lock:
+                    self._retrying = False
+                # the switch runs where the direct watch delivers, so that the view has one writer
+                self._client.handler.callback_queue.put(partial(self._switch_to_feed, feed))
+                return
+        finally:
+            with self._retry_lock:
+                self._retrying = False
+
+    def _switch_to_feed(self, feed: FeedCache) -> None:
+        """On kazoo's completion thread (the direct watch's): stop watching, then let the feed bring
+        every record from the state it caught up with."""
+        cache = self._cache
+        if self._closed.is_set() or self._feed is not None or cache is None:
+            feed.discard()
+            if not self._closed.is_set() and self._feed is None:
+                self._return_to_feed_later()
+            return
+        cache.close()  # its later completions, queued behind this one, find it closed
+        self._cache = None
+        self._feed = feed
+        feed.resume(cache.known)
+        log.info("registry view fed by %s again", self._feed_socket)
 
     def wait_initialized(self, timeout_s: float) -> bool:
         return self._initialized.wait(timeout_s)

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import weakref
 
@@ -212,7 +213,9 @@ def serve(settings: ServerSettings) -> int:
     try:
         if settings.registry_feed:
             feed_dir = tempfile.mkdtemp(prefix="sm-feed-")  # private (0700): only this user's workers read it
-            settings, feed = start_feed(settings, feed_dir)
+            feed = FeedKeeper(settings, feed_dir)
+            settings = dataclasses.replace(settings, feed_socket=feed.socket_path)
+            feed.start()
         ApiServer(settings, metrics_dir).run()
     except Interrupted as stopped:
         return 128 + stopped.signum
@@ -244,22 +247,82 @@ def feed_environment(settings: ServerSettings) -> dict[str, str]:
     return env
 
 
-def start_feed(settings: ServerSettings, feed_dir: str):
-    """Start the host's registry feed (streammanager.feed) and wait until it listens, so that workers
-    booting now use it. Returns the workers' settings and the feed process. If the feed is not up in
-    time, workers that find no socket watch ZooKeeper themselves; the feed keeps trying to connect."""
-    socket_path = os.path.join(feed_dir, "registry.sock")
-    feed = Supervised("registry-feed", [sys.executable, "-m", "streammanager.feed", "--socket", socket_path],
-                      log_name="streammanager.feed", env=feed_environment(settings))
-    feed.start()
-    deadline = time.monotonic() + FEED_START_S
-    try:
-        while not os.path.exists(socket_path) and feed.running and time.monotonic() < deadline:
+class FeedKeeper:
+    """The host's registry feed (``python -m streammanager.feed``), started again whenever it exits.
+
+    A feed that exits (a crash, the kernel's OOM killer, an operator's kill) leaves every worker watching
+    ZooKeeper by itself: correct, but at a thousand nodes that halves their lookups a second (README,
+    Benchmarks). So a new feed starts after a back-off (1 s, doubling up to 30 s while feeds keep exiting
+    within a minute of starting), and the workers return to it once it has loaded the registry
+    (:class:`streammanager.registry.RegistryView`). A hung feed is not this keeper's to find: the
+    workers stop listening to it after ``feed.SILENCE_S`` and do not return until it answers.
+    """
+
+    RESTART_MIN_S = 1.0
+    RESTART_MAX_S = 30.0
+    STABLE_S = 60.0  # a feed that ran this long resets the back-off
+
+    def __init__(self, settings: ServerSettings, feed_dir: str):
+        self.socket_path = os.path.join(feed_dir, "registry.sock")
+        self._env = feed_environment(settings)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a stop and a restart never cross
+        self._feed: Supervised | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._feed.pid if self._feed is not None else None
+
+    def _launch(self) -> Supervised:
+        feed = Supervised("registry-feed", [sys.executable, "-m", "streammanager.feed", "--socket", self.socket_path],
+                          log_name="streammanager.feed", env=self._env)
+        feed.start()
+        return feed
+
+    def start(self) -> None:
+        """Start the feed and wait until it listens, so that workers booting now use it. If it is not
+        up in time, workers that find no socket watch ZooKeeper themselves until it is."""
+        with self._lock:
+            self._feed = self._launch()
+        feed = self._feed
+        deadline = time.monotonic() + FEED_START_S
+        while not os.path.exists(self.socket_path) and feed.running and time.monotonic() < deadline:
             time.sleep(0.05)
-    except BaseException:  # Ctrl-C while waiting: the caller never gets the feed to stop
-        feed.stop(5)
-        raise
-    if not os.path.exists(socket_path):
-        log.warning("the registry feed is not up after %.0f s: workers watch ZooKeeper themselves until it is",
-                    FEED_START_S)
-    return dataclasses.replace(settings, feed_socket=socket_path), feed
+        if not os.path.exists(self.socket_path):
+            log.warning("the registry feed is not up after %.0f s: workers watch ZooKeeper themselves until it is",
+                        FEED_START_S)
+        self._thread = threading.Thread(target=self._keep, name="feed-keeper", daemon=True)
+        self._thread.start()
+
+    def _keep(self) -> None:
+        # This thread starts every later feed: it lives as long as the server, as it must (a child's
+        # PR_SET_PDEATHSIG fires when the thread that started it ends).
+        delay = self.RESTART_MIN_S
+        while True:
+            feed = self._feed
+            started = time.monotonic()
+            code = feed.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started >= self.STABLE_S:
+                delay = self.RESTART_MIN_S
+            log.warning("the registry feed (pid %s) exited with code %s: starting another in %.0f s; "
+                        "workers watch ZooKeeper themselves meanwhile", feed.pid, code, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(2 * delay, self.RESTART_MAX_S)
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._feed = self._launch()
+            log.info("registry feed started again (pid %s)", self._feed.pid)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            feed = self._feed
+        if feed is not None:
+            feed.stop(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)

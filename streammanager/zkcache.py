@@ -89,6 +89,11 @@ class ChildrenDataCache:
     def initialized(self) -> bool:
         return self._initialized
 
+    @property
+    def known(self) -> set[str]:
+        """Children reported present (read it on the completion thread, or after ``close``)."""
+        return set(self._known.names)
+
     def _on_state(self, state: str) -> None:
         # Called on kazoo's connection thread: queue the work, never wait on ZooKeeper there.
         if state == KazooState.CONNECTED and not self._closed:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 
 import pytest
 import requests
@@ -94,6 +97,83 @@ def test_a_view_watches_by_itself_when_the_feed_goes(feed_and_view, make_node, z
     wait_until(lambda: node_ids(view) == {staying.id, late.id}, 5, what="a node after the fall-back")
 
 
+def test_a_view_returns_to_a_feed_that_comes_back(feed_and_view, make_node, zookeeper, zk_root, socket_dir):
+    staying, leaving = make_node("origin", "us-east-1"), make_node("edge", "us-east-1")
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == {staying.id, leaving.id}, 5, what="both nodes")
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    # while the view watches by itself: one node leaves, one arrives
+    leaving.agent.stop()
+    arrived = make_node("edge", "eu-west-1")
+    wait_until(lambda: node_ids(view) == {staying.id, arrived.id}, 8, what="the changes, watched directly")
+    again = RegistryFeed(make_client(zookeeper.hosts), ZkPaths(zk_root).nodes, os.path.join(socket_dir, "registry.sock"))
+    again.start()
+    try:
+        wait_until(lambda: view.source == "feed", 10, what="the view back on the feed")
+        assert node_ids(view) == {staying.id, arrived.id}
+        # from now on the records come through the feed: it goes stale with it, and says so
+        late = make_node("origin", "eu-west-1")
+        wait_until(lambda: node_ids(view) == {staying.id, arrived.id, late.id}, 5, what="a node after the return")
+        again._client.stop()
+        wait_until(lambda: not view.connected, 5, what="the new feed's disconnection, reported")
+    finally:
+        again.close()
+
+
+def test_a_view_does_not_return_to_a_feed_that_has_not_loaded_the_registry(feed_and_view, make_node, socket_dir,
+                                                                          monkeypatch):
+    from streammanager import feed as feed_module, registry
+
+    monkeypatch.setattr(registry, "FEED_RETRY_S", 0.3)
+    monkeypatch.setattr(registry, "FEED_CATCH_UP_S", 2.0)
+    first, second = make_node("origin", "us-east-1"), make_node("edge", "us-east-1")
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == {first.id, second.id}, 5, what="both nodes")
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    # A feed that has sent part of the registry and is still loading (no READY): switching to it would
+    # drop every node it has not read yet. It must be passed over until it has loaded everything.
+    sock_path = os.path.join(socket_dir, "registry.sock")
+    os.unlink(sock_path)
+    partial_feed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    partial_feed.bind(sock_path)
+    partial_feed.listen(8)
+    stop = threading.Event()
+
+    def serve_partly():
+        partial_feed.settimeout(0.2)
+        conns = []
+        while not stop.is_set():
+            try:
+                conn, _ = partial_feed.accept()
+                conn.sendall(feed_module.frame(feed_module.SNAPSHOT, encode_entries({}))
+                             + feed_module.frame(feed_module.STATE, feed_module.STATE_BODY.pack(1, 0)))
+                conns.append(conn)
+            except socket.timeout:
+                pass
+            for conn in conns:
+                try:
+                    conn.sendall(feed_module.frame(feed_module.HEARTBEAT))
+                except OSError:
+                    pass
+        for conn in conns:
+            conn.close()
+    server = threading.Thread(target=serve_partly, daemon=True)
+    server.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert view.source == "zookeeper" and node_ids(view) == {first.id, second.id}
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        server.join(5)
+        partial_feed.close()
+    late = make_node("edge", "eu-west-1")  # still watched, directly
+    wait_until(lambda: node_ids(view) == {first.id, second.id, late.id}, 5, what="a node, watched directly")
+
+
 def test_without_a_feed_the_view_watches_by_itself(feed_and_view, make_node):
     node = make_node("origin", "us-east-1")
     _, view = feed_and_view(with_feed=False)
@@ -127,11 +207,22 @@ def test_serve_runs_one_feed_and_survives_losing_it(procs, spawn_agent, zookeepe
     assert pid is not None, api.log()
     os.kill(pid, sig)
     try:
-        # every worker (each connection may reach either) goes on by itself and still follows the registry
-        wait_until(lambda: all(health().get("registrySource") == "zookeeper" for _ in range(10)), 15,
-                   what="the workers watching ZooKeeper themselves")
-        spawn_agent("edge", "us-east-1")
-        wait_until(lambda: all(health().get("nodes") == 2 for _ in range(10)), 10, what="a new node in every worker")
+        if sig == signal.SIGKILL:
+            # the server starts another feed, and every worker (each connection may reach either) returns to it
+            wait_until(lambda: feed_pid(api.pid) not in (None, pid), 10, what="another registry feed")
+            spawn_agent("edge", "us-east-1")
+            wait_until(lambda: all(health().get("registrySource") == "feed" and health().get("nodes") == 2
+                                   for _ in range(10)), 20, what="every worker back on the new feed")
+            assert "exited with code -9" in api.log()
+        else:
+            # a hung feed: every worker goes on by itself, still follows the registry, and does not go back
+            wait_until(lambda: all(health().get("registrySource") == "zookeeper" for _ in range(10)), 15,
+                       what="the workers watching ZooKeeper themselves")
+            spawn_agent("edge", "us-east-1")
+            wait_until(lambda: all(health().get("nodes") == 2 for _ in range(10)), 10,
+                       what="a new node in every worker")
+            assert feed_pid(api.pid) == pid
+            assert all(health().get("registrySource") == "zookeeper" for _ in range(10))
     finally:
         if sig == signal.SIGSTOP:
             os.kill(pid, signal.SIGCONT)
