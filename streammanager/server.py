@@ -20,8 +20,11 @@ import tempfile
 import threading
 import time
 import weakref
+from http import HTTPStatus
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.asgi import protocol as gunicorn_protocol
+from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers.gasgi import ASGIWorker
 
 from streammanager.config import SERVER_OPTIONS, ServerSettings
@@ -55,6 +58,8 @@ class ApiWorker(ASGIWorker):
         async def tracking_create_server(factory, *args, **kwargs):
             def tracked():
                 protocol = factory()
+                if type(protocol) is ASGIProtocol:
+                    protocol.__class__ = ApiProtocol  # the same connection, errors in the API's shape
                 protocols.add(protocol)
                 return protocol
             return await create_server(tracked, *args, **kwargs)
@@ -69,6 +74,33 @@ class ApiWorker(ASGIWorker):
         if idle:
             self.log.info("closed %d idle keep-alive connections", len(idle))
         await super()._shutdown()
+
+
+class ApiProtocol(ASGIProtocol):
+    """gunicorn's connection, but the errors gunicorn answers itself (before the app sees a request: a
+    request line over 4 KB, headers over 8 KB, raw bytes that are not HTTP) in the API's documented
+    shape, ``{"errorMessage", "timestamp"}`` as JSON, not text/plain. gunicorn's status stays (414, 431,
+    400, 501): it is the precise one."""
+
+    def _send_error_response(self, status, message, extra_headers=()):
+        from streammanager.api import error_body
+
+        body = error_body(str(message)[:300] or "bad request")
+        headers = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
+        self._safe_write(f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n".encode("latin-1"))
+        self._safe_write(body)
+
+
+def _reason(status: int) -> str:
+    # gunicorn's table first, as gunicorn does: the standard library's phrases differ between versions
+    phrase = getattr(gunicorn_protocol, "_REASON_PHRASES", {}).get(status)
+    if phrase:
+        return phrase
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def _idle(protocol) -> bool:

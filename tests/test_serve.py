@@ -446,3 +446,38 @@ def test_a_server_started_before_zookeeper_answers_503_starting_then_serves(proc
         wait_until(lambda: all(health()[0] == 200 for _ in range(10)), 30, what="every worker loaded")
     finally:
         zk.stop()
+
+
+def _raw(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return status, headers, body
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /streammanager/api/2.0/event/live/" + b"x" * 5000 + b"?action=subscribe HTTP/1.1\r\nHost: t\r\n\r\n",
+     "414"),  # a request line over gunicorn's 4 KB limit
+    (b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 100) for i in range(120))
+     + b"\r\n", "431"),  # headers over gunicorn's limits
+    (b"HELLO THERE\r\n\r\n", "400"),  # not HTTP
+])
+def test_errors_gunicorn_answers_itself_come_in_the_api_error_shape(procs, tmp_path, zookeeper, zk_root,
+                                                                     request_bytes, status):
+    import json
+    port = free_port()
+    proc = procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts",
+                  zookeeper.hosts, "--zk-root", zk_root, "--log-format", "text"], log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    line, headers, body = _raw(port, request_bytes)
+    assert line.split()[1] == status, (line, body)
+    assert headers["content-type"] == "application/json"
+    doc = json.loads(body)
+    assert set(doc) == {"errorMessage", "timestamp"} and doc["errorMessage"] and isinstance(doc["timestamp"], int)
+    assert int(headers["content-length"]) == len(body)
+    assert _raw(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")[0].split()[1] == "200"
