@@ -47,13 +47,18 @@ ADMIN_ZK_TIMEOUT_S = 10.0  # an admin call that writes to ZooKeeper answers 503 
 LOOKUPS = Counter("sm_lookups_total", "Broadcast and subscribe lookups", ["action", "outcome"])
 LOOKUP_SECONDS = Histogram("sm_lookup_seconds", "Time to answer a lookup", ["action"],
                            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0))
-VIEW_NODES = Gauge("sm_view_nodes", "Nodes in this worker's registry view", multiprocess_mode="max")
+# "livemax": the largest value among the workers alive now. ("max" kept the files of dead workers: a
+# worker that was restarted went on reporting its last value for the life of the server.) Every worker
+# refreshes its own values each second (refresh_view_metrics, run by its housekeeper), not only when it
+# happens to answer a scrape: a scraper's keep-alive connection reaches one worker, and the others' values
+# were whatever they were at their last scrape.
+VIEW_NODES = Gauge("sm_view_nodes", "Nodes in this worker's registry view", multiprocess_mode="livemax")
 VIEW_STREAMS = Gauge("sm_view_live_streams", "Live streams in this worker's registry view",
-                     multiprocess_mode="max")
+                     multiprocess_mode="livemax")
 VIEW_DECODE_ERRORS = Gauge("sm_view_decode_errors", "Node records this worker dropped as undecodable",
-                           multiprocess_mode="max")
+                           multiprocess_mode="livemax")
 VIEW_AGE = Gauge("sm_view_age_seconds", "Age of this worker's registry view (0 while connected)",
-                 multiprocess_mode="max")
+                 multiprocess_mode="livemax")
 # Registry churn is what costs a worker most at scale (README, Benchmarks): its rate next to the lookup
 # latency says when to add API servers. Each worker applies every change, so the sum counts a change once
 # per worker.
@@ -136,7 +141,7 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
         assignment_ttl_s=settings.assignment_ttl_s,
         best_few=settings.best_few,
     )
-    housekeeper = Housekeeper(placement, also=(LOOKUP_STATS.flush,))
+    housekeeper = Housekeeper(placement, also=(LOOKUP_STATS.flush, lambda: refresh_view_metrics(view)))
     housekeeper.start()
 
     app = Flask("streammanager")
@@ -438,15 +443,23 @@ def _count_view_changes(view: RegistryView) -> None:
             _changes_counted[view] = applied
 
 
-@ops.get("/metrics")
-def metrics():
-    view = services().view
+def refresh_view_metrics(view: RegistryView) -> None:
+    """This worker's view gauges and its share of ``sm_view_changes_total``, brought up to date: every
+    second by the housekeeper, and before this worker answers a scrape."""
     VIEW_NODES.set(view.node_count())
     VIEW_STREAMS.set(view.stream_count())
     VIEW_AGE.set(view.age_ms() / 1000)
     VIEW_DECODE_ERRORS.set(view.decode_errors)
     _count_view_changes(view)
+
+
+@ops.get("/metrics")
+def metrics():
+    refresh_view_metrics(services().view)
     LOOKUP_STATS.flush()
     registry = current_app.config.get("PROMETHEUS_REGISTRY")
     payload = generate_latest(registry) if registry is not None else generate_latest()
-    return Response(payload, mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: Flask appends "; charset=utf-8" to a text mimetype, and
+    # CONTENT_TYPE_LATEST has its charset already. A duplicate parameter is an invalid media type
+    # (Go's mime.ParseMediaType refuses it: Prometheus 3 fails the scrape).
+    return Response(payload, content_type=CONTENT_TYPE_LATEST)

@@ -94,6 +94,7 @@ class Controller:
         self._duties = duties
         self._last_evaluated: dict[str, int] = {}
         self._last_sweep = 0.0
+        self._pools_reported: set[tuple[str, str, str]] = set()  # the pool series the last step set
         self._holds: dict[tuple[str, str, str], tuple[str, float]] = {}  # pool -> (kind of hold, logged at)
         self.leading = threading.Event()
         self._lost = threading.Event()
@@ -159,6 +160,12 @@ class Controller:
             self.instances.close()
             self.leading.clear()
             LEADER.set(0)
+            # a follower reports no pools or instances: the leader does (summed over the controllers,
+            # the last numbers of a former leader counted every pool twice)
+            POOL_NODES.clear()
+            POOL_UTILIZATION.clear()
+            INSTANCES.clear()
+            self._pools_reported = set()
             log.info("controller %s stopped leading", self.identity)
 
     # -- one step ------------------------------------------------------------------------------------
@@ -295,9 +302,20 @@ class Controller:
 
     # -- reporting -----------------------------------------------------------------------------------
     def _report(self, decided: autoscaler.Plan) -> None:
+        reported = set()
         for pool in decided.pools:
             POOL_NODES.labels(pool.group, pool.region, pool.role).set(pool.active)
             POOL_UTILIZATION.labels(pool.group, pool.region, pool.role).set(round(pool.utilization, 4))
+            reported.add((pool.group, pool.region, pool.role))
+        # a deleted group, or a region or role taken out of one, leaves the metrics: its series went on
+        # showing its last numbers for the life of the process
+        for labels in self._pools_reported - reported:
+            for gauge in (POOL_NODES, POOL_UTILIZATION):
+                try:
+                    gauge.remove(*labels)
+                except KeyError:
+                    pass
+        self._pools_reported = reported
         counts: dict[str, int] = {}
         for record in self.instances.records().values():
             counts[record.state] = counts.get(record.state, 0) + 1

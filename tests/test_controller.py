@@ -257,7 +257,7 @@ def test_a_pool_held_for_the_same_reason_is_logged_once_a_minute_not_at_every_st
     clock = [1000.0]
     monkeypatch.setattr(controller.time, "monotonic", lambda: clock[0])
     pool = autoscaler.PoolStatus("m1", "us-east-1", "edge", 1, 1, 0, 10, 10)
-    fake = SimpleNamespace(_holds={}, instances=SimpleNamespace(records=lambda: {}))
+    fake = SimpleNamespace(_holds={}, _pools_reported=set(), instances=SimpleNamespace(records=lambda: {}))
 
     def step(*reasons):
         holds = [autoscaler.Hold("m1", "us-east-1", "edge", r) for r in reasons]

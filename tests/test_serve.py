@@ -481,3 +481,24 @@ def test_errors_gunicorn_answers_itself_come_in_the_api_error_shape(procs, tmp_p
     assert set(doc) == {"errorMessage", "timestamp"} and doc["errorMessage"] and isinstance(doc["timestamp"], int)
     assert int(headers["content-length"]) == len(body)
     assert _raw(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")[0].split()[1] == "200"
+
+
+def test_metrics_show_the_live_view_whichever_worker_answers_the_scrape(serve, spawn_agent, zookeeper):
+    # A scraper keeps one connection: one worker answers every scrape. The other workers' view gauges
+    # were set only when they answered a scrape themselves, so the aggregate kept their old numbers.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = serve(zookeeper.hosts, workers=3)
+
+    def view_nodes(session=requests):
+        text = session.get(f"{url}/metrics", timeout=5).text
+        return next(f.samples[0].value for f in text_string_to_metric_families(text) if f.name == "sm_view_nodes")
+    agents = [spawn_agent("edge", "us-east-1") for _ in range(3)]
+    wait_until(lambda: all(node_count(url) == 3 for _ in range(12)), 20, what="three nodes in every worker")
+    for _ in range(12):  # fresh connections: every worker answers a scrape at three nodes
+        assert view_nodes() == 3
+    for proc, *_ in agents[1:]:
+        proc.stop()
+    wait_until(lambda: all(node_count(url) == 1 for _ in range(12)), 20, what="one node in every worker")
+    scraper = requests.Session()
+    wait_until(lambda: view_nodes(scraper) == 1, 5, what="sm_view_nodes at one node, on one connection")
