@@ -10,6 +10,7 @@ longer live anywhere, it is not restarted. ``stop_all()`` stops every ffmpeg: SI
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import signal
 import threading
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 3.0
 NOT_LIVE_RETRY_S = 0.5
 RUNNING_RESETS_BACKOFF_S = 10.0  # a relay that ran this long starts its back-off afresh
+_RELAYKEY = re.compile(r"(relaykey=)[0-9A-Za-z_-]*")
+
+
+def redact_relay_key(line: str) -> str:
+    """ffmpeg names its output URL in its errors ("Error writing trailer of rtmp://...?relaykey=..."):
+    the edge's relay secret, with which anyone may publish on this edge, must not reach the log."""
+    return _RELAYKEY.sub(r"\1(hidden)", line)
 
 
 @dataclass
@@ -126,7 +134,8 @@ class RelayManager:
         if now < relay.next_start and origin == relay.failed_origin:
             return  # the same origin that just failed: back off (a stream republished elsewhere does not wait)
         relay.proc = Supervised(f"relay-{relay.key.name}", self._argv(relay.key, origin),
-                                log_name="node_agent.relay", stop_signal=signal.SIGINT)
+                                log_name="node_agent.relay", stop_signal=signal.SIGINT,
+                                redact=redact_relay_key)
         relay.proc.start()
         relay.origin = origin
         relay.starts += 1

@@ -45,3 +45,6 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     logging.getLogger("kazoo.client").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    # urllib3's debug lines carry whole URLs, query included: a KEY_VERIFICATION_URL or
+    # EVENT_CALLBACK_URL with a token in its query (``?apikey=...``) was written to the log at DEBUG
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))

@@ -8,9 +8,10 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,13 @@ class Supervised:
 
     def __init__(self, name: str, argv: Sequence[str], *, log_name: str | None = None,
                  env: dict[str, str] | None = None, cwd: str | None = None,
-                 stop_signal: int = signal.SIGTERM):
+                 stop_signal: int = signal.SIGTERM, passthrough: bool = False,
+                 redact: Callable[[str], str] | None = None):
         self.name = name
+        # passthrough: the child writes log lines in our own format already (the registry feed):
+        # copied to our stderr as they are, not wrapped as the message of another record
+        self._passthrough = passthrough
+        self._redact = redact  # applied to every output line before it is logged (secrets in URLs)
         self.argv = list(argv)
         self._log = logging.getLogger(log_name or f"streammanager.child.{name}")
         self._env = env
@@ -106,7 +112,12 @@ class Supervised:
         assert self._popen is not None and self._popen.stdout is not None
         for raw in self._popen.stdout:
             line = raw.decode(errors="replace").rstrip()
-            if line:
+            if line and self._redact is not None:
+                line = self._redact(line)
+            if line and self._passthrough:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            elif line:
                 self._log.info("%s", line, extra={"pid": self._popen.pid})
 
     @property
@@ -116,6 +127,9 @@ class Supervised:
     @property
     def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
+
+    def poll(self) -> int | None:
+        return self._popen.poll() if self._popen else None
 
     @property
     def returncode(self) -> int | None:

@@ -410,6 +410,8 @@ class RegistryView:
 
     # -- cache events (single thread) ------------------------------------------------------------
     def _on_initialized(self) -> None:
+        if self._loaded:
+            return  # a later source (the direct watch after the feed) loaded again what the view has
         self._loaded = True
         self._initialized.set()
         log.info("registry view initialised: %d nodes, %d live streams", len(self._nodes), len(self._origin_of))

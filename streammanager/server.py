@@ -22,6 +22,7 @@ import time
 import weakref
 from http import HTTPStatus
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.asgi import protocol as gunicorn_protocol
 from gunicorn.asgi.protocol import ASGIProtocol
@@ -112,6 +113,28 @@ def _idle(protocol) -> bool:
             and held is not None and len(held) == 0 and getattr(protocol, "transport", None) is not None)
 
 
+class GunicornLogger(glogging.Logger):
+    """gunicorn's error log in this server's log format: with SM_LOG_FORMAT=json its own lines ("Booting
+    worker", "Worker timeout", its tracebacks) are JSON objects like every other line, not
+    ``[date] [pid] [LEVEL] text``, which a JSON log pipeline cannot parse."""
+
+    log_format = "json"  # set by ApiServer.load_config (the master's, inherited by every worker)
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        if self.log_format == "json":
+            from streammanager.logs import JsonFormatter
+
+            for handler in self.error_log.handlers:
+                handler.setFormatter(JsonFormatter())
+
+
+def _pre_request(worker, req) -> None:
+    # gunicorn's own hook logs the decoded path as it is: "%0A" in a path wrote a line of the
+    # client's choosing into the log (a forged JSON record too). ascii() escapes control characters.
+    worker.log.debug("%s %s", req.method, ascii(req.path)[1:-1])
+
+
 class ApiServer(BaseApplication):
     def __init__(self, settings: ServerSettings, metrics_dir: str):
         self.settings = settings
@@ -120,6 +143,7 @@ class ApiServer(BaseApplication):
 
     def load_config(self) -> None:
         s = self.settings
+        GunicornLogger.log_format = s.log_format
         for key, value in {
             "bind": [s.bind],
             "workers": s.workers,
@@ -138,6 +162,8 @@ class ApiServer(BaseApplication):
             "timeout": 30,
             "accesslog": None,
             "loglevel": s.log_level.lower(),
+            "logger_class": "streammanager.server.GunicornLogger",
+            "pre_request": _pre_request,
             "proc_name": "streammanager-api",
             "child_exit": _child_exit,
             "when_ready": _when_ready,
@@ -225,6 +251,11 @@ def _interrupt(signum, frame) -> None:
 
 
 def serve(settings: ServerSettings) -> int:
+    from streammanager import logs
+
+    # the master's own records, and the registry feed's lines (pumped into the master's log by
+    # Supervised), were dropped: the master configured no logging (workers do, in ApiServer.load)
+    logs.configure(settings.log_level, settings.log_format)
     problem = address_in_use(settings.bind)
     if problem:
         print(f"streammanager serve: {problem}", file=sys.stderr)
@@ -279,6 +310,22 @@ def feed_environment(settings: ServerSettings) -> dict[str, str]:
     return env
 
 
+def _wait_exit(pid: int) -> str:
+    """Wait until the child ``pid`` exits, without reaping it, and say how it ended. gunicorn's master
+    reaps every child on SIGCHLD (``waitpid(-1)``), so a plain wait would often find the child gone
+    and its status lost; even so the master may reap it first, and then how it ended is not known."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped by the master first
+        return "ended"
+    if info is not None and info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        try:
+            return f"was killed by {signal.Signals(info.si_status).name}"
+        except ValueError:
+            return f"was killed by signal {info.si_status}"
+    return f"exited with code {info.si_status}" if info is not None else "ended"
+
+
 class FeedKeeper:
     """The host's registry feed (``python -m streammanager.feed``), started again whenever it exits.
 
@@ -308,7 +355,7 @@ class FeedKeeper:
 
     def _launch(self) -> Supervised:
         feed = Supervised("registry-feed", [sys.executable, "-m", "streammanager.feed", "--socket", self.socket_path],
-                          log_name="streammanager.feed", env=self._env)
+                          log_name="streammanager.feed", env=self._env, passthrough=True)
         feed.start()
         return feed
 
@@ -334,13 +381,14 @@ class FeedKeeper:
         while True:
             feed = self._feed
             started = time.monotonic()
-            code = feed.wait()
+            how = _wait_exit(feed.pid)
+            feed.poll()  # reap it, unless gunicorn's master did (it waits for any child)
             if self._stopping.is_set():
                 return
             if time.monotonic() - started >= self.STABLE_S:
                 delay = self.RESTART_MIN_S
-            log.warning("the registry feed (pid %s) exited with code %s: starting another in %.0f s; "
-                        "workers watch ZooKeeper themselves meanwhile", feed.pid, code, delay)
+            log.warning("the registry feed (pid %s) %s: starting another in %.0f s; workers watch ZooKeeper "
+                        "themselves meanwhile", feed.pid, how, delay)
             if self._stopping.wait(delay):
                 return
             delay = min(2 * delay, self.RESTART_MAX_S)
