@@ -135,11 +135,22 @@ class Placement:
             _check_strict(key, origin, region, strict, "is live")
             return Answer(key, origin)
         now = now_ms()
-        chosen = self._select(ROLE_ORIGIN, key, skey, region, strict, None, None, now)
-        node = self._reserve(key, chosen, now)
-        if node is not chosen:  # another lookup's reservation: every encoder of the stream goes there
+        try:
+            chosen = self._select(ROLE_ORIGIN, key, skey, region, strict, None, None, now)
+        except BadRequest:
+            # Every origin looks full, counting the answers given meanwhile: but a stream another lookup
+            # reserved already holds its place there (a retrying encoder, a second lookup of the same
+            # stream); it is answered its reservation, not refused.
+            reserved = self._reserved_origin(key, now)
+            if reserved is None:
+                raise
+            _check_strict(key, reserved, region, strict, "is reserved")
+            return Answer(key, reserved)
+        node, new_answer = self._reserve(key, chosen, now)
+        if not new_answer:  # another lookup's reservation: every encoder of the stream goes there
             _check_strict(key, node, region, strict, "is reserved")
-        self.assignments.add(node.id, now)
+        else:  # counted once per stream, by the lookup that reserved it, not once per repeated lookup
+            self.assignments.add(node.id, now)
         return Answer(key, node)
 
     def subscribe(self, key: StreamKey, region: str | None, strict: bool) -> Answer:
@@ -177,11 +188,28 @@ class Placement:
         return (node is not None and node.state == STATE_INSERVICE
                 and node.updated_ms >= now - self._max_age_ms and node.used < node.capacity)
 
-    def _reserve(self, key: StreamKey, chosen: NodeRecord, now: int) -> NodeRecord:
-        """Record ``chosen`` as the stream's origin unless another lookup did first; return the
-        origin every lookup for this stream must answer. Without ZooKeeper, answer ``chosen``."""
+    def _reserved_origin(self, key: StreamKey, now: int) -> NodeRecord | None:
+        """The origin of the stream's unexpired reservation, if it can still take it; else None."""
         if not self._client.connected:
-            return chosen
+            return None
+        try:
+            data, _ = self._client.get_async(self._paths.reservation(key)).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+            theirs = Reservation.from_json(data)
+        except (NoNodeError, RecordError):
+            return None
+        except (KazooException, self._client.handler.timeout_exception, OSError) as exc:
+            log.warning("reservation read failed (%s)", exc, extra={"scope": key.scope, "stream": key.name})
+            return None
+        node = self.view.node(theirs.node_id)
+        return node if theirs.expires_ms > now and self._usable(node, now) else None
+
+    def _reserve(self, key: StreamKey, chosen: NodeRecord, now: int) -> tuple[NodeRecord, bool]:
+        """Record ``chosen`` as the stream's origin unless another lookup did first. Returns the origin
+        every lookup for this stream must answer, and whether it is a new answer (this lookup reserved
+        it, or answered without a reservation) rather than another lookup's reservation. Without
+        ZooKeeper, answer ``chosen``."""
+        if not self._client.connected:
+            return chosen, True
         path = self._paths.reservation(key)
         mine = Reservation(chosen.id, now + self._reservation_ttl_ms)
         try:
@@ -191,7 +219,7 @@ class Placement:
                                               ).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
                     with self._own_lock:
                         self._own_reservations[path] = mine.expires_ms
-                    return chosen
+                    return chosen, True
                 except NodeExistsError:
                     pass
                 try:
@@ -205,7 +233,7 @@ class Placement:
                 if theirs is not None and theirs.expires_ms > now:
                     node = self.view.node(theirs.node_id)
                     if self._usable(node, now):
-                        return node
+                        return node, False
                 try:  # expired, unreadable, or its node is gone: replace it
                     self._client.delete_async(path, version=stat.version).get(
                         timeout=RESERVATION_WRITE_TIMEOUT_S)
@@ -214,7 +242,7 @@ class Placement:
         except (KazooException, self._client.handler.timeout_exception, OSError) as exc:
             log.warning("reservation write failed (%s): answering without one", exc,
                         extra={"scope": key.scope, "stream": key.name})
-        return chosen
+        return chosen, True
 
     def expire_reservations(self, now: int | None = None) -> int:
         """Delete this process's expired reservations; return how many went."""

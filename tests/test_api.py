@@ -500,3 +500,17 @@ def test_after_a_session_expiry_an_origin_claims_its_streams_again_and_an_edge_c
     wait_until(lambda: lookup(api, "kept", "subscribe").status_code == 200, 5, what="kept live in the view")
     assert zk.exists(f"{zk_root}/v1/streams/live/orphan") is None
     assert lookup(api, "orphan", "subscribe").status_code == 404
+
+
+def test_repeated_broadcast_lookups_of_one_new_stream_hold_one_place_on_its_origin(api, make_node):
+    # an encoder that looks up again before it publishes (a retry, a reconnect) is one stream, not three
+    origin = make_node("origin", "us-east-1", capacity=3, report_interval_s=30)
+    wait_for_nodes(api, 1)
+    for _ in range(5):
+        assert lookup(api, "again", "broadcast").get_json()["serverAddress"] == origin.host
+    for name in ("second", "third"):  # two more new streams fit in the three places
+        assert lookup(api, name, "broadcast").status_code == 200
+    assert_error(lookup(api, "fourth", "broadcast"), 400, "at capacity")
+    # every origin looks full now, but a reserved stream is still answered its origin
+    for name in ("again", "second", "third"):
+        assert lookup(api, name, "broadcast").get_json()["serverAddress"] == origin.host
