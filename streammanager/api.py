@@ -190,7 +190,11 @@ def _http_error(exc: HTTPException) -> Response:
     if exc.code == 404:
         return error_response(404, f"no such resource: {request.method} {request.path[:200]}")
     if exc.code == 405:
-        return error_response(405, f"method {request.method} is not allowed on {request.path[:200]}")
+        response = error_response(405, f"method {request.method} is not allowed on {request.path[:200]}")
+        allowed = getattr(exc, "valid_methods", None)
+        if allowed:  # RFC 9110 section 15.5.6: a 405 names the methods the resource takes
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
     return error_response(exc.code or 400, exc.description or exc.name)
 
 

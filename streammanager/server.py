@@ -229,6 +229,9 @@ def address_in_use(bind: str) -> str | None:
         return f"cannot resolve {host}: {exc}"
     family, _, _, _, address = infos[0]
     probe = socket.socket(family, socket.SOCK_STREAM)
+    # as gunicorn's own sockets: connections of a server that just stopped linger in TIME_WAIT for a
+    # minute, and a plain bind refused to start a new server until they were gone; a listener still fails it
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind(address)
     except OSError as exc:

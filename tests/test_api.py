@@ -514,3 +514,9 @@ def test_repeated_broadcast_lookups_of_one_new_stream_hold_one_place_on_its_orig
     # every origin looks full now, but a reserved stream is still answered its origin
     for name in ("again", "second", "third"):
         assert lookup(api, name, "broadcast").get_json()["serverAddress"] == origin.host
+
+
+def test_a_405_names_the_methods_the_resource_takes(api):
+    response = api.post(f"{P}/event/list")
+    assert_error(response, 405, "not allowed")
+    assert {m.strip() for m in response.headers["Allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}

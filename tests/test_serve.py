@@ -502,3 +502,28 @@ def test_metrics_show_the_live_view_whichever_worker_answers_the_scrape(serve, s
     wait_until(lambda: all(node_count(url) == 1 for _ in range(12)), 20, what="one node in every worker")
     scraper = requests.Session()
     wait_until(lambda: view_nodes(scraper) == 1, 5, what="sm_view_nodes at one node, on one connection")
+
+
+def _time_wait_port() -> int:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server closes first: its side of the connection waits in TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    return port
+
+
+def test_serve_starts_at_once_where_a_server_just_stopped(procs, tmp_path, zookeeper, zk_root):
+    # a stopped server's closed connections wait in TIME_WAIT for a minute: a plain bind refused the
+    # address to the next server all that time ("is another server running there?")
+    port = _time_wait_port()
+    proc = procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts",
+                  zookeeper.hosts, "--zk-root", zk_root, "--log-format", "text"], log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port) or proc.popen.poll() is not None, 30, what="the API")
+    assert proc.popen.poll() is None, proc.log()
