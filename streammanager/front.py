@@ -66,6 +66,25 @@ class ApiFront:
                 status, doc = health(self.svc.view)
                 await _respond(send, status, orjson.dumps(doc))
                 return
+        if kind == "http" and _has_body(scope):
+            # Read the body here, on the loop, before a Flask thread takes the request: a client sending
+            # its body slowly held one of the worker's few Flask threads as long as gunicorn waits for
+            # body bytes (its 30 s timeout), and two such clients held every route Flask answers.
+            try:
+                receive = await _buffered_body(receive)
+            except asyncio.TimeoutError:
+                await _respond(send, 408, error_body(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s"))
+                return
+            except _BodyTooLarge:
+                await _respond(send, 413, error_body(f"the request body is larger than {MAX_BODY_BYTES} bytes"))
+                return
+            if receive is None:  # the client went away
+                return
+            receive, length = receive
+            # a chunked body now has a length: WSGI (a2wsgi, werkzeug) reads no body without one, and a
+            # chunked node group document was answered "the body must be JSON"
+            headers = [(n, v) for n, v in scope["headers"] if n not in (b"transfer-encoding", b"content-length")]
+            scope = {**scope, "headers": headers + [(b"content-length", str(length).encode())]}
         await self._wsgi(scope, receive, send)
 
     async def _lookup(self, scope_name: str, stream: str, scope) -> tuple[int, bytes]:
@@ -87,6 +106,47 @@ class ApiFront:
                 self._pool.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+MAX_BODY_BYTES = 1 << 20  # a node group document is a few kilobytes
+BODY_TIMEOUT_S = 10.0
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _has_body(scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+async def _buffered_body(receive):
+    """Receive the whole request body (bounded in size and time); return a ``receive`` that replays it
+    and the body's length, or None if the client disconnected."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BODY_TIMEOUT_S
+    chunks, size = [], 0
+    while True:
+        message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _BodyTooLarge()
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay, len(body)
 
 
 async def _respond(send, status: int, body: bytes) -> None:

@@ -83,6 +83,21 @@ class ApiProtocol(ASGIProtocol):
     shape, ``{"errorMessage", "timestamp"}`` as JSON, not text/plain. gunicorn's status stays (414, 431,
     400, 501): it is the precise one."""
 
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        # gunicorn times out a connection idle between requests (keepalive) but not before its first: a
+        # client that connected and sent nothing, half a request line, or headers without their blank
+        # line, held its connection (a file descriptor) for good, and a few hundred of them took every
+        # descriptor of the worker. Its own keep-alive timer, armed here for the first request too, closes
+        # such a connection; the complete headers of a request cancel it, as they do between requests.
+        if getattr(self, "_request_ready", None) is not None and getattr(self, "_keepalive_handle", 0) is None:
+            self._keepalive_handle = self.worker.loop.call_later(FIRST_REQUEST_TIMEOUT_S, self._keepalive_timeout)
+
+    def _is_websocket_upgrade(self, request):
+        # The API has no WebSocket route: gunicorn answered an "Upgrade: websocket" request to any route
+        # with its own empty 403. Served as the plain HTTP request it also is, it gets the route's answer.
+        return False
+
     def _send_error_response(self, status, message, extra_headers=()):
         from streammanager.api import error_body
 
@@ -91,6 +106,9 @@ class ApiProtocol(ASGIProtocol):
         self._safe_write(f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n".encode("latin-1"))
         self._safe_write(body)
+
+
+FIRST_REQUEST_TIMEOUT_S = 10.0  # a connection's first request headers must arrive within this
 
 
 def _reason(status: int) -> str:

@@ -527,3 +527,58 @@ def test_serve_starts_at_once_where_a_server_just_stopped(procs, tmp_path, zooke
                   zookeeper.hosts, "--zk-root", zk_root, "--log-format", "text"], log_path=tmp_path / "api.log")
     wait_until(lambda: _up(port) or proc.popen.poll() is not None, 30, what="the API")
     assert proc.popen.poll() is None, proc.log()
+
+
+def _api(procs, tmp_path, zookeeper, zk_root, *extra):
+    port = free_port()
+    procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts", zookeeper.hosts,
+           "--zk-root", zk_root, "--log-format", "text", *extra], log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    return port
+
+
+def test_a_connection_that_never_completes_its_first_request_is_closed(procs, tmp_path, zookeeper, zk_root):
+    from streammanager.server import FIRST_REQUEST_TIMEOUT_S
+
+    port = _api(procs, tmp_path, zookeeper, zk_root)
+    stalled = []
+    for partial in (b"", b"GET /healthz HT", b"GET /healthz HTTP/1.1\r\nHost: t\r\n"):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=FIRST_REQUEST_TIMEOUT_S + 10)
+        conn.sendall(partial)
+        stalled.append(conn)
+    for conn in stalled:  # gunicorn held these for good: no timeout before a connection's first request
+        assert conn.recv(65536) == b""  # closed by the server (a timeout here raises)
+        conn.close()
+
+
+def test_a_websocket_upgrade_is_answered_as_the_plain_request_it_also_is(procs, tmp_path, zookeeper, zk_root):
+    port = _api(procs, tmp_path, zookeeper, zk_root)
+    line, headers, _ = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\n"
+                                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert line.split()[1] == "200" and headers["content-type"] == "application/json"  # not gunicorn's empty 403
+
+
+def test_slow_request_bodies_hold_none_of_the_flask_threads(procs, tmp_path, zookeeper, zk_root):
+    port = _api(procs, tmp_path, zookeeper, zk_root, "--workers", "1", "--threads", "1", "--access-token", "t")
+    slow = []
+    for _ in range(3):  # bodies that never finish: each held a Flask thread for gunicorn's 30 s body timeout
+        conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+        conn.sendall(b"POST /streammanager/api/2.0/admin/nodegroup?accessToken=t HTTP/1.1\r\nHost: t\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        slow.append(conn)
+    try:
+        answer = requests.get(f"http://127.0.0.1:{port}/streammanager/api/2.0/event/list", timeout=5)
+        assert answer.status_code == 200
+    finally:
+        for conn in slow:
+            conn.close()
+
+
+def test_a_chunked_request_body_reaches_the_flask_routes(procs, tmp_path, zookeeper, zk_root):
+    port = _api(procs, tmp_path, zookeeper, zk_root, "--access-token", "t")
+    doc = b'{"name": "x"}'
+    answer = requests.post(f"http://127.0.0.1:{port}/streammanager/api/2.0/admin/nodegroup?accessToken=t",
+                           data=iter([doc[:4], doc[4:]]), headers={"Content-Type": "application/json"}, timeout=10)
+    # the document is read (and refused for what it lacks), not taken for a missing body
+    assert answer.status_code == 400 and "launchConfig" in answer.json()["errorMessage"], answer.text
