@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from node_agent.agent import Agent
 from node_agent.config import AGENT_COORDINATOR_OPTIONS, AGENT_OPTIONS, AgentSettings
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"node-agent: {exc}", file=sys.stderr)
         return 2
     try:
-        server = make_server(settings.http_host, settings.http_port, create_hooks_app(agent), threaded=True)
+        server = make_server(settings.http_host, settings.http_port, create_hooks_app(agent), threaded=True,
+                             request_handler=HookRequestHandler)
     except OSError as exc:
         print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port}: {exc}", file=sys.stderr)
         return 1
@@ -79,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STOP_DEADLINE_S = 20.0
+HOOK_SOCKET_TIMEOUT_S = 10.0
+
+
+class HookRequestHandler(WSGIRequestHandler):
+    """werkzeug's handler with a socket timeout: without one, a client that connected and sent nothing, or
+    half a request, or a body shorter than its Content-Length, held its thread and descriptor forever, and
+    a few hundred of them left nginx's hooks (every publish and play) unanswered. nginx-rtmp sends a
+    hook's whole request at once and waits for the answer."""
+
+    timeout = HOOK_SOCKET_TIMEOUT_S
 
 
 def _fence_if_stalled(agent: Agent, stop: threading.Event, exit=os._exit) -> None:

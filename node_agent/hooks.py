@@ -11,6 +11,7 @@ import threading
 from urllib.parse import parse_qsl, urlsplit
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import ClientDisconnected
 
 from node_agent.agent import NGINX_RELAY_FLASHVER, Agent, Decision
 from streammanager.models import RecordError, StreamKey
@@ -105,6 +106,15 @@ def create_hooks_app(agent: Agent) -> Flask:
     @app.errorhandler(405)
     def not_allowed(exc):
         return Response("method not allowed\n", status=405, mimetype="text/plain")
+
+    @app.before_request
+    def read_body():
+        # read the whole body first: a broken chunked framing or a client gone mid-body raises OSError
+        # from the parsers below, which was a 500 with an HTML page (and a traceback in the log)
+        try:
+            request.get_data(cache=True)
+        except (OSError, ValueError, ClientDisconnected) as exc:
+            raise MalformedHook(f"the request body could not be read: {exc}") from None
 
     @app.post("/hooks/nginx")
     def nginx_hook():

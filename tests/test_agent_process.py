@@ -240,3 +240,31 @@ def test_a_second_live_agent_with_the_same_node_id_is_refused_and_a_restarted_on
     wait_until(lambda: api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").get_json()
                .get("serverAddress") == "127.0.1.250", 20, what="the restarted agent registered")
     assert again.popen.poll() is None, again.log()
+
+
+def test_the_hook_server_closes_stalled_connections_and_refuses_unreadable_bodies(spawn_agent, api):
+    import socket
+
+    from node_agent.cli import HOOK_SOCKET_TIMEOUT_S
+
+    _, host, port, _ = spawn_agent("origin", "us-east-1")
+    wait_until(lambda: requests.get(f"http://{host}:{port}/healthz", timeout=2).ok, 15, what="the agent")
+    stalled = []
+    for partial in (b"", b"POST /hooks/nginx HT", b"POST /hooks/nginx HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n"
+                    b"Content-Type: application/x-www-form-urlencoded\r\n\r\ncall=pub"):
+        conn = socket.create_connection((host, port), timeout=HOOK_SOCKET_TIMEOUT_S + 10)
+        conn.sendall(partial)
+        stalled.append(conn)
+    # nginx's hooks go on meanwhile
+    assert post_form(host, port, NGINX_PUBLISH).status_code == 200
+    for conn in stalled:  # each held a thread and a descriptor for good
+        while conn.recv(65536):  # an answer (a timeout's 408 or nothing), then the close; a timeout raises
+            pass
+        conn.close()
+    with socket.create_connection((host, port), timeout=10) as conn:  # chunked framing that is not
+        conn.sendall(b"POST /hooks/nginx HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n\r\nzz\r\ncall=publish\r\n0\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400" and b"malformed hook" in answer, answer
