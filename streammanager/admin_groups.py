@@ -41,7 +41,10 @@ def _zk(call, *args):
 
 
 def _body():
-    doc = request.get_json(silent=True)
+    try:
+        doc = request.get_json(silent=True)
+    except RecursionError:  # silent=True covers ValueError only; a deeply nested body raises this
+        raise BadRequest("the body is nested too deeply") from None
     if doc is None:
         raise BadRequest("the body must be JSON (Content-Type: application/json)")
     return doc

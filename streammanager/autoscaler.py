@@ -158,6 +158,10 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
     if group is None and record.state in (STARTING, INSERVICE):
         return move(DRAINING, "its node group was deleted", drain=True,
                     drain_deadline_ms=now + _drain_ms(None))  # no group: the default drain timeout
+    if group is not None and record.role not in group.regions.get(record.region, {}) \
+            and record.state in (STARTING, INSERVICE):  # a PUT removed its region or role: no pool owns it
+        return move(DRAINING, f"its pool {record.region}/{record.role} was removed from the node group",
+                    drain=True, drain_deadline_ms=now + _drain_ms(group))
     if record.state == STARTING:
         if node is not None:
             if node.state == STATE_DRAINING:

@@ -197,6 +197,8 @@ class Controller:
             if move.drain:
                 self._send_drain(move.record)
         for destroy in decided.destroys:
+            if self._lost.is_set():
+                return
             if destroy.record.id in destroying:
                 self._destroy(now, destroy.record)
         for forget in decided.forgets:
@@ -206,6 +208,10 @@ class Controller:
             except NoNodeError:
                 pass
         for launch in decided.launches:
+            if self._lost.is_set():  # deposed while carrying out the plan (a cloud call can take 30 s):
+                log.warning("stopped carrying out the plan: ZooKeeper connection lost, %d launch(es) left to "
+                            "the next leader", len(decided.launches) - decided.launches.index(launch))
+                return  # the next leader decides again from the records; launching on would double them
             self._launch(now, groups[launch.group], launch)
 
     def _launch(self, now: int, group: NodeGroup, launch: autoscaler.Launch) -> None:
@@ -230,7 +236,14 @@ class Controller:
                 name=instance_id, image=group.launch.image, size=group.launch.size, boot_script=script,
                 capacity=capacity, media=group.launch.media,
                 placement=group.launch.placement.get(launch.region, {})))
-        except (ProviderError, KeyError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a driver raises fails this launch, not the step
+            exc = exc if isinstance(exc, (ProviderError, KeyError, ValueError)) else _unexpected(exc)
+            if getattr(exc, "unconfirmed", False):  # it may exist: left requested, the sweep adopts it if so,
+                LAUNCHES.labels(**labels, outcome="unconfirmed").inc()  # else it fails when unconfirmed too long
+                log.warning("launch of %s unconfirmed (the sweep adopts it if the cloud made it): %s", instance_id,
+                            exc, extra=_fields(record))
+                self._write(record.moved(REQUESTED, record.state_since_ms, f"launch unconfirmed: {exc}"[:300]))
+                return
             LAUNCHES.labels(**labels, outcome="failed").inc()
             log.warning("launch of %s failed: %s", instance_id, exc, extra=_fields(record))
             self._write(record.moved(FAILED, now_ms(), f"launch failed: {exc}"[:300], failure="launch failed"))
@@ -245,7 +258,8 @@ class Controller:
             if provider is None:
                 raise ProviderError(f"provider {record.provider} is not configured on this controller")
             provider.destroy(record.provider_id, self.settings.cluster_id)
-        except ProviderError as exc:
+        except Exception as exc:  # noqa: BLE001 - retried like a refusal; the step's other actions go on
+            exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
             DESTROYS.labels("failed").inc()
             log.warning("destroying %s failed (retrying): %s", record.id, exc, extra=_fields(record))
             self._write(record.moved(record.state, now_ms(), f"{autoscaler.DESTROY_FAILED}: {exc}"[:300]))
@@ -282,7 +296,8 @@ class Controller:
             self.providers[name].know_regions(sorted(regions))
             try:
                 found = self.providers[name].list_instances(self.settings.cluster_id)
-            except ProviderError as exc:
+            except Exception as exc:  # noqa: BLE001
+                exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
                 log.warning("could not list %s instances: %s", name, exc)
                 continue
             for instance in found:
@@ -297,7 +312,8 @@ class Controller:
                     log.warning("destroying stray instance %s (no record)", instance.name)
                     try:
                         self.providers[name].destroy(instance.id, self.settings.cluster_id)
-                    except ProviderError as exc:
+                    except Exception as exc:  # noqa: BLE001
+                        exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
                         log.warning("could not destroy stray %s: %s", instance.name, exc)
 
     # -- reporting -----------------------------------------------------------------------------------
@@ -344,6 +360,13 @@ class Controller:
                 if provider.destroy(instance.id, self.settings.cluster_id):
                     count += 1
         return count
+
+
+def _unexpected(exc: BaseException) -> ProviderError:
+    """A provider call that raised something other than ProviderError (a driver's parsing bug, an answer
+    it did not expect): logged with its traceback once, handled as the cloud refusing the call."""
+    log.error("unexpected error from a cloud provider", exc_info=exc)
+    return ProviderError(f"unexpected {type(exc).__name__}: {exc}"[:300])
 
 
 def _fields(record: InstanceRecord) -> dict:

@@ -80,6 +80,11 @@ def _field(doc: Mapping[str, Any], name: str, kind: type | tuple, where: str, de
         raise GroupError(f"{where}{name} must be {_kind_name(kinds)}")
     if isinstance(value, float) and not math.isfinite(value):  # Flask's JSON parser accepts NaN, Infinity
         raise GroupError(f"{where}{name} must be a finite number")
+    if isinstance(value, str):
+        try:  # JSON's "\ud800" is a lone surrogate: Python takes it, orjson (the store) and UTF-8 do not
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GroupError(f"{where}{name} must be valid Unicode text (no lone surrogates)") from None
     return value
 
 

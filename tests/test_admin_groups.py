@@ -311,3 +311,17 @@ def test_a_sunset_of_an_unknown_node_or_address_is_a_404(api, make_node):
 @pytest.mark.parametrize("body", [[], {"addresses": ["127.0.1.1"]}, [7], [""], "127.0.1.1"])
 def test_a_sunset_by_address_needs_a_json_list_of_addresses(api, body):
     assert_error(call(api, "post", "/admin/node/sunset", json=body), 400, "JSON list")
+
+
+@pytest.mark.parametrize("field", ["image", "size", "bootScript"])
+def test_a_lone_surrogate_in_a_launch_config_string_is_a_400_not_a_500(api, field):
+    import json
+    body = json.dumps(doc(launchConfig={**EXAMPLE["launchConfig"], field: "SURROGATE"})).replace("SURROGATE", "\\ud800")
+    response = call(api, "post", "/admin/nodegroup", data=body, content_type="application/json")
+    assert_error(response, 400, f"launchConfig.{field}")
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_500(api):
+    body = '{"a":' * 5000 + "1" + "}" * 5000
+    response = call(api, "post", "/admin/nodegroup", data=body, content_type="application/json")
+    assert_error(response, 400, "nested")

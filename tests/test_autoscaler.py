@@ -291,6 +291,22 @@ def test_instances_of_a_deleted_group_drain_and_ask_their_agents_to_drain():
     assert result.launches == [] and result.pools == []
 
 
+def test_instances_of_a_region_or_role_removed_from_their_group_drain_like_a_deleted_groups():
+    both = group(regions=(REGION, "eu-west-1"))
+    records = {"n1": instance("n1", INSERVICE), "e1": instance("e1", INSERVICE, region="eu-west-1"),
+               "s1": instance("s1", STARTING, since=NOW - S, created=NOW - S, region="eu-west-1")}
+    nodes = [node("n1"), node("e1", used=4, region="eu-west-1")]
+    assert decide([both], records, nodes).moves == []
+    result = decide([group()], records, nodes)  # PUT: eu-west-1 is no longer a region of the group
+    for instance_id in ("e1", "s1"):
+        move = moved(result, instance_id)
+        assert move.record.state == DRAINING and move.drain
+        assert move.record.drain_deadline_ms > NOW
+    assert not any(m.record.id == "n1" for m in result.moves)
+    origin_only = group(role="origin")  # the same for a role the region no longer has
+    assert moved(decide([origin_only], {"n1": records["n1"]}, [node("n1")]), "n1").record.state == DRAINING
+
+
 def test_a_deleted_groups_draining_node_with_viewers_is_terminated_at_its_deadline_and_when_empty():
     records = {"n1": instance("n1", INSERVICE)}
     first = moved(decide([], records, [node("n1", used=4)]), "n1").record

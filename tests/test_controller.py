@@ -273,3 +273,162 @@ def test_a_pool_held_for_the_same_reason_is_logged_once_a_minute_not_at_every_st
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("holding")]
     assert len(lines) == 3, lines
     assert "at max" in lines[0] and "warm-up" in lines[1] and "warm-up" in lines[2]
+
+
+def test_a_provider_raising_an_unexpected_error_fails_that_action_only(zk, zk_root):
+    """A driver that raises something else than ProviderError (libcloud's EC2 error parser raises ValueError
+    on an error with a <Type> element, as moto sends for AuthFailure) must not abort every decision step:
+    the destroy is retried later and the other groups' launches go on."""
+    from streammanager.cloud.base import CloudProvider, Instance, ProviderError
+    from streammanager.groups import FAILED, InstanceRecord, NodeGroup
+    from streammanager.registry import ZkPaths, ensure_layout, now_ms
+    from streammanager.scaling_store import GroupStore
+
+    class Broken(CloudProvider):
+        name = "ec2"
+
+        def launch(self, request):
+            raise AttributeError("'NoneType' object has no attribute 'text'")
+
+        def list_instances(self, cluster_id):
+            raise ValueError("too many values to unpack (expected 2)")
+
+        def destroy(self, instance_id, cluster_id):
+            raise ValueError("too many values to unpack (expected 2)")
+
+    class Fine(CloudProvider):
+        name = "local"
+        launched = []
+
+        def launch(self, request):
+            self.launched.append(request.name)
+            return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
+                            group=request.group, region=request.region, role=request.role)
+
+        def list_instances(self, cluster_id):
+            return []
+
+        def destroy(self, instance_id, cluster_id):
+            return True
+
+    paths = ZkPaths(zk_root)
+    ensure_layout(zk, paths)
+    settings = ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="test-cluster", controller_id="c1")
+    fine = Fine()
+    controller = Controller(settings, {"ec2": Broken(), "local": fine}, client=zk)
+    ec2_doc = group_doc("e1", edge=(1, 2, 1))
+    ec2_doc["launchConfig"].update(provider="ec2", image="ami-12345678", size="t3.small")
+    store = GroupStore(zk, paths)
+    store.create(NodeGroup.from_api(ec2_doc))
+    store.create(NodeGroup.from_api(group_doc("z1", edge=(1, 2, 1))))
+    now = now_ms()
+    failed = InstanceRecord(id="e1-us-east-1-edge-abcdef", group="e1", region="us-east-1", role="edge", provider="ec2",
+                            state=FAILED, provider_id="us-east-1/i-0123", created_ms=now, state_since_ms=now,
+                            failure="boot timeout", reason="did not register")
+    zk.create(paths.instance(failed.id), failed.to_json())
+    controller.view.start()
+    controller.view.wait_initialized(10)
+    controller.instances.start()
+    try:
+        controller.run_once(now_ms())  # sweep (list raises), destroy raises, e1's launch raises
+        controller.run_once(now_ms())
+    finally:
+        controller.instances.close()
+        controller.view.close()
+    assert len(fine.launched) == 1 and fine.launched[0].startswith("z1-")
+    records = read_instances(zk, paths)
+    assert records[failed.id][0].reason.startswith("destroy failed: unexpected ValueError")
+    e1 = [r for r, _ in records.values() if r.group == "e1" and r.id != failed.id]
+    assert e1 and all(r.failure == "launch failed" for r in e1)
+
+
+def test_a_leader_that_loses_zookeeper_while_launching_launches_no_more_of_its_plan():
+    """A launch can take as long as the cloud's timeout (30 s); a leader whose session was lost meanwhile has
+    been replaced, and the new leader launches what the pool still lacks: the old one must stop there."""
+    from types import SimpleNamespace
+
+    from streammanager import autoscaler
+    from streammanager.cloud.base import CloudProvider, Instance
+    from streammanager.groups import NodeGroup
+
+    controller = Controller.__new__(Controller)
+    controller._lost = threading.Event()
+    controller.settings = ControllerSettings(cluster_id="test-cluster")
+    created = []
+    controller.instances = SimpleNamespace(create=created.append, write=lambda record: None)
+
+    class Slow(CloudProvider):
+        launched = []
+
+        def launch(self, request):
+            self.launched.append(request.name)
+            controller._lost.set()  # ZooKeeper went away while this call was in flight
+            return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
+                            group=request.group, region=request.region, role=request.role)
+
+        def list_instances(self, cluster_id):
+            return []
+
+        def destroy(self, instance_id, cluster_id):
+            return True
+
+    slow = Slow()
+    controller.providers = {"local": slow}
+    group = NodeGroup.from_api(group_doc("g1", edge=(3, 5, 1)))
+    decided = autoscaler.Plan(launches=[autoscaler.Launch("g1", "us-east-1", "edge", "below min 3")] * 3)
+    controller._carry_out(1_800_000_000_000, decided, {"g1": group})
+    assert len(slow.launched) == 1 and len(created) == 1
+
+
+@pytest.mark.parametrize("unconfirmed", [True, False])
+def test_a_launch_whose_answer_was_lost_stays_requested_for_the_sweep_and_spends_no_budget(unconfirmed):
+    """A read timeout or a dropped connection after RunInstances was sent (or a GCE operation still running at
+    the deadline) may have made the instance: the record stays requested, so that the sweep adopts it, instead
+    of failing it (which spends the failure budget, and makes the sweep destroy the instance as a stray)."""
+    from types import SimpleNamespace
+
+    from streammanager import autoscaler
+    from streammanager.cloud.base import CloudProvider, ProviderError
+    from streammanager.groups import NodeGroup
+
+    controller = Controller.__new__(Controller)
+    controller._lost = threading.Event()
+    controller.settings = ControllerSettings(cluster_id="test-cluster")
+    written = []
+    controller.instances = SimpleNamespace(create=written.append, write=written.append)
+
+    class LostAnswer(CloudProvider):
+        def launch(self, request):
+            raise ProviderError("ec2 launch in us-east-1 failed: ('Connection aborted.', RemoteDisconnected(...))",
+                                unconfirmed=unconfirmed)
+
+        def list_instances(self, cluster_id):
+            return []
+
+        def destroy(self, instance_id, cluster_id):
+            return True
+
+    controller.providers = {"local": LostAnswer()}
+    group = NodeGroup.from_api(group_doc("g1", edge=(1, 5, 1)))
+    controller._carry_out(1_800_000_000_000, autoscaler.Plan(launches=[autoscaler.Launch("g1", "us-east-1", "edge", "x")]),
+                          {"g1": group})
+    final = written[-1]
+    if unconfirmed:
+        assert final.state == "requested" and not final.failure and final.state_since_ms == 1_800_000_000_000
+    else:
+        assert final.state == "failed" and final.failure == "launch failed"
+
+
+def test_which_cloud_errors_leave_a_launch_unconfirmed():
+    import requests
+    from libcloud.common.types import LibcloudError
+    from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+
+    from streammanager.cloud.base import is_unconfirmed
+
+    refused = requests.ConnectionError(MaxRetryError(None, "/", NewConnectionError(None, "refused")))
+    dropped = requests.ConnectionError(ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")))
+    assert not is_unconfirmed(refused) and not is_unconfirmed(requests.ConnectTimeout("connect"))
+    assert is_unconfirmed(dropped) and is_unconfirmed(requests.ReadTimeout("read timed out"))
+    assert is_unconfirmed(LibcloudError("Job did not complete in 30.0 seconds"))
+    assert not is_unconfirmed(LibcloudError("InvalidAMIID.NotFound: The image id '[ami-1]' does not exist"))

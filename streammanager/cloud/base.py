@@ -32,7 +32,35 @@ DEFAULT_GCE_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 
 class ProviderError(RuntimeError):
-    """A provider call failed (the cloud refused it, or could not be reached)."""
+    """A provider call failed (the cloud refused it, or could not be reached).
+
+    ``unconfirmed``: the request may have reached the cloud and been carried out, but no answer came back
+    (a read timeout, a connection dropped after the request was sent, an operation still running at the
+    deadline). A launch failing so may have made an instance: the sweep finds out."""
+
+    def __init__(self, message: str, *, unconfirmed: bool = False):
+        super().__init__(message)
+        self.unconfirmed = unconfirmed
+
+
+def is_unconfirmed(exc: BaseException) -> bool:
+    """True when ``exc`` (from an HTTP call to a cloud) leaves open whether the cloud carried the call out."""
+    import requests
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return False  # never connected: nothing was sent
+    if isinstance(exc, requests.Timeout):
+        return True  # sent, the answer did not come in time
+    if isinstance(exc, requests.ConnectionError):
+        seen, cause = set(), exc
+        while cause is not None and id(cause) not in seen:  # refused: nothing was sent
+            seen.add(id(cause))
+            if isinstance(cause, ConnectionRefusedError) or type(cause).__name__ == "NewConnectionError":
+                return False
+            cause = getattr(cause, "reason", None) or (cause.args[0] if cause.args and
+                                                        isinstance(cause.args[0], BaseException) else None)
+        return True  # e.g. 'Connection aborted.': RemoteDisconnected, reset after sending
+    return "did not complete in" in str(getattr(exc, "value", exc))  # libcloud's polling deadline (GCE operations)
 
 
 @dataclass(frozen=True)
