@@ -34,6 +34,10 @@ def _groups() -> GroupStore:
 def _zk(call, *args):
     """A ZooKeeper call from an admin route: unreachable ZooKeeper is a 503, not a 500."""
     svc = services()
+    if not svc.client.connected:
+        # kazoo queues a call while it reconnects: the route hung as long as the outage, and a change the
+        # client had given up on was made when ZooKeeper came back
+        raise ServiceUnavailable("the registry (ZooKeeper) is unreachable: nothing was read or changed, try again")
     try:
         return call(*args)
     except (KazooException, svc.client.handler.timeout_exception) as exc:

@@ -245,6 +245,9 @@ def require_admin() -> None:
     if not given:
         raise Unauthorized("missing accessToken")
     if not hmac.compare_digest(given.encode(), expected.encode()):
+        # who tried, never what they gave: a guessing client shows in the log (the commands API logs its own)
+        log.warning("refused an admin call with a wrong access token: %s %s from %s", request.method,
+                    request.path[:120], request.remote_addr)
         raise Unauthorized("invalid accessToken")
 
 

@@ -57,6 +57,8 @@ def close_stream():
         raise NotFound(f"unknown channel {channel[:80]!r} (a channel is scope/name)") from None
     svc = current_app.extensions["sm"]
     client, paths = svc.client, svc.paths
+    if not client.connected:  # kazoo would queue the calls until it reconnects: the command hung, then ran
+        raise ServiceUnavailable("the registry (ZooKeeper) is unreachable: the session was not closed, try again")
     try:
         data, _ = client.retry(client.get, paths.stream(key))
         owner = StreamRecord.from_json(data)

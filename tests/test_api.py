@@ -1,5 +1,6 @@
 """The 2.0 API against a real ZooKeeper with simulated nodes (in-process agents, ``--media none``)."""
 import json
+import logging
 import re
 import time
 
@@ -520,3 +521,11 @@ def test_a_405_names_the_methods_the_resource_takes(api):
     response = api.post(f"{P}/event/list")
     assert_error(response, 405, "not allowed")
     assert {m.strip() for m in response.headers["Allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
+
+
+def test_a_wrong_token_is_logged_without_the_token(api, cluster, caplog):
+    caplog.set_level(logging.INFO)
+    assert_error(api.get(f"{P}/admin/node?accessToken=guess-0123"), 401, "invalid")
+    refused = [r.getMessage() for r in caplog.records if "wrong access token" in r.getMessage()]
+    assert refused and "/admin/node" in refused[0]
+    assert "guess-0123" not in caplog.text and "s3cret-token" not in caplog.text

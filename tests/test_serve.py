@@ -582,3 +582,31 @@ def test_a_chunked_request_body_reaches_the_flask_routes(procs, tmp_path, zookee
                            data=iter([doc[:4], doc[4:]]), headers={"Content-Type": "application/json"}, timeout=10)
     # the document is read (and refused for what it lacks), not taken for a missing body
     assert answer.status_code == 400 and "launchConfig" in answer.json()["errorMessage"], answer.text
+
+
+def test_admin_and_command_calls_answer_503_while_zookeeper_is_down_and_change_nothing_later(serve, tmp_path):
+    from tests.test_groups import EXAMPLE
+
+    port = free_port()
+    zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "own-zk", port=port, tick_ms=500))
+    zk.start()
+    try:
+        url = serve(zk.hosts, workers=1)
+        admin = f"{url}{P}/admin/nodegroup?accessToken=tok"
+        assert requests.get(admin, timeout=5).json() == []
+        zk.kill()
+        wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).json()["zookeeper"] == "disconnected", 10,
+                   what="the API to notice the outage")
+        # each hung as long as the outage (kazoo queues calls while it reconnects)
+        for answer in (requests.post(admin, json=EXAMPLE, timeout=5), requests.get(admin, timeout=5),
+                       requests.post(f"{url}/commands/close", timeout=5,
+                                     headers={"x-streaming-channel": "live/x", "x-streaming-id": "*"})):
+            assert answer.status_code == 503 and "unreachable" in answer.json()["errorMessage"], answer.text
+        zk = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "own-zk", port=port, tick_ms=500))
+        zk.start()
+        wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).json()["status"] == "ok", 20,
+                   what="the API to reconnect")
+        threading.Event().wait(1.0)
+        assert requests.get(admin, timeout=5).json() == []  # the refused create was not made after all
+    finally:
+        zk.stop()
