@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import re
 import threading
 import time
-import re
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from typing import Callable, Mapping, Protocol
 
 from kazoo.client import KazooClient, KazooState
@@ -79,6 +81,78 @@ def leader_duties(client: KazooClient, paths: ZkPaths, settings: ControllerSetti
     return [CallbackDispatcher(client, paths, settings.event_callback or EventCallbackSettings())]
 
 
+ACTION_WAIT_S = 5.0  # a step waits this long for its cloud calls; slower ones carry on without holding it
+
+
+class CloudActions:
+    """The leader's calls to the cloud providers, each provider's on a thread of its own.
+
+    A cloud call may take as long as its timeout (30 s) and a step makes several: run one after another
+    on the decision loop, one slow or hung endpoint held every group of every provider (a local pool's
+    dead node was not replaced for minutes behind three EC2 launches). Here each provider's calls queue
+    on its own thread (one at a time: a libcloud driver is not shared between threads); a step waits
+    up to ``ACTION_WAIT_S`` for its calls, then goes on, and an action still under way is not issued
+    again (``key``: one per instance and action). A call that has not begun when the leader loses
+    ZooKeeper is not made: the next leader decides again from the records.
+    """
+
+    def __init__(self, lost: threading.Event):
+        self._lost = lost
+        self._lock = threading.Lock()
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._running: dict[str, Future] = {}
+        self._slow: frozenset[str] = frozenset()  # what the last wait left under way (logged when it changes)
+
+    def submit(self, key: str, provider: str, call: Callable[..., None], *args) -> Future | None:
+        """Queue ``call(*args)`` on ``provider``'s thread, unless the action ``key`` is under way already."""
+        with self._lock:
+            if key in self._running:
+                return None
+            executor = self._executors.get(provider)
+            if executor is None:
+                executor = self._executors[provider] = ThreadPoolExecutor(1, thread_name_prefix=f"cloud-{provider}")
+            future = executor.submit(self._run, key, call, args)
+            self._running[key] = future
+        future.add_done_callback(partial(self._done, key))
+        return future
+
+    def _run(self, key: str, call: Callable[..., None], args: tuple) -> None:
+        if self._lost.is_set():
+            log.info("not carrying out %s: this controller lost ZooKeeper (the next leader decides again)", key)
+            return
+        call(*args)
+
+    def _done(self, key: str, future: Future) -> None:
+        with self._lock:
+            if self._running.get(key) is future:
+                del self._running[key]
+        if not future.cancelled() and future.exception() is not None:
+            log.error("cloud action %s failed", key, exc_info=future.exception())
+
+    def under_way(self, key: str) -> bool:
+        with self._lock:
+            return key in self._running
+
+    def wait(self, futures: list[Future | None], timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for ``futures``; say which actions a slow cloud still holds."""
+        futures = [f for f in futures if f is not None]
+        if futures:
+            wait(futures, timeout=timeout_s)
+        with self._lock:
+            slow = frozenset(self._running)
+        if slow != self._slow and slow:
+            log.warning("%d cloud call(s) still under way after %.0f s (%s): later steps go on without them",
+                        len(slow), timeout_s, ", ".join(sorted(slow)[:5]))
+        self._slow = slow
+
+    def close(self) -> None:
+        """Drop the calls not begun (leadership ended); calls under way finish on their own."""
+        with self._lock:
+            executors, self._executors, self._running = self._executors, {}, {}
+        for executor in executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
 class Controller:
     def __init__(self, settings: ControllerSettings, providers: Mapping[str, CloudProvider],
                  client: KazooClient | None = None,
@@ -98,6 +172,7 @@ class Controller:
         self._holds: dict[tuple[str, str, str], tuple[str, float]] = {}  # pool -> (kind of hold, logged at)
         self.leading = threading.Event()
         self._lost = threading.Event()
+        self._actions = CloudActions(self._lost)
 
     # -- process lifecycle ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -155,6 +230,7 @@ class Controller:
                 stop.wait(self.settings.tick_s)
         finally:
             ended.set()
+            self._actions.close()
             for thread in threads:
                 thread.join(10)
             self.instances.close()
@@ -171,19 +247,23 @@ class Controller:
     # -- one step ------------------------------------------------------------------------------------
     def run_once(self, now: int) -> autoscaler.Plan:
         started = time.perf_counter()
+        calls: list[Future | None] = []
         if time.monotonic() - self._last_sweep >= self.settings.sweep_interval_s:
             self._last_sweep = time.monotonic()
-            self.sweep(now)
+            calls += self.sweep(now)
         groups = {g.name: g for g in self.groups.all()}
         nodes = {n.id: n for n in self.view.nodes()}
         decided = autoscaler.plan(now, groups.values(), self.instances.records(), nodes, self._last_evaluated)
         self._last_evaluated.update(decided.evaluated)
-        self._carry_out(now, decided, groups)
+        calls += self._carry_out(now, decided, groups)
+        self._actions.wait(calls, ACTION_WAIT_S)
         self._report(decided)
         RUN_SECONDS.observe(time.perf_counter() - started)
         return decided
 
-    def _carry_out(self, now: int, decided: autoscaler.Plan, groups: dict[str, NodeGroup]) -> None:
+    def _carry_out(self, now: int, decided: autoscaler.Plan, groups: dict[str, NodeGroup]) -> list[Future | None]:
+        """Write the plan's lifecycle changes, and queue its cloud calls (returned, to wait for)."""
+        calls: list[Future | None] = []
         destroying = {d.record.id for d in decided.destroys}
         for move in decided.moves:
             try:
@@ -198,9 +278,10 @@ class Controller:
                 self._send_drain(move.record)
         for destroy in decided.destroys:
             if self._lost.is_set():
-                return
+                return calls
             if destroy.record.id in destroying:
-                self._destroy(now, destroy.record)
+                calls.append(self._actions.submit(f"destroy {destroy.record.id}", destroy.record.provider,
+                                                  self._destroy, now, destroy.record))
         for forget in decided.forgets:
             self.instances.forget(forget.instance_id)
             try:  # commands nobody will read any more
@@ -211,15 +292,27 @@ class Controller:
             if self._lost.is_set():  # deposed while carrying out the plan (a cloud call can take 30 s):
                 log.warning("stopped carrying out the plan: ZooKeeper connection lost, %d launch(es) left to "
                             "the next leader", len(decided.launches) - decided.launches.index(launch))
-                return  # the next leader decides again from the records; launching on would double them
-            self._launch(now, groups[launch.group], launch)
+                return calls  # the next leader decides again from the records; launching on would double them
+            calls.append(self._launch(now, groups[launch.group], launch))
+        return calls
 
-    def _launch(self, now: int, group: NodeGroup, launch: autoscaler.Launch) -> None:
+    def _launch(self, now: int, group: NodeGroup, launch: autoscaler.Launch) -> Future | None:
         instance_id = new_instance_id(group.name, launch.region, launch.role)
         record = InstanceRecord(id=instance_id, group=group.name, region=launch.region, role=launch.role,
                                 provider=group.launch.provider, state=REQUESTED, created_ms=now,
                                 state_since_ms=now, reason=launch.reason)
         self.instances.create(record)  # recorded before the provider is asked: never launched twice
+        return self._actions.submit(f"launch {instance_id}", group.launch.provider, self._ask_launch, group,
+                                    launch, record)
+
+    def _ask_launch(self, group: NodeGroup, launch: autoscaler.Launch, record: InstanceRecord) -> None:
+        """On the provider's thread: ask the cloud for the recorded instance."""
+        instance_id = record.id
+        current = self.instances.get(instance_id)
+        if current is not None and current.state != REQUESTED:
+            log.info("not launching %s: it is %s now (waited behind a slow cloud)", instance_id, current.state,
+                     extra=_fields(record))
+            return
         labels = {"group": group.name, "region": launch.region, "role": launch.role}
         try:
             provider = self.providers.get(group.launch.provider)
@@ -286,35 +379,43 @@ class Controller:
             log.warning("could not ask %s to drain: %s", record.id, exc, extra=_fields(record))
 
     # -- strays and lost confirmations ---------------------------------------------------------------
-    def sweep(self, now: int) -> None:
-        """Adopt launches whose confirmation was lost; destroy this cluster's instances no record knows."""
+    def sweep(self, now: int) -> list[Future | None]:
+        """Adopt launches whose confirmation was lost; destroy this cluster's instances no record knows.
+        Each provider's listing is queued on its own thread; returns the queued calls."""
         records = self.instances.records()
         groups = self.groups.all()
         used = {r.provider for r in records.values()} | {g.launch.provider for g in groups}
-        regions = {r.region for r in records.values()} | {region for g in groups for region in g.regions}
-        for name in sorted(used & set(self.providers)):
-            self.providers[name].know_regions(sorted(regions))
-            try:
-                found = self.providers[name].list_instances(self.settings.cluster_id)
-            except Exception as exc:  # noqa: BLE001
-                exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
-                log.warning("could not list %s instances: %s", name, exc)
-                continue
-            for instance in found:
-                record = records.get(instance.name)
-                if record is not None and record.state == REQUESTED and not record.provider_id:
-                    log.info("adopting %s: launched, confirmation lost", instance.name)
-                    self._write(record.moved(STARTING, now, "launched (adopted)", provider_id=instance.id))
-                elif record is None or record.state == GONE:
-                    created = int(instance.extra.get("created_ms", 0)) if instance.extra else 0
-                    if instance.state == "terminated" or (created and now - created < STRAY_GRACE_MS):
-                        continue
-                    log.warning("destroying stray instance %s (no record)", instance.name)
-                    try:
-                        self.providers[name].destroy(instance.id, self.settings.cluster_id)
-                    except Exception as exc:  # noqa: BLE001
-                        exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
-                        log.warning("could not destroy stray %s: %s", instance.name, exc)
+        regions = sorted({r.region for r in records.values()} | {region for g in groups for region in g.regions})
+        return [self._actions.submit(f"sweep {name}", name, self._sweep_provider, name, regions, now)
+                for name in sorted(used & set(self.providers))]
+
+    def _sweep_provider(self, name: str, regions: list[str], now: int) -> None:
+        provider = self.providers[name]
+        provider.know_regions(regions)
+        try:
+            found = provider.list_instances(self.settings.cluster_id)
+        except Exception as exc:  # noqa: BLE001
+            exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
+            log.warning("could not list %s instances: %s", name, exc)
+            return
+        records = self.instances.records()  # as they are now: the call may have waited behind others
+        for instance in found:
+            record = records.get(instance.name)
+            if record is not None and record.state == REQUESTED and not record.provider_id:
+                if self._actions.under_way(f"launch {instance.name}"):
+                    continue  # its launch call has not returned yet: it will record the instance
+                log.info("adopting %s: launched, confirmation lost", instance.name)
+                self._write(record.moved(STARTING, now, "launched (adopted)", provider_id=instance.id))
+            elif record is None or record.state == GONE:
+                created = int(instance.extra.get("created_ms", 0)) if instance.extra else 0
+                if instance.state == "terminated" or (created and now - created < STRAY_GRACE_MS):
+                    continue
+                log.warning("destroying stray instance %s (no record)", instance.name)
+                try:
+                    provider.destroy(instance.id, self.settings.cluster_id)
+                except Exception as exc:  # noqa: BLE001
+                    exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
+                    log.warning("could not destroy stray %s: %s", instance.name, exc)
 
     # -- reporting -----------------------------------------------------------------------------------
     def _report(self, decided: autoscaler.Plan) -> None:

@@ -351,11 +351,9 @@ def test_a_leader_that_loses_zookeeper_while_launching_launches_no_more_of_its_p
     from streammanager.cloud.base import CloudProvider, Instance
     from streammanager.groups import NodeGroup
 
-    controller = Controller.__new__(Controller)
-    controller._lost = threading.Event()
-    controller.settings = ControllerSettings(cluster_id="test-cluster")
     created = []
-    controller.instances = SimpleNamespace(create=created.append, write=lambda record: None)
+    controller = _bare_controller(SimpleNamespace(create=created.append, write=lambda record: None,
+                                                  get=lambda instance_id: None))
 
     class Slow(CloudProvider):
         launched = []
@@ -376,8 +374,8 @@ def test_a_leader_that_loses_zookeeper_while_launching_launches_no_more_of_its_p
     controller.providers = {"local": slow}
     group = NodeGroup.from_api(group_doc("g1", edge=(3, 5, 1)))
     decided = autoscaler.Plan(launches=[autoscaler.Launch("g1", "us-east-1", "edge", "below min 3")] * 3)
-    controller._carry_out(1_800_000_000_000, decided, {"g1": group})
-    assert len(slow.launched) == 1 and len(created) == 1
+    controller._actions.wait(controller._carry_out(1_800_000_000_000, decided, {"g1": group}), 10)
+    assert len(slow.launched) == 1  # the calls not begun when ZooKeeper went are not made
 
 
 @pytest.mark.parametrize("unconfirmed", [True, False])
@@ -391,11 +389,9 @@ def test_a_launch_whose_answer_was_lost_stays_requested_for_the_sweep_and_spends
     from streammanager.cloud.base import CloudProvider, ProviderError
     from streammanager.groups import NodeGroup
 
-    controller = Controller.__new__(Controller)
-    controller._lost = threading.Event()
-    controller.settings = ControllerSettings(cluster_id="test-cluster")
     written = []
-    controller.instances = SimpleNamespace(create=written.append, write=written.append)
+    controller = _bare_controller(SimpleNamespace(create=written.append, write=written.append,
+                                                  get=lambda instance_id: None))
 
     class LostAnswer(CloudProvider):
         def launch(self, request):
@@ -410,8 +406,10 @@ def test_a_launch_whose_answer_was_lost_stays_requested_for_the_sweep_and_spends
 
     controller.providers = {"local": LostAnswer()}
     group = NodeGroup.from_api(group_doc("g1", edge=(1, 5, 1)))
-    controller._carry_out(1_800_000_000_000, autoscaler.Plan(launches=[autoscaler.Launch("g1", "us-east-1", "edge", "x")]),
-                          {"g1": group})
+    calls = controller._carry_out(1_800_000_000_000,
+                                  autoscaler.Plan(launches=[autoscaler.Launch("g1", "us-east-1", "edge", "x")]),
+                                  {"g1": group})
+    controller._actions.wait(calls, 10)
     final = written[-1]
     if unconfirmed:
         assert final.state == "requested" and not final.failure and final.state_since_ms == 1_800_000_000_000
@@ -432,3 +430,89 @@ def test_which_cloud_errors_leave_a_launch_unconfirmed():
     assert is_unconfirmed(dropped) and is_unconfirmed(requests.ReadTimeout("read timed out"))
     assert is_unconfirmed(LibcloudError("Job did not complete in 30.0 seconds"))
     assert not is_unconfirmed(LibcloudError("InvalidAMIID.NotFound: The image id '[ami-1]' does not exist"))
+
+
+def _bare_controller(instances):
+    """A controller without ZooKeeper, for what ``_carry_out`` does with the cloud."""
+    from streammanager.controller import CloudActions
+
+    controller = Controller.__new__(Controller)
+    controller._lost = threading.Event()
+    controller._actions = CloudActions(controller._lost)
+    controller.settings = ControllerSettings(cluster_id="test-cluster")
+    controller.instances = instances
+    return controller
+
+
+def test_a_hung_cloud_holds_back_only_its_own_calls(zk, zk_root, monkeypatch):
+    """Every cloud call may take its 30 s timeout: made one after another on the decision loop, one hung
+    endpoint (an EC2 region that accepts connections and never answers) held every group of every
+    provider for minutes. Each provider's calls now run on their own thread."""
+    from streammanager import controller as controller_module
+    from streammanager.cloud.base import CloudProvider, Instance
+    from streammanager.groups import STARTING, NodeGroup
+    from streammanager.registry import ZkPaths, ensure_layout, now_ms
+    from streammanager.scaling_store import GroupStore
+
+    monkeypatch.setattr(controller_module, "ACTION_WAIT_S", 0.5)
+    release = threading.Event()
+
+    def instance(request):
+        return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
+                        group=request.group, region=request.region, role=request.role)
+
+    class Hung(CloudProvider):
+        launched = []
+
+        def launch(self, request):
+            self.launched.append(request.name)
+            release.wait(60)
+            return instance(request)
+
+        def list_instances(self, cluster_id):
+            release.wait(60)
+            return []
+
+        def destroy(self, instance_id, cluster_id):
+            return True
+
+    class Fine(Hung):
+        launched = []
+
+        def launch(self, request):
+            self.launched.append(request.name)
+            return instance(request)
+
+        def list_instances(self, cluster_id):
+            return []
+
+    paths = ZkPaths(zk_root)
+    ensure_layout(zk, paths)
+    settings = ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="test-cluster", controller_id="c1")
+    hung, fine = Hung(), Fine()
+    controller = Controller(settings, {"ec2": hung, "local": fine}, client=zk)
+    ec2_doc = group_doc("e1", edge=(1, 2, 1))
+    ec2_doc["launchConfig"].update(provider="ec2", image="ami-12345678", size="t3.small")
+    store = GroupStore(zk, paths)
+    store.create(NodeGroup.from_api(ec2_doc))
+    store.create(NodeGroup.from_api(group_doc("z1", edge=(1, 2, 1))))
+    controller.view.start()
+    controller.view.wait_initialized(10)
+    controller.instances.start()
+    try:
+        for _ in range(2):
+            step = threading.Thread(target=controller.run_once, args=(now_ms(),), daemon=True)
+            step.start()
+            step.join(15)
+            assert not step.is_alive()  # the step went on without the hung provider
+        wait_until(lambda: len(fine.launched) == 1, 5, what="the local group's launch")
+        assert hung.launched == []  # queued behind the hung listing of the same provider
+        release.set()
+        wait_until(lambda: any(r.group == "e1" and r.state == STARTING for r, _ in read_instances(zk, paths).values()),
+                   10, what="the hung provider's launch, made and recorded once the cloud answered")
+        assert len(hung.launched) == 1 and len(fine.launched) == 1  # nothing launched twice
+    finally:
+        release.set()
+        controller._actions.close()
+        controller.instances.close()
+        controller.view.close()
