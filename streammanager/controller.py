@@ -153,6 +153,41 @@ class CloudActions:
             executor.shutdown(wait=False, cancel_futures=True)
 
 
+class CloudBackoff:
+    """Provider regions that did not answer a launch: no new launch there until the back-off ends.
+
+    A cloud API that cannot be reached (connection refused, a connect timeout, a name that does not
+    resolve) failed every launch of a step at once, and those failures spent the failure budget in a
+    second: a few seconds of outage paused the region's scaling for the whole failure window (10
+    minutes), below its minimum. Such a launch did nothing and was not wrong, so it does not count
+    against the budget; instead launches there wait 5 s, doubling up to 5 minutes while the cloud stays
+    away, and go on at once after a launch that reached it.
+    """
+
+    FIRST_S = 5.0
+    MAX_S = 300.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], tuple[float, float]] = {}  # (provider, region) -> (until, delay)
+
+    def failed(self, provider: str, region: str) -> float:
+        with self._lock:
+            _, delay = self._held.get((provider, region), (0.0, self.FIRST_S / 2))
+            delay = min(2 * delay, self.MAX_S)
+            self._held[(provider, region)] = (time.monotonic() + delay, delay)
+            return delay
+
+    def answered(self, provider: str, region: str) -> None:
+        with self._lock:
+            self._held.pop((provider, region), None)
+
+    def holds(self, provider: str, region: str) -> bool:
+        with self._lock:
+            held = self._held.get((provider, region))
+        return held is not None and time.monotonic() < held[0]
+
+
 class Controller:
     def __init__(self, settings: ControllerSettings, providers: Mapping[str, CloudProvider],
                  client: KazooClient | None = None,
@@ -173,6 +208,7 @@ class Controller:
         self.leading = threading.Event()
         self._lost = threading.Event()
         self._actions = CloudActions(self._lost)
+        self._unreachable = CloudBackoff()
 
     # -- process lifecycle ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -293,7 +329,10 @@ class Controller:
                 log.warning("stopped carrying out the plan: ZooKeeper connection lost, %d launch(es) left to "
                             "the next leader", len(decided.launches) - decided.launches.index(launch))
                 return calls  # the next leader decides again from the records; launching on would double them
-            calls.append(self._launch(now, groups[launch.group], launch))
+            group = groups[launch.group]
+            if self._unreachable.holds(group.launch.provider, launch.region):
+                continue  # the cloud did not answer the last launch: no new one before its back-off ends
+            calls.append(self._launch(now, group, launch))
         return calls
 
     def _launch(self, now: int, group: NodeGroup, launch: autoscaler.Launch) -> Future | None:
@@ -337,10 +376,19 @@ class Controller:
                             exc, extra=_fields(record))
                 self._write(record.moved(REQUESTED, record.state_since_ms, f"launch unconfirmed: {exc}"[:300]))
                 return
+            if getattr(exc, "unreachable", False):  # nothing reached the cloud: an outage, not a bad launch
+                LAUNCHES.labels(**labels, outcome="unreachable").inc()
+                delay = self._unreachable.failed(group.launch.provider, launch.region)
+                log.warning("launch of %s did not reach the cloud (%s): no launch to %s in %s for %.0f s; not "
+                            "counted against the failure budget", instance_id, exc, group.launch.provider,
+                            launch.region, delay, extra=_fields(record))
+                self._write(record.moved(FAILED, now_ms(), f"cloud unreachable: {exc}"[:300]))
+                return
             LAUNCHES.labels(**labels, outcome="failed").inc()
             log.warning("launch of %s failed: %s", instance_id, exc, extra=_fields(record))
             self._write(record.moved(FAILED, now_ms(), f"launch failed: {exc}"[:300], failure="launch failed"))
             return
+        self._unreachable.answered(group.launch.provider, launch.region)
         LAUNCHES.labels(**labels, outcome="ok").inc()
         log.info("launched %s (%s): %s", instance_id, instance.id, launch.reason, extra=_fields(record))
         self._write(record.moved(STARTING, now_ms(), launch.reason, provider_id=instance.id))

@@ -430,15 +430,20 @@ def test_which_cloud_errors_leave_a_launch_unconfirmed():
     assert is_unconfirmed(dropped) and is_unconfirmed(requests.ReadTimeout("read timed out"))
     assert is_unconfirmed(LibcloudError("Job did not complete in 30.0 seconds"))
     assert not is_unconfirmed(LibcloudError("InvalidAMIID.NotFound: The image id '[ami-1]' does not exist"))
+    from streammanager.cloud.base import is_unreachable
+    assert is_unreachable(refused) and is_unreachable(requests.ConnectTimeout("connect"))
+    assert not is_unreachable(dropped) and not is_unreachable(requests.ReadTimeout("read timed out"))
+    assert not is_unreachable(LibcloudError("InvalidAMIID.NotFound: The image id '[ami-1]' does not exist"))
 
 
 def _bare_controller(instances):
     """A controller without ZooKeeper, for what ``_carry_out`` does with the cloud."""
-    from streammanager.controller import CloudActions
+    from streammanager.controller import CloudActions, CloudBackoff
 
     controller = Controller.__new__(Controller)
     controller._lost = threading.Event()
     controller._actions = CloudActions(controller._lost)
+    controller._unreachable = CloudBackoff()
     controller.settings = ControllerSettings(cluster_id="test-cluster")
     controller.instances = instances
     return controller
@@ -516,3 +521,52 @@ def test_a_hung_cloud_holds_back_only_its_own_calls(zk, zk_root, monkeypatch):
         controller._actions.close()
         controller.instances.close()
         controller.view.close()
+
+
+def test_a_cloud_that_cannot_be_reached_spends_no_failure_budget_and_is_tried_again_later(zk, zk_root, monkeypatch):
+    """libcloud's EC2 driver against an address where nothing listens (a cloud API down): each launch fails
+    at once, and those failures spent the failure budget within a second, pausing the region's scaling for
+    the whole failure window below its minimum. They are held off and tried again instead."""
+    import socket
+
+    from streammanager import controller as controller_module
+    from streammanager.cloud.ec2 import Ec2Provider
+    from streammanager.groups import NodeGroup
+    from streammanager.registry import ZkPaths, ensure_layout, now_ms
+    from streammanager.scaling_store import GroupStore
+
+    monkeypatch.setattr(controller_module.CloudBackoff, "FIRST_S", 1.0)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connection refused
+    paths = ZkPaths(zk_root)
+    ensure_layout(zk, paths)
+    settings = ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="test-cluster", controller_id="c1")
+    provider = Ec2Provider("AKIAEXAMPLE", "not-a-secret", "us-east-1", endpoint=("127.0.0.1", port, False), timeout_s=5)
+    controller = Controller(settings, {"ec2": provider}, client=zk)
+    doc = group_doc("e1", edge=(2, 4, 1), failureBudget=2, failureWindowS=600, evaluationIntervalS=0.1)
+    doc["launchConfig"].update(provider="ec2", image="ami-785db401", size="t3.small")
+    GroupStore(zk, paths).create(NodeGroup.from_api(doc))
+    controller.view.start()
+    controller.view.wait_initialized(10)
+    controller.instances.start()
+    tried = lambda: len([r for r, _ in read_instances(zk, paths).values() if r.group == "e1"])  # noqa: E731
+    try:
+        first = controller.run_once(now_ms())
+        assert len(first.launches) == 2
+        wait_until(lambda: all(r.state in ("failed", "gone") for r, _ in read_instances(zk, paths).values()), 10,
+                   what="both launches failed")
+        assert tried() == 2
+        held = controller.run_once(now_ms())  # within the back-off: planned, not launched
+        assert len(held.launches) == 2 and tried() == 2
+        assert not any("paused" in h.reason for h in held.holds)  # the budget (2) is not spent
+        wait_until(lambda: not controller._unreachable.holds("ec2", "us-east-1"), 5, what="the back-off to end")
+        again = controller.run_once(now_ms())
+        assert len(again.launches) >= 1 and not any("paused" in h.reason for h in again.holds)
+        wait_until(lambda: tried() > 2, 10, what="the launches tried again")
+    finally:
+        controller._actions.close()
+        controller.instances.close()
+        controller.view.close()
+        provider.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import re
+import socket
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,11 +37,28 @@ class ProviderError(RuntimeError):
 
     ``unconfirmed``: the request may have reached the cloud and been carried out, but no answer came back
     (a read timeout, a connection dropped after the request was sent, an operation still running at the
-    deadline). A launch failing so may have made an instance: the sweep finds out."""
+    deadline). A launch failing so may have made an instance: the sweep finds out.
 
-    def __init__(self, message: str, *, unconfirmed: bool = False):
+    ``unreachable``: the request never reached the cloud (connection refused, connect timeout, a name
+    that does not resolve): nothing was done, and nothing in the request was wrong."""
+
+    def __init__(self, message: str, *, unconfirmed: bool = False, unreachable: bool = False):
         super().__init__(message)
         self.unconfirmed = unconfirmed
+        self.unreachable = unreachable
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether a connection error's chain of causes says the connection was never made."""
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (ConnectionRefusedError, socket.gaierror)) or type(cause).__name__ in (
+                "NewConnectionError", "NameResolutionError"):
+            return True
+        cause = getattr(cause, "reason", None) or (cause.args[0] if cause.args and
+                                                    isinstance(cause.args[0], BaseException) else None)
+    return False
 
 
 def is_unconfirmed(exc: BaseException) -> bool:
@@ -52,15 +70,19 @@ def is_unconfirmed(exc: BaseException) -> bool:
     if isinstance(exc, requests.Timeout):
         return True  # sent, the answer did not come in time
     if isinstance(exc, requests.ConnectionError):
-        seen, cause = set(), exc
-        while cause is not None and id(cause) not in seen:  # refused: nothing was sent
-            seen.add(id(cause))
-            if isinstance(cause, ConnectionRefusedError) or type(cause).__name__ == "NewConnectionError":
-                return False
-            cause = getattr(cause, "reason", None) or (cause.args[0] if cause.args and
-                                                        isinstance(cause.args[0], BaseException) else None)
-        return True  # e.g. 'Connection aborted.': RemoteDisconnected, reset after sending
+        return not _never_connected(exc)  # e.g. 'Connection aborted.': RemoteDisconnected, reset after sending
     return "did not complete in" in str(getattr(exc, "value", exc))  # libcloud's polling deadline (GCE operations)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` (from an HTTP call to a cloud) says the request never reached it."""
+    import requests
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if isinstance(exc, (requests.ConnectionError, OSError)):
+        return _never_connected(exc)
+    return False
 
 
 @dataclass(frozen=True)

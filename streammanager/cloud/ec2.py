@@ -35,7 +35,8 @@ from libcloud.compute.providers import DRIVERS, get_driver, set_driver
 from libcloud.compute.types import NodeState
 
 from streammanager.cloud.base import (TAG_CLUSTER, TAG_GROUP, TAG_REGION, TAG_ROLE, CloudProvider, Instance,
-                                      LaunchRequest, ProviderError, is_unconfirmed)
+                                      LaunchRequest, ProviderError, is_unconfirmed,
+                                      is_unreachable)
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,8 @@ class Ec2Provider(CloudProvider):
             message = self._scrub(exc)
             log.warning("ec2 call failed: %s", message, extra={"region": region, "action": action})
             raise ProviderError(f"ec2 {action} in {region} failed: {message}",
-                                unconfirmed=is_unconfirmed(exc)) from None
+                                unconfirmed=is_unconfirmed(exc),
+                                unreachable=is_unreachable(exc)) from None
 
     def _scrub(self, exc: BaseException) -> str:
         """The error's text without the secret or the session token (libcloud error texts carry request

@@ -45,7 +45,8 @@ from libcloud.compute.providers import DRIVERS, get_driver, set_driver
 from libcloud.compute.types import NodeState
 
 from streammanager.cloud.base import (DEFAULT_GCE_SCOPES, LABEL_VALUE, TAG_CLUSTER, TAG_GROUP, TAG_REGION, TAG_ROLE,
-                                      CloudProvider, Instance, LaunchRequest, ProviderError, is_unconfirmed)
+                                      CloudProvider, Instance, LaunchRequest, ProviderError, is_unconfirmed,
+                                      is_unreachable)
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,8 @@ class GceProvider(CloudProvider):
             error = exc
         message = self._describe(error)
         log.warning("gce call failed: %s", message, extra={"region": where, "action": action})
-        raise ProviderError(f"gce {action} in {where} failed: {message}", unconfirmed=is_unconfirmed(error)) from None
+        raise ProviderError(f"gce {action} in {where} failed: {message}", unconfirmed=is_unconfirmed(error),
+                            unreachable=is_unreachable(error)) from None
 
     def _describe(self, exc: BaseException) -> str:
         """A readable message for a libcloud error, without the private key."""
