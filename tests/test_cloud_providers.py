@@ -15,6 +15,7 @@ import base64
 import json
 import secrets
 import threading
+import time
 import zlib
 from datetime import datetime, timedelta, timezone
 
@@ -184,6 +185,8 @@ def test_ec2_list_instances_returns_only_this_clusters_instances(ec2):
     assert sorted(i.id for i in listed) == sorted(i.id for i in ours)
     assert {i.cluster_id for i in listed} == {"c1"}
     assert [i.name for i in ec2.list_instances("c2")] == ["edge-other"]
+    # when each was made: the sweep leaves a young untracked instance alone (it destroyed them at once)
+    assert all(abs(i.extra["created_ms"] - time.time() * 1000) < 300_000 for i in listed), listed
 
 
 def test_ec2_destroy_removes_the_instance_and_a_second_destroy_returns_false(ec2, moto):
@@ -480,6 +483,8 @@ def test_gce_list_instances_returns_only_this_clusters_instances(gce):
     assert sorted(i.id for i in listed) == sorted(i.id for i in ours)
     assert {i.cluster_id for i in listed} == {"c1"}
     assert [i.id for i in gce.list_instances("c2")] == ["edge-other"]
+    # when each was made: the sweep leaves a young untracked instance alone (it destroyed them at once)
+    assert all(abs(i.extra["created_ms"] - time.time() * 1000) < 300_000 for i in listed), listed
 
 
 def test_gce_destroy_removes_the_instance_and_a_second_destroy_returns_false(gce, gce_api):

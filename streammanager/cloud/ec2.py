@@ -373,7 +373,9 @@ def _to_instance(node: Node, region: str) -> Instance:
         extra={"provider_region": region, "instance_id": node.id, "availability_zone": node.extra.get("availability"),
                "instance_type": node.extra.get("instance_type"), "image_id": node.extra.get("image_id"),
                "private_ip": (node.private_ips or [None])[0], "status": node.extra.get("status"),
-               "subnet_id": node.extra.get("subnet_id"), "vpc_id": node.extra.get("vpc_id")},
+               "subnet_id": node.extra.get("subnet_id"), "vpc_id": node.extra.get("vpc_id"),
+               # the sweep leaves an untracked instance this young alone (a launch being recorded)
+               "created_ms": int(node.created_at.timestamp() * 1000) if node.created_at else 0},
     )
 
 

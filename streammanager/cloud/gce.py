@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -366,9 +367,19 @@ def _to_instance(node: Node) -> Instance:
         role=labels.get(TAG_ROLE, ""), address=address,
         extra={"zone": zone, "gce_id": node.id, "status": node.extra.get("status"), "machine_type": node.size,
                "private_ip": (node.private_ips or [None])[0],
-               "service_accounts": [account.get("email") for account in node.extra.get("serviceAccounts") or []]},
+               "service_accounts": [account.get("email") for account in node.extra.get("serviceAccounts") or []],
+               # the sweep leaves an untracked instance this young alone (a launch being recorded)
+               "created_ms": _epoch_ms(node.extra.get("creationTimestamp"))},
     )
 
 
 __all__ = ["GCE_DRIVER", "METADATA_URL", "EndpointGCENodeDriver", "GceProvider", "MetadataServerToken", "image_link",
            "network_link", "register_driver", "subnetwork_link"]
+
+
+def _epoch_ms(timestamp: str | None) -> int:
+    """GCE's RFC 3339 ``creationTimestamp`` in epoch ms (0 when missing or unreadable)."""
+    try:
+        return int(datetime.fromisoformat(timestamp).timestamp() * 1000) if timestamp else 0
+    except ValueError:
+        return 0
