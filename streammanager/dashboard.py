@@ -78,13 +78,14 @@ PAGE = """<!doctype html>
 <p>
  ZooKeeper: {% if view.connected %}<span class="ok">connected</span>{% else %}<span class="bad">disconnected,
  answering from a view {{ "%.0f"|format(age_s) }} s old</span>{% endif %}
- &middot; {{ view.node_count() }} nodes &middot; {{ stream_count }} live streams
+ &middot; {{ view.node_count() }} node{{ "s" if view.node_count() != 1 }} &middot; {{ stream_count }} live
+ stream{{ "s" if stream_count != 1 }}
  &middot; <span class="muted">{{ generated }}{% if refresh %}, refreshes every {{ refresh }} s{% endif %}</span>
  &middot; <a href="/metrics">metrics</a> &middot; <a href="/healthz">health</a>
 </p>
 {% if not view.initialized %}<p class="bad">The registry view is not loaded yet.</p>{% endif %}
 {% for region, rows in regions.items() %}
-<h2>{{ region }} <span class="muted">{{ rows|length }} nodes</span></h2>
+<h2>{{ region }} <span class="muted">{{ rows|length }} node{{ "s" if rows|length != 1 }}</span></h2>
 <table>
  <tr><th>node</th><th>role</th><th>group</th><th>state</th><th>address</th><th>load</th>
   <th>publishers</th><th>subscribers</th><th>streams</th><th>last report</th></tr>

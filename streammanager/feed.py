@@ -41,7 +41,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streammanager.feed")  # also when run as __main__ (python -m)
 
 HEADER = struct.Struct("!BI")
 ENTRY = struct.Struct("!Hi")

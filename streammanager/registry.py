@@ -33,6 +33,7 @@ from streammanager.models import (
     RecordError,
     StreamKey,
     StreamRecord,
+    validate_name,
 )
 from streammanager.feed import FeedCache, FeedLost
 from streammanager.selection import Candidate
@@ -434,6 +435,13 @@ class RegistryView:
             log.warning("ignoring node record %s: it names itself %s", node_id, record.id)
             self._apply(node_id, None)  # what it said before is no more to be trusted than what it says now
             return
+        if previous is None:  # a new node: its id must be one the API takes (agents check theirs at start)
+            try:
+                validate_name("node", node_id)
+            except RecordError as exc:
+                self.decode_errors += 1
+                log.warning("ignoring node record %r: %s", node_id[:80], exc)
+                return
         self._apply(node_id, record)
 
     def _apply(self, node_id: str, record: NodeRecord | None) -> None:

@@ -101,7 +101,10 @@ class ApiProtocol(ASGIProtocol):
     def _send_error_response(self, status, message, extra_headers=()):
         from streammanager.api import error_body
 
-        body = error_body(str(message)[:300] or "bad request")
+        # gunicorn's message alone is often a fragment of the request ("get", "HTTP/1.2"): say what it is
+        reason = _reason(status)
+        detail = str(message)[:300]
+        body = error_body(f"{reason.lower()}: {detail}" if detail and detail != reason else reason.lower())
         headers = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
         self._safe_write(f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n".encode("latin-1"))

@@ -423,7 +423,7 @@ def test_the_asgi_front_passes_admin_tokens_to_the_flask_routes(front, cluster):
 def test_the_dashboard_shows_regions_nodes_and_live_streams_to_an_admin(api, cluster, make_node):
     assert cluster["us_origin"].publish("show").status_code == 200
     cluster["us_edge"].play("show", clientid="viewer-1")
-    odd = make_node("edge", "eu-west-1", node_id="<b>edge</b>")  # names are text, never markup
+    make_node("edge", "eu-west-1", group="<b>edge</b>")  # names are text, never markup
     wait_until(lambda: api.get(f"{P}/event/live/show/stats").status_code == 200, 5, what="live")
     wait_for_nodes(api, 5)
     assert api.get("/dashboard").status_code == 401  # node addresses: admin only
@@ -431,7 +431,7 @@ def test_the_dashboard_shows_regions_nodes_and_live_streams_to_an_admin(api, clu
     assert page.status_code == 200 and page.mimetype == "text/html"
     html = page.get_data(as_text=True)
     assert "us-east-1" in html and "eu-west-1" in html
-    assert cluster["us_edge"].id in html and "/live/show" in html and "5 nodes" in html
+    assert cluster["us_edge"].id in html and "/live/show" in html and "5 nodes" in html and "3 nodes" in html
     assert "&lt;b&gt;edge&lt;/b&gt;" in html and "<b>edge</b>" not in html
     assert '<meta http-equiv="refresh" content="5">' in html
     assert "http-equiv" not in api.get("/dashboard?accessToken=s3cret-token&refresh=0").get_data(as_text=True)

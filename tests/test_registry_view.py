@@ -71,3 +71,11 @@ def test_a_record_that_names_another_node_drops_what_the_node_said_before():
     view._on_change("n1", record("other", "origin", {}).to_json())  # noqa: SLF001
     assert view.node("n1") is None and view.origin_of(KEY) is None
     assert view.decode_errors == 1
+
+
+def test_a_node_whose_id_the_api_refuses_is_not_listed():
+    # the dashboard and /admin/node listed it, and /admin/node/<id> answered 400 for it
+    view = RegistryView(None, ZkPaths("/t"))
+    report(view, record("evil<b>", "origin", {"live/demo": StreamLoad(0, 1, True, 100)}))
+    assert view.node("evil<b>") is None and view.node_count() == 0 and view.origin_of(KEY) is None
+    assert view.decode_errors == 1
