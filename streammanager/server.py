@@ -78,10 +78,12 @@ class ApiWorker(ASGIWorker):
 
 
 class ApiProtocol(ASGIProtocol):
-    """gunicorn's connection, but the errors gunicorn answers itself (before the app sees a request: a
-    request line over 4 KB, headers over 8 KB, raw bytes that are not HTTP) in the API's documented
-    shape, ``{"errorMessage", "timestamp"}`` as JSON, not text/plain. gunicorn's status stays (414, 431,
-    400, 501): it is the precise one."""
+    """gunicorn's connection, with three changes: the errors gunicorn answers itself (before the app sees
+    a request: a request line over 4 KB, headers over its limits, bytes that are not HTTP) come in the
+    API's documented shape, ``{"errorMessage", "timestamp"}`` as JSON, not text/plain (gunicorn's status
+    stays: 414, 431, 400, 501 are the precise ones); a connection's first request must come within
+    ``FIRST_REQUEST_TIMEOUT_S``; and no request is taken for a WebSocket handshake. These override
+    gunicorn 27's connection class (private methods): ``tests/test_serve.py`` checks each."""
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -106,7 +108,7 @@ class ApiProtocol(ASGIProtocol):
         detail = str(message)[:300]
         body = error_body(f"{reason.lower()}: {detail}" if detail and detail != reason else reason.lower())
         headers = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
-        self._safe_write(f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
+        self._safe_write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n".encode("latin-1"))
         self._safe_write(body)
 
