@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from streammanager.cloud import build_providers
+from streammanager.cloud.base import CloudProvider
 from streammanager.config import ControllerSettings
 from streammanager.controller import Controller
 from streammanager.scaling_store import read_instances
@@ -279,7 +280,6 @@ def test_a_provider_raising_an_unexpected_error_fails_that_action_only(zk, zk_ro
     """A driver that raises something else than ProviderError (libcloud's EC2 error parser raises ValueError
     on an error with a <Type> element, as moto sends for AuthFailure) must not abort every decision step:
     the destroy is retried later and the other groups' launches go on."""
-    from streammanager.cloud.base import CloudProvider, Instance, ProviderError
     from streammanager.groups import FAILED, InstanceRecord, NodeGroup
     from streammanager.registry import ZkPaths, ensure_layout, now_ms
     from streammanager.scaling_store import GroupStore
@@ -296,25 +296,10 @@ def test_a_provider_raising_an_unexpected_error_fails_that_action_only(zk, zk_ro
         def destroy(self, instance_id, cluster_id):
             raise ValueError("too many values to unpack (expected 2)")
 
-    class Fine(CloudProvider):
-        name = "local"
-        launched = []
-
-        def launch(self, request):
-            self.launched.append(request.name)
-            return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
-                            group=request.group, region=request.region, role=request.role)
-
-        def list_instances(self, cluster_id):
-            return []
-
-        def destroy(self, instance_id, cluster_id):
-            return True
-
     paths = ZkPaths(zk_root)
     ensure_layout(zk, paths)
     settings = ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="test-cluster", controller_id="c1")
-    fine = Fine()
+    fine = RecordingProvider()
     controller = Controller(settings, {"ec2": Broken(), "local": fine}, client=zk)
     ec2_doc = group_doc("e1", edge=(1, 2, 1))
     ec2_doc["launchConfig"].update(provider="ec2", image="ami-12345678", size="t3.small")
@@ -348,29 +333,13 @@ def test_a_leader_that_loses_zookeeper_while_launching_launches_no_more_of_its_p
     from types import SimpleNamespace
 
     from streammanager import autoscaler
-    from streammanager.cloud.base import CloudProvider, Instance
     from streammanager.groups import NodeGroup
 
     created = []
     controller = _bare_controller(SimpleNamespace(create=created.append, write=lambda record: None,
                                                   get=lambda instance_id: None))
 
-    class Slow(CloudProvider):
-        launched = []
-
-        def launch(self, request):
-            self.launched.append(request.name)
-            controller._lost.set()  # ZooKeeper went away while this call was in flight
-            return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
-                            group=request.group, region=request.region, role=request.role)
-
-        def list_instances(self, cluster_id):
-            return []
-
-        def destroy(self, instance_id, cluster_id):
-            return True
-
-    slow = Slow()
+    slow = RecordingProvider(during_launch=controller._lost.set)  # ZooKeeper went away during the call
     controller.providers = {"local": slow}
     group = NodeGroup.from_api(group_doc("g1", edge=(3, 5, 1)))
     decided = autoscaler.Plan(launches=[autoscaler.Launch("g1", "us-east-1", "edge", "below min 3")] * 3)
@@ -454,7 +423,6 @@ def test_a_hung_cloud_holds_back_only_its_own_calls(zk, zk_root, monkeypatch):
     endpoint (an EC2 region that accepts connections and never answers) held every group of every
     provider for minutes. Each provider's calls now run on their own thread."""
     from streammanager import controller as controller_module
-    from streammanager.cloud.base import CloudProvider, Instance
     from streammanager.groups import STARTING, NodeGroup
     from streammanager.registry import ZkPaths, ensure_layout, now_ms
     from streammanager.scaling_store import GroupStore
@@ -462,39 +430,11 @@ def test_a_hung_cloud_holds_back_only_its_own_calls(zk, zk_root, monkeypatch):
     monkeypatch.setattr(controller_module, "ACTION_WAIT_S", 0.5)
     release = threading.Event()
 
-    def instance(request):
-        return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
-                        group=request.group, region=request.region, role=request.role)
-
-    class Hung(CloudProvider):
-        launched = []
-
-        def launch(self, request):
-            self.launched.append(request.name)
-            release.wait(60)
-            return instance(request)
-
-        def list_instances(self, cluster_id):
-            release.wait(60)
-            return []
-
-        def destroy(self, instance_id, cluster_id):
-            return True
-
-    class Fine(Hung):
-        launched = []
-
-        def launch(self, request):
-            self.launched.append(request.name)
-            return instance(request)
-
-        def list_instances(self, cluster_id):
-            return []
-
     paths = ZkPaths(zk_root)
     ensure_layout(zk, paths)
     settings = ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="test-cluster", controller_id="c1")
-    hung, fine = Hung(), Fine()
+    hung = RecordingProvider(during_launch=lambda: release.wait(60), during_list=lambda: release.wait(60))
+    fine = RecordingProvider()
     controller = Controller(settings, {"ec2": hung, "local": fine}, client=zk)
     ec2_doc = group_doc("e1", edge=(1, 2, 1))
     ec2_doc["launchConfig"].update(provider="ec2", image="ami-12345678", size="t3.small")
@@ -570,3 +510,26 @@ def test_a_cloud_that_cannot_be_reached_spends_no_failure_budget_and_is_tried_ag
         controller.instances.close()
         controller.view.close()
         provider.close()
+
+
+class RecordingProvider(CloudProvider):
+    """A cloud whose launches succeed at once (recorded in ``launched``), with a hook in its calls."""
+
+    def __init__(self, during_launch=lambda: None, during_list=lambda: None):
+        self.launched: list[str] = []
+        self._during_launch, self._during_list = during_launch, during_list
+
+    def launch(self, request):
+        from streammanager.cloud.base import Instance
+
+        self.launched.append(request.name)
+        self._during_launch()
+        return Instance(id=f"p-{request.name}", name=request.name, state="running", cluster_id=request.cluster_id,
+                        group=request.group, region=request.region, role=request.role)
+
+    def list_instances(self, cluster_id):
+        self._during_list()
+        return []
+
+    def destroy(self, instance_id, cluster_id):
+        return True
