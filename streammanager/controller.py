@@ -64,6 +64,7 @@ POOL_UTILIZATION = Gauge("sm_pool_utilization", "Share of a pool's capacity in u
 INSTANCES = Gauge("sm_instances", "Instance records by lifecycle state", ["state"])
 
 STRAY_GRACE_MS = 120_000  # an untracked instance younger than this may be a launch being recorded
+VANISHED_AFTER_S = 60.0  # a booting instance missing from its cloud's listing after this long is gone
 
 
 class Duty(Protocol):
@@ -447,6 +448,7 @@ class Controller:
             log.warning("could not list %s instances: %s", name, exc)
             return
         records = self.instances.records()  # as they are now: the call may have waited behind others
+        self._fail_vanished(name, {i.id for i in found if i.state != "terminated"}, records)
         for instance in found:
             record = records.get(instance.name)
             if record is not None and record.state == REQUESTED and not record.provider_id:
@@ -464,6 +466,20 @@ class Controller:
                 except Exception as exc:  # noqa: BLE001
                     exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
                     log.warning("could not destroy stray %s: %s", instance.name, exc)
+
+    def _fail_vanished(self, provider: str, listed: set[str], records: Mapping[str, InstanceRecord]) -> None:
+        """A booting instance the cloud no longer lists was terminated behind the controller's back (an
+        operator, a spot reclaim): it was waited for until its boot timeout (5 minutes by default) before
+        it was replaced. Listings can lag a launch (EC2's are eventually consistent): only instances
+        booting for ``VANISHED_AFTER_S`` count."""
+        now = now_ms()
+        for record in records.values():
+            if (record.provider == provider and record.state == STARTING and record.provider_id
+                    and record.provider_id not in listed and now - record.state_since_ms >= VANISHED_AFTER_S * 1000):
+                log.warning("instance %s (%s) is gone from the cloud while booting: replacing it", record.id,
+                            record.provider_id, extra=_fields(record))
+                self._write(record.moved(FAILED, now, "its instance is gone from the cloud (terminated elsewhere?)",
+                                         failure="instance vanished"))
 
     # -- reporting -----------------------------------------------------------------------------------
     def _report(self, decided: autoscaler.Plan) -> None:

@@ -719,3 +719,45 @@ def test_the_default_boot_script_starts_a_node_agent_with_its_group_region_role_
     assert "$(hostname -I" in start  # the address is the VM's own, found at boot
     with pytest.raises(KeyError):  # a template naming an unknown variable is refused, not half-filled
         render_boot_script("${nope}", **{})
+
+
+def test_a_booting_ec2_instance_terminated_outside_the_controller_is_replaced_before_its_boot_timeout(
+        ec2, moto, zk, zk_root, monkeypatch):
+    # it was waited for until its boot timeout (5 minutes by default): the sweep's listing shows it gone
+    from streammanager import controller as controller_module
+    from streammanager.config import ControllerSettings
+    from streammanager.controller import Controller
+    from streammanager.groups import STARTING, NodeGroup
+    from streammanager.registry import ZkPaths, ensure_layout, now_ms
+    from streammanager.scaling_store import GroupStore, read_instances
+    from tests.conftest import wait_until
+    from tests.test_controller import group_doc
+
+    monkeypatch.setattr(controller_module, "VANISHED_AFTER_S", 0.0)
+    paths = ZkPaths(zk_root)
+    ensure_layout(zk, paths)
+    controller = Controller(ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="c1", controller_id="c1"),
+                            {"ec2": ec2}, client=zk)
+    doc = group_doc("b1", region="eu-west-1", edge=(1, 2, 1), bootTimeoutS=300)
+    doc["launchConfig"].update(provider="ec2", image=AMI, size="t3.micro")
+    GroupStore(zk, paths).create(NodeGroup.from_api(doc))
+    controller.view.start()
+    controller.view.wait_initialized(10)
+    controller.instances.start()
+    records = lambda: [r for r, _ in read_instances(zk, paths).values()]  # noqa: E731
+    try:
+        controller.run_once(now_ms())
+        wait_until(lambda: [r.state for r in records()] == [STARTING], 10, what="the instance booting")
+        booting = records()[0]
+        boto3_ec2(moto, "eu-west-1").terminate_instances(InstanceIds=[booting.provider_id.rpartition("/")[2]])
+        controller._last_sweep = 0.0  # the next step sweeps
+        controller.run_once(now_ms())
+        wait_until(lambda: next(r for r in records() if r.id == booting.id).failure == "instance vanished", 10,
+                   what="the vanished instance failed")
+        controller.run_once(now_ms())  # and replaced
+        wait_until(lambda: any(r.id != booting.id and r.state == STARTING for r in records()), 10,
+                   what="a replacement launched")
+    finally:
+        controller._actions.close()
+        controller.instances.close()
+        controller.view.close()
