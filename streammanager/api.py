@@ -18,7 +18,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from kazoo.exceptions import KazooException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from streammanager.commands_api import commands_api
 from streammanager.config import ServerSettings
@@ -315,6 +315,10 @@ def _listing(kind: str, to_json) -> Response:
 
 @api.get("/event/<scope>/<stream>")
 def lookup(version: str, scope: str, stream: str):
+    if request.method == "HEAD":
+        # A lookup places a client: it reserves a new stream's origin and counts against the node it
+        # answers. HEAD must not change anything (a monitor's HEAD reserved streams and filled origins).
+        raise MethodNotAllowed(valid_methods=["GET"], description="a lookup has effects: use GET")
     status, body = answer_lookup(services(), scope, stream, request.args.get("action"), request.args.get("region"),
                                  request.args.get("strict"))
     return Response(body, status=status, mimetype="application/json")

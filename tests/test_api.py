@@ -529,3 +529,17 @@ def test_a_wrong_token_is_logged_without_the_token(api, cluster, caplog):
     refused = [r.getMessage() for r in caplog.records if "wrong access token" in r.getMessage()]
     assert refused and "/admin/node" in refused[0]
     assert "guess-0123" not in caplog.text and "s3cret-token" not in caplog.text
+
+
+def test_a_head_lookup_changes_nothing(api, make_node, zk, zk_root):
+    # a monitor's HEAD on a broadcast URL reserved the stream and counted against the origin
+    from streammanager.models import StreamKey
+    from streammanager.registry import ZkPaths
+
+    make_node("origin", "us-east-1", capacity=1, report_interval_s=30)
+    wait_for_nodes(api, 1)
+    for action in ("broadcast", "subscribe"):
+        response = api.head(f"{P}/event/live/probe?action={action}")
+        assert response.status_code == 405 and response.headers["Allow"] == "GET"
+    assert zk.exists(ZkPaths(zk_root).reservation(StreamKey("live", "probe"))) is None
+    assert lookup(api, "real", "broadcast").status_code == 200  # the one place is still free
