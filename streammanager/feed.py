@@ -119,6 +119,10 @@ class RegistryFeed:
         self._pending: dict[str, bytes | None] = {}  # changed since the last flush
         self._subscribers: list[_Subscriber] = []
         self._initialized = False
+        # READY is sent (to a worker that connects, or to all) only while the cache is in sync: after
+        # the feed loses ZooKeeper its records are stale until the reconnection has read them all again,
+        # and a worker watching by itself must not switch to them (streammanager.registry)
+        self._synced = False
         self._ready_pending = False
         self._state = (False, now_ms())  # connected, disconnected since
         self._state_pending = False
@@ -141,7 +145,8 @@ class RegistryFeed:
         else:
             return
         self._on_state(KazooState.CONNECTED)
-        self._cache = ChildrenDataCache(self._client, self._path, self._on_change, self._on_initialized)
+        self._cache = ChildrenDataCache(self._client, self._path, self._on_change, self._on_initialized,
+                                        on_synced=self._on_synced)
         self._cache.start()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self._socket_path + ".new")
@@ -185,12 +190,22 @@ class RegistryFeed:
         log.info("registry feed loaded %d node records", len(self._data))
         self._wake.set()
 
+    def _on_synced(self) -> None:
+        with self._lock:
+            if not self._state[0]:
+                return  # read before the connection went: the reconnection reads again
+            self._synced = True
+            self._ready_pending = True
+        self._wake.set()
+
     def _on_state(self, state: str) -> None:
         with self._lock:
             if state == KazooState.CONNECTED:
                 self._state = (True, 0)
-            elif self._state[0]:
-                self._state = (False, now_ms())
+            else:
+                self._synced = False
+                if self._state[0]:
+                    self._state = (False, now_ms())
             self._state_pending = True
         self._wake.set()
 
@@ -210,7 +225,7 @@ class RegistryFeed:
             with sub.lock:
                 with self._lock:
                     snapshot = frame(SNAPSHOT, encode_entries(dict(self._data)))
-                    ready = frame(READY) if self._initialized else b""
+                    ready = frame(READY) if self._initialized and self._synced else b""
                     state = self._state_frame()
                     self._subscribers.append(sub)
                 sub.send(snapshot + state + ready)
@@ -308,16 +323,23 @@ class FeedCache:
             elif kind == STATE:
                 connected, since = STATE_BODY.unpack(payload)
                 state = (bool(connected), None if connected else since)
-            elif kind == READY:
+            elif kind == READY and (state is None or state[0]):
+                # a READY while the feed says it is disconnected: its records may be stale (it lost
+                # ZooKeeper, or was stopped past its session); wait for the READY after it has read again
                 self._caught_up, self._caught_up_state = entries, state
                 return
 
-    def resume(self, known: set[str]) -> None:
+    def caught_up_names(self) -> set[str]:
+        """The children present in what :meth:`catch_up` read."""
+        return {name for name, data in (self._caught_up or {}).items() if data is not None}
+
+    def resume(self, known: set[str], keep: set[str] = frozenset()) -> None:
         """After :meth:`catch_up`: tell the listener what was read (children in ``known``, which it has
-        from another source, and not in the feed are reported removed), then read on in the background."""
+        from another source, and not in the feed are reported removed, but for those in ``keep``: known
+        to exist, newer than the feed's snapshot), then read on in the background."""
         entries, self._caught_up = self._caught_up or {}, None
         self._known.names |= known
-        self._known.remove_missing({name for name, data in entries.items() if data is not None})
+        self._known.remove_missing({name for name, data in entries.items() if data is not None} | set(keep))
         for name, data in entries.items():
             self._known.report(name, data)
         if self._caught_up_state is not None:

@@ -349,19 +349,45 @@ class RegistryView:
             with self._retry_lock:
                 self._retrying = False
 
-    def _switch_to_feed(self, feed: FeedCache) -> None:
+    def _switch_to_feed(self, feed: FeedCache, present: set[str] | None = None) -> None:
         """On kazoo's completion thread (the direct watch's): stop watching, then let the feed bring
-        every record from the state it caught up with."""
+        every record from the state it caught up with.
+
+        The feed's snapshot is older than what the direct watch delivered meanwhile: a node that arrived
+        in between is missing from it (the feed's next batch brings it). So the nodes the view has and the
+        snapshot lacks are asked of ZooKeeper first (asynchronously: the answers come back on this thread);
+        only those gone there are reported removed. ``present``: the nodes so confirmed."""
         cache = self._cache
         if self._closed.is_set() or self._feed is not None or cache is None:
             feed.discard()
             if not self._closed.is_set() and self._feed is None:
                 self._return_to_feed_later()
             return
+        if present is None:
+            missing = cache.known - feed.caught_up_names()
+            if missing:
+                left, found = set(missing), set()
+
+                def answered(name, result):
+                    try:
+                        if result.get_nowait() is not None:
+                            found.add(name)
+                    except Exception:  # no answer: treated as gone, as the snapshot says
+                        pass
+                    left.discard(name)
+                    if not left:
+                        self._switch_to_feed(feed, found)
+                try:
+                    for name in missing:
+                        self._client.exists_async(self._paths.node(name)).rawlink(partial(answered, name))
+                    return
+                except Exception:  # not connected: the snapshot decides, as before
+                    pass
+            present = set()
         cache.close()  # its later completions, queued behind this one, find it closed
         self._cache = None
         self._feed = feed
-        feed.resume(cache.known)
+        feed.resume(cache.known, keep=present)
         log.info("registry view fed by %s again", self._feed_socket)
 
     def wait_initialized(self, timeout_s: float) -> bool:

@@ -59,19 +59,22 @@ class KnownChildren:
 
 class ChildrenDataCache:
     """Calls ``on_change(name, data)`` for every child of ``path`` as it appears or changes, and
-    ``on_change(name, None)`` when it goes; ``on_initialized()`` once, when the first full read is done."""
+    ``on_change(name, None)`` when it goes; ``on_initialized()`` once, when the first full read is done;
+    ``on_synced()`` after every full read (the first, and each resynchronisation after a reconnection)."""
 
     def __init__(self, client: KazooClient, path: str, on_change: ChangeListener,
-                 on_initialized: Callable[[], None] = lambda: None, known: set[str] | None = None):
+                 on_initialized: Callable[[], None] = lambda: None, known: set[str] | None = None,
+                 on_synced: Callable[[], None] = lambda: None):
         """``known``: children the listener already has (from an earlier source); those missing from
         the first listing are reported removed."""
         self._client = client
         self._path = path.rstrip("/")
         self._on_initialized = on_initialized
+        self._on_synced = on_synced
         # Touched on kazoo's completion thread only:
         self._known = KnownChildren(on_change, self._path, known)  # children reported present
         self._sync = 0  # the latest full listing; reads of the first sync count down until loaded
-        self._pending: set[str] = set()  # first sync: children not read yet
+        self._pending: set[str] = set()  # the latest full listing's children not read yet
         self._initialized = False
         self._closed = False
 
@@ -134,10 +137,9 @@ class ChildrenDataCache:
         to_read = children if full else children - self._known.names
         if full:
             self._sync += 1
-            if not self._initialized:
-                self._pending = set(to_read)
-                if not to_read:
-                    self._mark_initialized()
+            self._pending = set(to_read)
+            if not to_read:
+                self._mark_synced()
         for name in to_read:
             self._read(name, self._sync)
 
@@ -169,14 +171,19 @@ class ChildrenDataCache:
             log.debug("reading %s failed: %s", name, exc)
             return
         self._known.report(name, data)
-        if not self._initialized and sync == self._sync:
+        if sync is not None and sync == self._sync and name in self._pending:
             self._pending.discard(name)
             if not self._pending:
-                self._mark_initialized()
+                self._mark_synced()
 
-    def _mark_initialized(self) -> None:
-        self._initialized = True
+    def _mark_synced(self) -> None:
+        if not self._initialized:
+            self._initialized = True
+            try:
+                self._on_initialized()
+            except Exception:
+                log.exception("cache initialisation listener failed on %s", self._path)
         try:
-            self._on_initialized()
+            self._on_synced()
         except Exception:
-            log.exception("cache initialisation listener failed on %s", self._path)
+            log.exception("cache sync listener failed on %s", self._path)

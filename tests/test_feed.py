@@ -229,3 +229,78 @@ def test_serve_runs_one_feed_and_survives_losing_it(procs, spawn_agent, zookeepe
             os.kill(pid, signal.SIGCONT)
     api.stop()
     assert feed_pid(api.pid) is None
+
+
+def test_a_view_does_not_return_to_a_feed_that_lost_zookeeper(feed_and_view, make_node, zookeeper, zk_root,
+                                                               socket_dir, monkeypatch):
+    """A feed that lost ZooKeeper (SIGSTOPped past its session timeout, a partition) still answers and
+    still says READY to a new worker: switching to it replaced the view the worker watched itself with
+    the feed's stale snapshot (nodes that arrived meanwhile were dropped) and a disconnected state."""
+    from streammanager import registry
+
+    monkeypatch.setattr(registry, "FEED_RETRY_S", 0.3)
+    monkeypatch.setattr(registry, "FEED_CATCH_UP_S", 2.0)
+    first = make_node("origin", "us-east-1")
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == {first.id}, 5, what="the first node")
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    # another feed loads the registry, then loses ZooKeeper; it still answers its socket
+    stale_path = os.path.join(socket_dir, "stale.sock")
+    stale = RegistryFeed(make_client(zookeeper.hosts), ZkPaths(zk_root).nodes, stale_path)
+    stale.start()
+    try:
+        wait_until(lambda: stale._initialized, 5, what="the second feed loaded")
+        stale._client.stop()
+        wait_until(lambda: not stale._state[0], 5, what="the second feed disconnected")
+        late = make_node("edge", "us-east-1")  # the view sees it; the disconnected feed does not
+        wait_until(lambda: node_ids(view) == {first.id, late.id}, 5, what="a node watched directly")
+        os.replace(stale_path, os.path.join(socket_dir, "registry.sock"))  # where the view looks
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            assert node_ids(view) == {first.id, late.id}, "a node dropped by a switch to a stale feed"
+            assert view.connected, "the view switched to a feed that is not connected to ZooKeeper"
+            time.sleep(0.02)
+        assert view.source == "zookeeper"
+    finally:
+        stale.close()
+
+
+def test_a_switch_back_to_the_feed_never_drops_a_node_the_view_has(feed_and_view, make_node, zookeeper, zk_root,
+                                                                   socket_dir, monkeypatch):
+    """The feed's snapshot is a moment old when the view switches to it: a node the view's own watch saw
+    arrive after that moment was reported removed at the switch (lookups could not choose it) until the
+    feed's next batch, or, when that feed went away right then, until the direct watch had read it again."""
+    from streammanager import feed as feed_module, registry
+
+    monkeypatch.setattr(registry, "FEED_RETRY_S", 0.3)
+    first = make_node("origin", "us-east-1")
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == {first.id}, 5, what="the first node")
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    removed = []
+    on_change = view._on_change
+
+    def recording(name, data):
+        if data is None:
+            removed.append(name)
+        on_change(name, data)
+    monkeypatch.setattr(view, "_on_change", recording)  # what the next feed connection reports through
+    late = {}
+    catch_up = feed_module.FeedCache.catch_up
+
+    def catch_up_then_a_node_arrives(self, timeout_s):
+        catch_up(self, timeout_s)  # the feed's snapshot is read; a node arrives after it
+        if not late:
+            late["node"] = make_node("edge", "us-east-1")
+            wait_until(lambda: late["node"].id in node_ids(view), 5, what="the late node, watched directly")
+    monkeypatch.setattr(feed_module.FeedCache, "catch_up", catch_up_then_a_node_arrives)
+    again = RegistryFeed(make_client(zookeeper.hosts), ZkPaths(zk_root).nodes, os.path.join(socket_dir, "registry.sock"))
+    again.start()
+    try:
+        wait_until(lambda: view.source == "feed", 10, what="the view back on the feed")
+        wait_until(lambda: node_ids(view) == {first.id, late["node"].id}, 5, what="both nodes, fed")
+        assert late["node"].id not in removed, "the switch reported a live node removed"
+    finally:
+        again.close()
