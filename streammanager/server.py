@@ -57,6 +57,9 @@ class ApiWorker(ASGIWorker):
         protocols = self._protocols
 
         async def tracking_create_server(factory, *args, **kwargs):
+            # asyncio listen()s on the socket again with its own backlog (100), not gunicorn's "backlog"
+            kwargs.setdefault("backlog", self.cfg.backlog)
+
             def tracked():
                 protocol = factory()
                 if type(protocol) is ASGIProtocol:
@@ -66,6 +69,7 @@ class ApiWorker(ASGIWorker):
             return await create_server(tracked, *args, **kwargs)
 
         self.loop.create_server = tracking_create_server
+        self.loop.set_exception_handler(_AcceptErrors(self.log, self.loop.get_exception_handler()))
         await super()._serve()
 
     async def _shutdown(self):
@@ -75,6 +79,37 @@ class ApiWorker(ASGIWorker):
         if idle:
             self.log.info("closed %d idle keep-alive connections", len(idle))
         await super()._shutdown()
+
+
+class _AcceptErrors:
+    """The loop's exception handler: "socket.accept() out of system resource" (EMFILE: the worker is out of
+    file descriptors) said once per ``EVERY_S``. asyncio (3.11) logs it with a traceback for every accept
+    attempt, ``backlog`` attempts each time the listener is readable, and retries every second: a few
+    hundred idle connections wrote tens of thousands of tracebacks a minute. Anything else goes on as before."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, log, previous):
+        self._log = log
+        self._previous = previous
+        self._last = -self.EVERY_S
+        self._suppressed = 0
+
+    def __call__(self, loop, context) -> None:
+        if context.get("message") == "socket.accept() out of system resource":
+            now = time.monotonic()
+            if now - self._last < self.EVERY_S:
+                self._suppressed += 1
+                return
+            self._log.warning("cannot accept connections: %s (%d more times in the last %.0f s); accepting "
+                              "again as descriptors free up", context.get("exception"), self._suppressed,
+                              self.EVERY_S)
+            self._last, self._suppressed = now, 0
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 class ApiProtocol(ASGIProtocol):

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -610,3 +611,33 @@ def test_admin_and_command_calls_answer_503_while_zookeeper_is_down_and_change_n
         assert requests.get(admin, timeout=5).json() == []  # the refused create was not made after all
     finally:
         zk.stop()
+
+
+def _listen_backlog(port: int) -> int | None:
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout.split()
+    return int(out[2]) if len(out) > 2 else None
+
+
+def test_a_worker_out_of_descriptors_says_so_once_and_listens_with_the_configured_backlog(procs, tmp_path,
+                                                                                          zookeeper, zk_root):
+    port = free_port()
+    proc = procs(["bash", "-c", f'ulimit -n 96 && exec "{BIN / "streammanager"}" serve'],
+                 {"SM_ZK_HOSTS": zookeeper.hosts, "SM_ZK_ROOT": zk_root, "SM_BIND": f"127.0.0.1:{port}",
+                  "SM_WORKERS": "1", "SM_LOG_FORMAT": "text", "SM_REGISTRY_FEED": "off"}, tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    backlog = _listen_backlog(port)
+    conns = []
+    try:
+        for _ in range(200):  # more than the worker has descriptors: the rest wait in the backlog
+            try:
+                conns.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        time.sleep(4)
+    finally:
+        for conn in conns:
+            conn.close()
+    wait_until(lambda: _up(port), 20, what="the API once the connections closed")
+    records = proc.log().count("out of system resource") + proc.log().count("cannot accept connections")
+    assert 1 <= records <= 3, f"{records} log records for one descriptor exhaustion"
+    assert backlog == 2048  # gunicorn's "backlog" (asyncio listen()ed again with its own 100)
