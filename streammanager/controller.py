@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from functools import partial
 from typing import Callable, Mapping, Protocol
 
@@ -85,6 +86,44 @@ def leader_duties(client: KazooClient, paths: ZkPaths, settings: ControllerSetti
 ACTION_WAIT_S = 5.0  # a step waits this long for its cloud calls; slower ones carry on without holding it
 
 
+class _ProviderThread:
+    """One provider's calls, one at a time, on a daemon thread. Not a ThreadPoolExecutor: the interpreter
+    joins those at exit, so a controller told to stop (SIGTERM) stayed up as long as a hung cloud call did
+    (a whole driver timeout, or for good), and then made that call although it no longer led."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[..., None], *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, call, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, call, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the future, as an executor does
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._queue.put(None)
+
+
 class CloudActions:
     """The leader's calls to the cloud providers, each provider's on a thread of its own.
 
@@ -100,7 +139,7 @@ class CloudActions:
     def __init__(self, lost: threading.Event):
         self._lost = lost
         self._lock = threading.Lock()
-        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._executors: dict[str, _ProviderThread] = {}
         self._running: dict[str, Future] = {}
         self._slow: frozenset[str] = frozenset()  # what the last wait left under way (logged when it changes)
 
@@ -111,7 +150,7 @@ class CloudActions:
                 return None
             executor = self._executors.get(provider)
             if executor is None:
-                executor = self._executors[provider] = ThreadPoolExecutor(1, thread_name_prefix=f"cloud-{provider}")
+                executor = self._executors[provider] = _ProviderThread(f"cloud-{provider}")
             future = executor.submit(self._run, key, call, args)
             self._running[key] = future
         future.add_done_callback(partial(self._done, key))

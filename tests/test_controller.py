@@ -533,3 +533,41 @@ class RecordingProvider(CloudProvider):
 
     def destroy(self, instance_id, cluster_id):
         return True
+
+
+def test_a_leader_stops_at_once_on_sigterm_while_a_cloud_call_hangs_and_launches_nothing_after(
+        api, zk, zk_root, procs, controller_settings, tmp_path):
+    """A hung cloud endpoint (here: the local cloud's state lock held) must not keep a stopped controller
+    alive: the interpreter joined the cloud thread at exit, so SIGTERM waited for the call (a driver's whole
+    timeout, or for good), and the call was then made by a controller that no longer led."""
+    import fcntl
+    import time
+
+    env = {"SM_ZK_HOSTS": controller_settings.zk_hosts, "SM_ZK_ROOT": zk_root, "SM_CLUSTER_ID": "test-cluster",
+           "SM_LOCAL_STATE_DIR": controller_settings.local_state_dir, "SM_LOCAL_POOL": controller_settings.local_pool,
+           "SM_LOCAL_HTTP_PORT": str(controller_settings.local_http_port),
+           "SM_LOCAL_AGENT_ARGS": controller_settings.local_agent_args, "SM_CONTROLLER_TICK_S": "0.2",
+           "SM_LOG_FORMAT": "text"}
+    os.makedirs(controller_settings.local_state_dir, exist_ok=True)
+    lock = open(os.path.join(controller_settings.local_state_dir, ".lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # every launch now blocks inside the driver
+    leader = None
+    try:
+        leader = procs([str(BIN / "streammanager"), "controller", "--controller-id", "hung"], env,
+                       tmp_path / "hung.log")
+        assert admin(api, "post", GROUP, json=group_doc(edge=(1, 1, 1))).status_code == 201
+        wait_until(lambda: "still under way" in leader.log(), 20, what="a launch hung in the cloud call")
+        leader.signal(signal.SIGTERM)
+        try:
+            leader.popen.wait(15)
+        except Exception:
+            pass
+        assert leader.popen.poll() is not None, "the controller did not exit on SIGTERM while a cloud call hung"
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+        if leader is not None:
+            leader.stop()
+    time.sleep(1)
+    launched = [i for p in build_providers(controller_settings).values() for i in p.list_instances("test-cluster")]
+    assert launched == [], "a controller that had stopped made the hung launch"
