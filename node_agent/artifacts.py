@@ -106,6 +106,9 @@ def probe_resolution(media: Path, stopping: threading.Event) -> str | None:
         log.warning("could not probe %s: %s", media, exc)
         return None
     fps = _rate(stream.get("avg_frame_rate")) or _rate(stream.get("r_frame_rate"))
+    if fps is None:  # never "1280x720-None": unknown until a later probe knows it
+        log.warning("could not read the frame rate of %s", media)
+        return None
     return f"{width}x{height}-{fps}"
 
 
@@ -117,7 +120,7 @@ def _rate(text: str | None) -> str | None:
         return None
     if value <= 0:
         return None
-    return str(int(round(value))) if abs(value - round(value)) < 0.01 else f"{value:.2f}"
+    return str(max(1, int(round(value))))  # docs/coordinator.md: FPS rounded to an integer (29.97 -> 30)
 
 
 def snapshot(segment: Path, image: Path, stopping: threading.Event) -> bool:

@@ -34,13 +34,19 @@ class KeyVerifier:
     def verify(self, channel: str, key: str, user_ip: str) -> Verdict:
         if not self.target.enabled:
             return Verdict(True, "no KEY_VERIFICATION_URL: every key is accepted")
-        headers = self.target.headers(**{"x-streaming-channel": channel, "x-streaming-key": key,
-                                         "x-user-ip": user_ip})
+        # the key as the publisher's bytes (UTF-8): http.client would encode a str as latin-1, which
+        # failed with a 500 on any key (or address) outside latin-1 and sent others re-encoded
+        headers = {name: value.encode("utf-8") for name, value in self.target.headers(**{
+            "x-streaming-channel": channel, "x-streaming-key": key, "x-user-ip": user_ip}).items()}
         try:
-            response = requests.post(self.target.url, data=b"", headers=headers,
-                                            timeout=self.target.timeout_s, allow_redirects=False)
+            response = requests.post(self.target.url, data=b"", headers=headers, auth=self.target.requests_auth(),
+                                     timeout=self.target.timeout_s, allow_redirects=False)
             status = response.status_code
             response.close()
+        except ValueError as exc:  # requests' InvalidHeader (a CR/LF or leading space in the key) is one too
+            log.warning("key verification not sent (%s: the key or address cannot be an HTTP header value): "
+                        "publisher refused", type(exc).__name__, extra={"stream": channel, "action": "publish"})
+            return Verdict(False, "the stream key cannot be sent to the key verification endpoint")
         except requests.RequestException as exc:
             log.warning("key verification got no answer (%s): publisher refused", type(exc).__name__,
                         extra={"stream": channel, "action": "publish"})

@@ -225,6 +225,7 @@ class CallbackDispatcher:
         try:
             response = self._session().post(self._target.url, data=b"", allow_redirects=False,
                                              headers=self._target.headers(**event.headers()),
+                                             auth=self._target.requests_auth(),
                                              timeout=self._target.timeout_s)
             status: int | str = response.status_code
             response.close()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
+import requests
+
 from streammanager.config import ConfigError, Option, positive, resolve
 
 AUTH_BASIC = "Basic"
@@ -112,12 +114,29 @@ class CallbackTarget:
     def enabled(self) -> bool:
         return bool(self.url)
 
+    def requests_auth(self) -> "requests.auth.AuthBase":
+        """What to pass as requests' ``auth``: exactly our ``Authorization`` (or none). Without it,
+        requests replaces the header with credentials of ``~/.netrc`` (or the URL's user:password) for
+        the application's host, and sends them to it."""
+        return _ExactAuthorization(self.auth.header())
+
     def headers(self, **values: str) -> dict[str, str]:
         headers = dict(values)
         authorization = self.auth.header()
         if authorization is not None:
             headers["Authorization"] = authorization
         return headers
+
+
+class _ExactAuthorization(requests.auth.AuthBase):
+    def __init__(self, value: str | None):
+        self._value = value
+
+    def __call__(self, request):
+        request.headers.pop("Authorization", None)
+        if self._value is not None:
+            request.headers["Authorization"] = self._value
+        return request
 
 
 KEY_VERIFICATION_OPTIONS: tuple[Option, ...] = (

@@ -41,6 +41,9 @@ class ApiFront:
         self._wsgi = WSGIMiddleware(app.wsgi_app, workers=threads)  # Flask's routes, on their own threads
         # broadcast lookups apart: a slow listing on every Flask thread never holds back a publisher
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sm-broadcast")
+        # the coordinator's commands apart too: a close waits up to 8 s for its origin, and closes of a
+        # stuck origin held every Flask thread (admin calls, /stats, listings waited behind them)
+        self._commands = WSGIMiddleware(app.wsgi_app, workers=threads)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -85,6 +88,9 @@ class ApiFront:
             # chunked node group document was answered "the body must be JSON"
             headers = [(n, v) for n, v in scope["headers"] if n not in (b"transfer-encoding", b"content-length")]
             scope = {**scope, "headers": headers + [(b"content-length", str(length).encode())]}
+        if kind == "http" and scope["path"].startswith("/commands/"):
+            await self._commands(scope, receive, send)
+            return
         await self._wsgi(scope, receive, send)
 
     async def _lookup(self, scope_name: str, stream: str, scope) -> tuple[int, bytes]:

@@ -263,3 +263,53 @@ def test_a_publish_refused_half_way_blocks_neither_the_next_publish_nor_leaves_a
     live_session = agent.table.published()[0].session_id
     wait_until(lambda: [c.split("@")[-1] for c in zk.get_children(paths.callback_sessions)] == [live_session],
                3, what="only the live session's marker left")
+
+
+@pytest.mark.parametrize("auth, expected", [(HttpAuth(), None), (HttpAuth("Bearer", token="tok-1"), "Bearer tok-1")])
+def test_a_netrc_entry_for_the_applications_host_never_replaces_or_adds_the_events_authorization(
+        queue, run_dispatcher, receiver, tmp_path, monkeypatch, auth, expected):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password netrc-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    queue.enqueue(CallbackEvent.closed("live/netrc", "s1"))
+    run_dispatcher(CallbackTarget(receiver.url, auth, 2.0))
+    [request] = receiver.wait_for(1)
+    assert request["authorization"] == expected
+
+
+def test_an_origin_back_after_the_reaper_closed_its_session_ends_it_and_sends_no_second_stream_closed(
+        api, make_node, zk, zookeeper, paths, receiver, monkeypatch):
+    from kazoo.client import KazooClient
+
+    origin = make_node("origin", "us-east-1", zk_timeout_s=2.0)
+    agent = origin.agent
+    assert origin.publish("partitioned", clientid="p1").status_code == 200
+    session = agent.table.published()[0].session_id
+    # the origin is cut off from ZooKeeper (its encoder is not): its session expires, and it writes
+    # nothing until the controller's reaper has closed the session
+    cut_off = threading.Event()
+    cut_off.set()
+    real_report = agent.report
+    monkeypatch.setattr(agent, "report", lambda force=False: False if cut_off.is_set() else real_report(force))
+    twin = KazooClient(hosts=zookeeper.hosts, client_id=agent.client.client_id)
+    twin.start(10)
+    twin.stop()  # closing the same session from a second connection expires the agent's
+    twin.close()
+    wait_until(lambda: zk.exists(paths.node(agent.settings.node_id)) is None, 10, what="the origin's record gone")
+    reaper = CallbackDispatcher(zk, paths, EventCallbackSettings(CallbackTarget(receiver.url)), orphan_grace_s=0)
+    assert reaper.reap(time.monotonic()) == 1  # stream-closed queued: the application is told it ended
+    cut_off.clear()  # the origin is back
+    agent.changed(urgent=True)
+    wait_until(lambda: zk.exists(paths.node(agent.settings.node_id)), 10, what="the origin registered again")
+    time.sleep(1.0)
+    assert agent.table.published() == []  # the session the application was told is closed ended here too
+    assert zk.exists(paths.stream(StreamKey("live", "partitioned"))) is None
+    assert api.get(f"{P}/event/live/partitioned/stats").status_code == 404
+    origin.hook("publish_done", "partitioned", clientid="p1")
+    time.sleep(1.0)
+    queued_events = []
+    for channel in zk.get_children(paths.callback_queue):
+        parent = f"{paths.callback_queue}/{channel}"
+        queued_events += [CallbackEvent.from_json(zk.get(f"{parent}/{c}")[0]) for c in sorted(zk.get_children(parent))]
+    assert [(e.event_type, e.session_id) for e in queued_events] == [("stream-closed", session)]  # one, not two

@@ -149,3 +149,50 @@ def test_an_unknown_or_expired_command_is_dropped_and_the_next_one_still_runs(ap
     assert node.agent.state == "inservice"
     assert wait_consumed(zk, send_command(zk, paths, node.id, COMMAND_DRAIN), 5)
     assert node.agent.state == "draining"
+
+
+def test_close_commands_waiting_on_a_stuck_origin_never_hold_back_stats_and_listings(make_app, make_node,
+                                                                                    monkeypatch):
+    import asyncio
+    import time
+
+    from streammanager import commands_api
+    from streammanager.front import ApiFront
+    from tests.conftest import asgi_get
+
+    monkeypatch.setattr(commands_api, "CLOSE_WAIT_S", 3.0)
+    app = make_app()
+    node = make_node("origin", "us-east-1")
+    wait_for_nodes(app.test_client(), 1)
+    publish(app.test_client(), node, "stuck")
+    node.agent.commands.stop()  # the origin takes no command (its agent is stuck)
+    front = ApiFront(app, threads=2)
+
+    def post_close() -> int:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/commands/close", "raw_path": b"/commands/close", "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"127.0.0.1:5080"), (b"x-streaming-channel", b"live/stuck"),
+                                              (b"x-streaming-id", b"*")],
+                 "server": ("127.0.0.1", 5080), "client": ("127.0.0.1", 40001)}
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(front(scope, receive, send))
+        return next(m for m in sent if m["type"] == "http.response.start")["status"]
+
+    statuses = []
+    closers = [threading.Thread(target=lambda: statuses.append(post_close())) for _ in range(2)]
+    for thread in closers:
+        thread.start()
+    time.sleep(0.5)  # both closes wait for the origin now
+    started = time.monotonic()
+    status, _, _ = asgi_get(front, f"{P}/event/live/stuck/stats")
+    assert status == 200 and time.monotonic() - started < 1.0  # not after the closes' 3 s
+    for thread in closers:
+        thread.join(10)
+    assert statuses == [503, 503]

@@ -96,3 +96,34 @@ def test_a_refused_key_stops_a_real_ffmpeg_publisher_and_the_right_key_goes_live
     publisher = procs(PUBLISH + [f"rtmp://{host}/live/keyed?key=good"], log_path=tmp_path / "good.log")
     wait_until(lambda: live(api, "keyed"), 10, what="the stream with the right key live")
     assert publisher.popen.poll() is None
+
+
+@pytest.mark.parametrize("key", ["€uro-key", "café", "ключ-1"])
+def test_a_key_outside_ascii_reaches_the_verifier_as_the_publishers_utf8_bytes_and_is_never_a_500(
+        make_node, receiver, key):
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 2.0))
+    response = origin.hook("publish", "intl", clientid="p1", type="live", key=key)
+    assert response.status_code == 200, response.text
+    [request] = receiver.requests()
+    assert request["x-streaming-key"].encode("latin-1").decode("utf-8") == key  # http.server reads latin-1
+
+
+def test_a_key_that_cannot_be_a_header_value_is_refused_with_403_without_asking(make_node, receiver):
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 2.0))
+    response = origin.hook("publish", "crlf", clientid="p1", type="live", key="k\r\nx-evil: 1")
+    assert response.status_code == 403 and "cannot be sent" in response.text
+    assert receiver.requests() == [] and origin.agent.table.published() == []
+
+
+@pytest.mark.parametrize("auth, expected", [(HttpAuth(), None), (HttpAuth("Bearer", token="tok-9"), "Bearer tok-9"),
+                                            (HttpAuth("Custom", custom="ApiKey k"), "ApiKey k")])
+def test_a_netrc_entry_for_the_applications_host_never_replaces_or_adds_the_authorization(
+        make_node, receiver, tmp_path, monkeypatch, auth, expected):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password netrc-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))  # requests reads it (as ~/.netrc) for every host it calls
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, auth, 2.0))
+    assert origin.hook("publish", "netrc", clientid="p1", type="live", key="k").status_code == 200
+    [request] = receiver.requests()
+    assert request["authorization"] == expected
