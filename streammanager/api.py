@@ -176,7 +176,10 @@ def error_response(status: int, message: str) -> Response:
 
 
 def _api_error(exc: ApiError) -> Response:
-    return error_response(exc.status, exc.message)
+    response = error_response(exc.status, exc.message)
+    if isinstance(exc, Unauthorized):
+        response.headers["WWW-Authenticate"] = exc.challenge
+    return response
 
 
 EVENT_PATH = re.compile(r"^/streammanager/api/(?:2\.0|1\.0)/event/")

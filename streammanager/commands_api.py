@@ -34,7 +34,7 @@ def _require_auth() -> None:
         return
     if not auth.accepts(request.headers.get("Authorization")):
         log.info("refused a command with missing or wrong credentials from %s", request.remote_addr)
-        raise Unauthorized(f"this command API needs {auth.method} credentials (COMMANDS_API_AUTH)")
+        raise Unauthorized(f"this command API needs {auth.method} credentials (COMMANDS_API_AUTH)", auth.method)
 
 
 def _header(name: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -52,6 +53,14 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         )
 
 
+def _shown(raw: str) -> str:
+    """A value as an error may print it: a URL's ``user:password@`` hidden."""
+    return _URL_CREDENTIALS.sub("(hidden)@", raw)
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]*@")
+
+
 def resolve(options: Sequence[Option], args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, Any]:
     """Command line over environment over default; each value converted and validated."""
     values: dict[str, Any] = {}
@@ -67,7 +76,7 @@ def resolve(options: Sequence[Option], args: argparse.Namespace, env: Mapping[st
         try:
             value = opt.type(raw)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{source}: bad value {raw if not opt.secret else '(hidden)'!r}: {exc}") from None
+            raise ConfigError(f"{source}: bad value {_shown(raw) if not opt.secret else '(hidden)'!r}: {exc}") from None
         if opt.choices is not None and value not in opt.choices:
             raise ConfigError(f"{source}: must be one of {', '.join(opt.choices)}")
         values[opt.field] = value

@@ -15,7 +15,13 @@ class BadRequest(ApiError):
 
 
 class Unauthorized(ApiError):
+    """401: with the challenge HTTP asks of it (``WWW-Authenticate``, RFC 9110 section 11.6.1)."""
+
     status = 401
+
+    def __init__(self, message: str, scheme: str = "Bearer"):
+        super().__init__(message)
+        self.challenge = f'{scheme} realm="streammanager"'
 
 
 class Forbidden(ApiError):

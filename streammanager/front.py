@@ -74,12 +74,16 @@ class ApiFront:
             # its body slowly held one of the worker's few Flask threads as long as gunicorn waits for
             # body bytes (its 30 s timeout), and two such clients held every route Flask answers.
             try:
+                if _declared_length(scope) > MAX_BODY_BYTES:  # refused before a byte of it is read
+                    raise _BodyTooLarge()
                 receive = await _buffered_body(receive)
             except asyncio.TimeoutError:
-                await _respond(send, 408, error_body(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s"))
+                await _respond(send, 408, error_body(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s"),
+                               close=True)
                 return
-            except _BodyTooLarge:
-                await _respond(send, 413, error_body(f"the request body is larger than {MAX_BODY_BYTES} bytes"))
+            except _BodyTooLarge:  # the rest of the body is not read: the connection cannot carry another request
+                await _respond(send, 413, error_body(f"the request body is larger than {MAX_BODY_BYTES} bytes"),
+                               close=True)
                 return
             if receive is None:  # the client went away
                 return
@@ -129,6 +133,16 @@ def _has_body(scope) -> bool:
     return False
 
 
+def _declared_length(scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0  # gunicorn refuses a bad Content-Length before the app sees the request
+    return 0
+
+
 async def _buffered_body(receive):
     """Receive the whole request body (bounded in size and time); return a ``receive`` that replays it
     and the body's length, or None if the client disconnected."""
@@ -155,7 +169,9 @@ async def _buffered_body(receive):
     return replay, len(body)
 
 
-async def _respond(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": JSON_HEADERS + ((b"content-length", str(len(body)).encode()),)})
+async def _respond(send, status: int, body: bytes, close: bool = False) -> None:
+    headers = JSON_HEADERS + ((b"content-length", str(len(body)).encode()),)
+    if close:  # say so: the server closes the connection after this answer
+        headers += ((b"connection", b"close"),)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -232,7 +232,9 @@ def test_admin_node_lists_every_node_with_role_region_state_capacity_load_and_st
 
 @pytest.mark.parametrize("query", ["", "?accessToken=", "?accessToken=wrong", "?accessToken=s3cret-token-x"])
 def test_admin_calls_refuse_a_missing_or_wrong_token(api, cluster, query):
-    assert_error(api.get(f"{P}/admin/node{query}"), 401, "accessToken")
+    refused = api.get(f"{P}/admin/node{query}")
+    assert_error(refused, 401, "accessToken")
+    assert refused.headers["WWW-Authenticate"] == 'Bearer realm="streammanager"'
     assert_error(api.delete(f"{P}/admin/event{query}"), 401, "accessToken")
 
 

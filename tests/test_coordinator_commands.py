@@ -103,7 +103,9 @@ def test_with_commands_api_auth_wrong_or_missing_credentials_are_a_401(make_app,
     node = make_node("origin", "us-east-1")
     wait_for_nodes(api, 1)
     session = publish(api, node, "guarded")
-    assert close(api, "live/guarded", session).status_code == 401
+    refused = close(api, "live/guarded", session)
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"] == f'{auth.method} realm="streammanager"'  # the challenge HTTP asks for
     assert close(api, "live/guarded", session, bad).status_code == 401
     assert close(api, "live/guarded", session, "Custom x").status_code == 401
     assert close(api, authorization=bad).status_code == 401  # credentials are checked first

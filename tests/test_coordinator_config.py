@@ -87,3 +87,10 @@ def test_secrets_appear_neither_in_help_nor_in_settings_reprs():
         key_verification_from(argparse.Namespace(key_verification_auth_token=None),
                               {"KEY_VERIFICATION_AUTH": "Basic", "KEY_VERIFICATION_PASSWORD": "kv-pass-123"})
     assert "kv-pass-123" not in str(failure.value)
+
+
+def test_a_bad_url_is_named_in_the_error_without_its_credentials():
+    with pytest.raises(ConfigError) as refused:
+        key_verification_from(argparse.Namespace(), {"KEY_VERIFICATION_URL": "ftp://user:zzSECRETzz@x/y"})
+    assert "KEY_VERIFICATION_URL" in str(refused.value) and "ftp://(hidden)@x/y" in str(refused.value)
+    assert "zzSECRETzz" not in str(refused.value) and "user" not in str(refused.value)

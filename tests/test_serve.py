@@ -641,3 +641,12 @@ def test_a_worker_out_of_descriptors_says_so_once_and_listens_with_the_configure
     records = proc.log().count("out of system resource") + proc.log().count("cannot accept connections")
     assert 1 <= records <= 3, f"{records} log records for one descriptor exhaustion"
     assert backlog == 2048  # gunicorn's "backlog" (asyncio listen()ed again with its own 100)
+
+
+def test_a_body_over_the_limit_is_a_413_that_says_the_connection_closes(procs, tmp_path, zookeeper, zk_root):
+    port = _api(procs, tmp_path, zookeeper, zk_root, "--access-token", "t")
+    line, headers, body = _raw(port, b"POST /streammanager/api/2.0/admin/nodegroup?accessToken=t HTTP/1.1\r\n"
+                                     b"Host: t\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n"
+                                     + b"{" * 70000)
+    assert line.split()[1] == "413" and "larger than" in body.decode()
+    assert headers.get("connection") == "close", headers
