@@ -241,8 +241,13 @@ def _agent_up(host: str, port: int) -> bool:
 
 def asgi_get(front, url: str, headers: tuple = ()) -> tuple[int, dict, bytes]:
     """One GET through an ASGI app, as gunicorn's asgi worker calls it (the path percent-decoded)."""
+    return asgi_call(front, "GET", url, headers)
+
+
+def asgi_call(front, method: str, url: str, headers: tuple = ()) -> tuple[int, dict, bytes]:
+    """One request without a body through an ASGI app, as gunicorn's asgi worker calls it."""
     parts = urlsplit(url)
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
              "scheme": "http", "path": unquote(parts.path), "raw_path": parts.path.encode(),
              "query_string": parts.query.encode(), "root_path": "",
              "headers": [(b"host", b"127.0.0.1:5080"), *headers],

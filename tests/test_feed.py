@@ -97,6 +97,15 @@ def test_a_view_watches_by_itself_when_the_feed_goes(feed_and_view, make_node, z
     wait_until(lambda: node_ids(view) == {staying.id, late.id}, 5, what="a node after the fall-back")
 
 
+def _watching_by_itself(feed_and_view, nodes: set[str]):
+    """A view fed until it has ``nodes``, then watching ZooKeeper by itself: its feed went."""
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == nodes, 5, what="the nodes, fed")
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    return view
+
+
 def test_a_view_returns_to_a_feed_that_comes_back(feed_and_view, make_node, zookeeper, zk_root, socket_dir):
     staying, leaving = make_node("origin", "us-east-1"), make_node("edge", "us-east-1")
     feed, view = feed_and_view()
@@ -241,10 +250,7 @@ def test_a_view_does_not_return_to_a_feed_that_lost_zookeeper(feed_and_view, mak
     monkeypatch.setattr(registry, "FEED_RETRY_S", 0.3)
     monkeypatch.setattr(registry, "FEED_CATCH_UP_S", 2.0)
     first = make_node("origin", "us-east-1")
-    feed, view = feed_and_view()
-    wait_until(lambda: node_ids(view) == {first.id}, 5, what="the first node")
-    feed.close()
-    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    view = _watching_by_itself(feed_and_view, {first.id})
     # another feed loads the registry, then loses ZooKeeper; it still answers its socket
     stale_path = os.path.join(socket_dir, "stale.sock")
     stale = RegistryFeed(make_client(zookeeper.hosts), ZkPaths(zk_root).nodes, stale_path)
@@ -275,10 +281,7 @@ def test_a_switch_back_to_the_feed_never_drops_a_node_the_view_has(feed_and_view
 
     monkeypatch.setattr(registry, "FEED_RETRY_S", 0.3)
     first = make_node("origin", "us-east-1")
-    feed, view = feed_and_view()
-    wait_until(lambda: node_ids(view) == {first.id}, 5, what="the first node")
-    feed.close()
-    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    view = _watching_by_itself(feed_and_view, {first.id})
     removed = []
     on_change = view._on_change
 
