@@ -202,8 +202,6 @@ class Agent:
         if not self.client.connected:
             return False
         session = self.client.client_id[0] if self.client.client_id else None
-        if session != self._registered_session and self._registered_session is not None:
-            self._end_reaped_sessions()  # before the record and the claims: those streams are not ours now
         if self._claims_to_check and session == self._registered_session:
             self._check_claims()
         if self._releases_owed and session == self._registered_session:
@@ -232,23 +230,6 @@ class Agent:
         self._last_content = content
         self._last_write = time.monotonic()
         return True
-
-    def _end_reaped_sessions(self) -> None:
-        """After a new ZooKeeper session: a publish whose session the controller's reaper closed (this
-        agent was away longer than its grace, and the application got the stream-closed) must not go
-        on as the same session. It is dropped; an encoder that reconnects starts a new, verified one."""
-        if self.settings.role != ROLE_ORIGIN:
-            return
-        reaped = set(self.sessions.reaped())
-        for stream in self.table.published():
-            if stream.session_id not in reaped:
-                continue
-            log.warning("dropping the publisher of a session closed while ZooKeeper was away",
-                        extra={**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name})
-            if self.media is not None:
-                self.media.drop_publisher(stream.key.scope, stream.key.name)
-            self.table.end_publish(stream.key, stream.publisher or "")
-            self._end_pull(stream.key)
 
     def _register(self, path: str, data: bytes) -> None:
         """Create the node record. A record of another session is waited out at start (a restarted

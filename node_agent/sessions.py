@@ -61,7 +61,6 @@ class _Session:
     recording: Path | None = None
     recording_known: threading.Event = field(default_factory=threading.Event)
     watcher: threading.Thread | None = None
-    reaped: bool = False  # the controller's reaper closed it: no more events
 
     @property
     def channel(self) -> str:
@@ -120,26 +119,6 @@ class SessionTracker:
             session.outbox.append(CallbackEvent.closed(session.channel, session_id, self._node_id))
             session.finished = True
         self._wake.set()
-
-    def reaped(self) -> list[str]:
-        """Sessions open here whose marker is gone: the controller's reaper closed them (it queued their
-        stream-closed) while this agent was away from ZooKeeper for longer than its grace. They are
-        forgotten without another event (nothing may follow their stream-closed); returns their ids.
-        Raises a kazoo error if ZooKeeper does not answer."""
-        with self._lock:
-            candidates = [s for s in self._sessions.values() if not s.finished]
-        gone = []
-        for session in candidates:
-            if self._queue.session_open(session.channel, session.session_id):
-                continue
-            session.reaped = True
-            session.ended.set()
-            with self._lock:
-                self._sessions.pop(session.session_id, None)
-            log.warning("session %s was closed by the controller's reaper while ZooKeeper was away",
-                        session.session_id, extra=session.extra())
-            gone.append(session.session_id)
-        return gone
 
     def recorded(self, key: StreamKey, clientid: str, path: str) -> None:
         """nginx-rtmp finished a recording of ``key`` by ``clientid`` (its ``record_done``)."""
@@ -281,8 +260,6 @@ class SessionTracker:
         """After the end: the recording becomes a VOD playlist (HLS-VOD), then stream-closed."""
         layout = self._layout
         assert layout is not None
-        if session.reaped:
-            return
         waited = 0.0
         while not session.recording_known.wait(0.1) and waited < RECORDING_WAIT_S:
             if self._stopping.is_set():

@@ -176,10 +176,6 @@ class EventQueue:
         except NodeExistsError:
             pass
 
-    def session_open(self, channel: str, session_id: str) -> bool:
-        """Whether the marker of the session is still there (the reaper deletes it when it closes it)."""
-        return self._client.retry(self._client.exists, self._paths.callback_session(channel, session_id)) is not None
-
     def close_session(self, channel: str, session_id: str) -> None:
         try:
             self._client.retry(self._client.delete, self._paths.callback_session(channel, session_id))
