@@ -115,10 +115,10 @@ class CallbackTarget:
         return bool(self.url)
 
     def requests_auth(self) -> "requests.auth.AuthBase":
-        """What to pass as requests' ``auth``: exactly our ``Authorization`` (or none). Without it,
-        requests replaces the header with credentials of ``~/.netrc`` (or the URL's user:password) for
-        the application's host, and sends them to it."""
-        return _ExactAuthorization(self.auth.header())
+        """What to pass as requests' ``auth`` beside :meth:`headers`: given no ``auth``, requests
+        replaces our ``Authorization`` with credentials of ``~/.netrc`` (or the URL's user:password) for
+        the application's host, and sends them to it. This one leaves the request as :meth:`headers` made it."""
+        return _AS_GIVEN
 
     def headers(self, **values: str) -> dict[str, str]:
         headers = dict(values)
@@ -128,15 +128,12 @@ class CallbackTarget:
         return headers
 
 
-class _ExactAuthorization(requests.auth.AuthBase):
-    def __init__(self, value: str | None):
-        self._value = value
-
+class _AsGiven(requests.auth.AuthBase):
     def __call__(self, request):
-        request.headers.pop("Authorization", None)
-        if self._value is not None:
-            request.headers["Authorization"] = self._value
         return request
+
+
+_AS_GIVEN = _AsGiven()
 
 
 KEY_VERIFICATION_OPTIONS: tuple[Option, ...] = (

@@ -69,12 +69,13 @@ class ApiFront:
                 status, doc = health(self.svc.view)
                 await _respond(send, status, orjson.dumps(doc))
                 return
-        if kind == "http" and _has_body(scope):
+        declared = _declared_length(scope) if kind == "http" else 0
+        if declared:
             # Read the body here, on the loop, before a Flask thread takes the request: a client sending
             # its body slowly held one of the worker's few Flask threads as long as gunicorn waits for
             # body bytes (its 30 s timeout), and two such clients held every route Flask answers.
             try:
-                if _declared_length(scope) > MAX_BODY_BYTES:  # refused before a byte of it is read
+                if declared > MAX_BODY_BYTES:  # refused before a byte of it is read
                     raise _BodyTooLarge()
                 receive = await _buffered_body(receive)
             except asyncio.TimeoutError:
@@ -126,15 +127,11 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _has_body(scope) -> bool:
-    for name, value in scope.get("headers", ()):
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
-            return True
-    return False
-
-
 def _declared_length(scope) -> int:
+    """The body's Content-Length; -1 for a chunked body (its length is known once read); 0: no body."""
     for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding":
+            return -1
         if name == b"content-length":
             try:
                 return int(value)
