@@ -113,7 +113,8 @@ class _ProviderThread:
             except BaseException as exc:  # noqa: BLE001 - handed to the future, as an executor does
                 future.set_exception(exc)
 
-    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+    def stop(self) -> None:
+        """Cancel the calls not begun; the one under way (if any) ends the thread when it returns."""
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -139,7 +140,7 @@ class CloudActions:
     def __init__(self, lost: threading.Event):
         self._lost = lost
         self._lock = threading.Lock()
-        self._executors: dict[str, _ProviderThread] = {}
+        self._threads: dict[str, _ProviderThread] = {}
         self._running: dict[str, Future] = {}
         self._slow: frozenset[str] = frozenset()  # what the last wait left under way (logged when it changes)
 
@@ -148,10 +149,10 @@ class CloudActions:
         with self._lock:
             if key in self._running:
                 return None
-            executor = self._executors.get(provider)
-            if executor is None:
-                executor = self._executors[provider] = _ProviderThread(f"cloud-{provider}")
-            future = executor.submit(self._run, key, call, args)
+            thread = self._threads.get(provider)
+            if thread is None:
+                thread = self._threads[provider] = _ProviderThread(f"cloud-{provider}")
+            future = thread.submit(self._run, key, call, args)
             self._running[key] = future
         future.add_done_callback(partial(self._done, key))
         return future
@@ -188,9 +189,9 @@ class CloudActions:
     def close(self) -> None:
         """Drop the calls not begun (leadership ended); calls under way finish on their own."""
         with self._lock:
-            executors, self._executors, self._running = self._executors, {}, {}
-        for executor in executors.values():
-            executor.shutdown(wait=False, cancel_futures=True)
+            threads, self._threads, self._running = self._threads, {}, {}
+        for thread in threads.values():
+            thread.stop()
 
 
 class CloudBackoff:
