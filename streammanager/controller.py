@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from functools import partial
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NoNodeError
@@ -482,13 +482,17 @@ class Controller:
         provider = self.providers[name]
         provider.know_regions(regions)
         try:
-            found = provider.list_instances(self.settings.cluster_id)
+            listing = provider.listing(self.settings.cluster_id)
         except Exception as exc:  # noqa: BLE001
             exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
             log.warning("could not list %s instances: %s", name, exc)
             return
+        for region, why in listing.unlisted.items():  # the other regions are swept
+            log.warning("could not list %s instances in %s: %s", name, region, why, extra={"region": region})
+        found = listing.instances
         records = self.instances.records()  # as they are now: the call may have waited behind others
-        self._fail_vanished(name, {i.id for i in found if i.state != "terminated"}, records)
+        self._fail_vanished(name, {i.id for i in found if i.state != "terminated"}, records,
+                            unlisted=listing.unlisted.keys())
         for instance in found:
             record = records.get(instance.name)
             if record is not None and record.state == REQUESTED and not record.provider_id:
@@ -507,14 +511,17 @@ class Controller:
                     exc = exc if isinstance(exc, ProviderError) else _unexpected(exc)
                     log.warning("could not destroy stray %s: %s", instance.name, exc)
 
-    def _fail_vanished(self, provider: str, listed: set[str], records: Mapping[str, InstanceRecord]) -> None:
+    def _fail_vanished(self, provider: str, listed: set[str], records: Mapping[str, InstanceRecord],
+                       unlisted: Iterable[str] = ()) -> None:
         """A booting instance the cloud no longer lists was terminated behind the controller's back (an
         operator, a spot reclaim): it was waited for until its boot timeout (5 minutes by default) before
         it was replaced. Listings can lag a launch (EC2's are eventually consistent): only instances
         booting for ``VANISHED_AFTER_S`` count."""
         now = now_ms()
+        unlisted = set(unlisted)  # regions whose listing failed: what is not listed there may still run
         for record in records.values():
             if (record.provider == provider and record.state == STARTING and record.provider_id
+                    and record.region not in unlisted
                     and record.provider_id not in listed and now - record.state_since_ms >= VANISHED_AFTER_S * 1000):
                 log.warning("instance %s (%s) is gone from the cloud while booting: replacing it", record.id,
                             record.provider_id, extra=_fields(record))

@@ -189,6 +189,35 @@ def test_ec2_list_instances_returns_only_this_clusters_instances(ec2):
     assert all(abs(i.extra["created_ms"] - time.time() * 1000) < 300_000 for i in listed), listed
 
 
+@pytest.mark.parametrize("region", ["ca-west-1", "il-central-1"])
+def test_ec2_launches_lists_and_destroys_in_a_region_newer_than_libclouds_table(ec2, moto, region):
+    # libcloud 3.9 refuses regions it did not know at release: a group there could never launch, and
+    # listing the region failed the controller's whole sweep
+    instance = ec2.launch(launch_request("edge-new", "c1", region, AMI, "t3.micro"))
+
+    assert instance.region == region
+    assert ec2_instance(moto, region, instance.id)["Placement"]["AvailabilityZone"].startswith(region)
+    assert [i.id for i in ec2.list_instances("c1")] == [instance.id]
+    assert ec2.destroy(instance.id, "c1") is True
+
+
+# moto answers 500 for a region it does not have, as AWS refuses to list a region the account has not
+# opted into: a region that cannot be listed
+UNLISTABLE_REGION = "xx-nowhere-1"
+
+
+def test_ec2_listing_answers_the_regions_that_answered_and_names_the_one_that_did_not(ec2):
+    ours = ec2.launch(launch_request("edge-1", "c1", "eu-west-1", AMI, "t3.micro"))
+    ec2.know_regions([UNLISTABLE_REGION])
+
+    listing = ec2.listing("c1")
+
+    assert [i.id for i in listing.instances] == [ours.id]
+    assert list(listing.unlisted) == [UNLISTABLE_REGION] and "500" in listing.unlisted[UNLISTABLE_REGION]
+    with pytest.raises(ProviderError, match=UNLISTABLE_REGION):  # all or nothing for other callers
+        ec2.list_instances("c1")
+
+
 def test_ec2_destroy_removes_the_instance_and_a_second_destroy_returns_false(ec2, moto):
     instance = ec2.launch(launch_request("edge-1", "c1", "eu-west-1", AMI, "t3.micro"))
 
@@ -721,8 +750,9 @@ def test_the_default_boot_script_starts_a_node_agent_with_its_group_region_role_
         render_boot_script("${nope}", **{})
 
 
+@pytest.mark.parametrize("unlistable", [False, True], ids=["every-region-listed", "another-region-unlistable"])
 def test_a_booting_ec2_instance_terminated_outside_the_controller_is_replaced_before_its_boot_timeout(
-        ec2, moto, zk, zk_root, monkeypatch):
+        ec2, moto, zk, zk_root, monkeypatch, unlistable):
     # it was waited for until its boot timeout (5 minutes by default): the sweep's listing shows it gone
     from streammanager import controller as controller_module
     from streammanager.config import ControllerSettings
@@ -734,6 +764,8 @@ def test_a_booting_ec2_instance_terminated_outside_the_controller_is_replaced_be
     from tests.test_controller import group_doc
 
     monkeypatch.setattr(controller_module, "VANISHED_AFTER_S", 0.0)
+    if unlistable:  # one region failing its listing skipped the sweep of every region
+        ec2.know_regions([UNLISTABLE_REGION])
     paths = ZkPaths(zk_root)
     ensure_layout(zk, paths)
     controller = Controller(ControllerSettings(zk_hosts="unused", zk_root=zk_root, cluster_id="c1", controller_id="c1"),

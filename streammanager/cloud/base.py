@@ -119,6 +119,12 @@ class Instance:
     extra: dict = field(default_factory=dict, compare=False)
 
 
+@dataclass(frozen=True)
+class Listing:
+    instances: list[Instance]
+    unlisted: Mapping[str, str] = field(default_factory=dict)  # region -> why its listing failed
+
+
 class CloudProvider(abc.ABC):
     """One cloud account (or the local machine) as the controller sees it."""
 
@@ -131,6 +137,12 @@ class CloudProvider(abc.ABC):
     @abc.abstractmethod
     def list_instances(self, cluster_id: str) -> list[Instance]:
         """Instances (not yet gone) tagged with ``cluster_id``; raise ProviderError on failure."""
+
+    def listing(self, cluster_id: str) -> "Listing":
+        """:meth:`list_instances`, for a provider that lists region by region: what the regions that
+        answered hold, and which did not answer (nothing is known there). Raises ProviderError only
+        when no region answered. A provider that lists everything in one call answers all or nothing."""
+        return Listing(self.list_instances(cluster_id))
 
     @abc.abstractmethod
     def destroy(self, instance_id: str, cluster_id: str) -> bool:

@@ -30,12 +30,13 @@ import requests
 from libcloud.common.exceptions import BaseHTTPError
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeImage, NodeSize
-from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NetworkSubnet, EC2NodeDriver, EC2Response
+from libcloud.compute.drivers.ec2 import (NAMESPACE, VALID_EC2_REGIONS, EC2Connection, EC2NetworkSubnet, EC2NodeDriver,
+                                          EC2Response)
 from libcloud.compute.providers import DRIVERS, get_driver, set_driver
 from libcloud.compute.types import NodeState
 
 from streammanager.cloud.base import (TAG_CLUSTER, TAG_GROUP, TAG_REGION, TAG_ROLE, CloudProvider, Instance,
-                                      LaunchRequest, ProviderError, is_unconfirmed,
+                                      LaunchRequest, Listing, ProviderError, is_unconfirmed,
                                       is_unreachable)
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,18 @@ class CompatEC2NodeDriver(EC2NodeDriver):
 
     def __init__(self, key, secret=None, secure=True, host=None, port=None, region="us-east-1",
                  token=None, signature_version="4", **kwargs):
-        super().__init__(key, secret=secret, secure=secure, host=host, port=port, region=region,
-                         token=token, signature_version=signature_version, **kwargs)
+        # libcloud's table of regions stops at the ones it knew at release (3.9 has no ca-west-1,
+        # il-central-1, mx-central-1, ...), and it refuses any other: a group there could never launch,
+        # and listing it failed every sweep. A newer region is the same API at its regional endpoint, the
+        # signature scoped to the region's name, which is all the driver reads of it.
+        known = region in VALID_EC2_REGIONS
+        super().__init__(key, secret=secret, secure=secure, host=host or (None if known else f"ec2.{region}.amazonaws.com"),
+                         port=port, region=region if known else "us-east-1", token=token,
+                         signature_version=signature_version, **kwargs)
+        if not known:
+            self.region_name = region
+            self.api_name = "ec2_" + region.replace("-", "_")
+            self.country = ""
 
 
 def register_driver() -> None:
@@ -230,18 +241,42 @@ class Ec2Provider(CloudProvider):
         return _to_instance(node, request.region)
 
     def list_instances(self, cluster_id: str) -> list[Instance]:
+        instances, failed = self._list_regions(cluster_id)
+        if failed:  # all or nothing, as callers other than the sweep expect
+            raise next(iter(failed.values()))
+        return instances
+
+    def listing(self, cluster_id: str) -> Listing:
+        """Region by region: one region that fails its listing (an outage there, a region the account
+        has not opted into) used to fail the whole sweep, so that strays, lost confirmations and vanished
+        instances were dealt with in no region at all."""
+        instances, failed = self._list_regions(cluster_id)
+        if failed and len(failed) == len(self._known_regions()):
+            raise next(iter(failed.values()))
+        return Listing(instances, {region: str(exc) for region, exc in failed.items()})
+
+    def _list_regions(self, cluster_id: str) -> tuple[list[Instance], dict[str, ProviderError]]:
+        instances: list[Instance] = []
+        failed: dict[str, ProviderError] = {}
+        for region in self._known_regions():
+            try:
+                instances.extend(self._list_region(region, cluster_id))
+            except ProviderError as exc:
+                failed[region] = exc
+        return instances, failed
+
+    def _list_region(self, region: str, cluster_id: str) -> list[Instance]:
         filters = {f"tag:{TAG_CLUSTER}": cluster_id, "instance-state-name": LIVE_STATES}
         instances = []
-        for region in self._known_regions():
-            driver = self._driver(region)
-            for node in self._call("list", region, driver.list_nodes, ex_filters=filters):
-                # the filter already did this; the check keeps "never touch what is not ours" local
-                if node.extra.get("tags", {}).get(TAG_CLUSTER) != cluster_id:
-                    continue
-                if node.extra.get("status") in GONE_STATES:
-                    continue
-                self._region_of[node.id] = region
-                instances.append(_to_instance(node, region))
+        driver = self._driver(region)
+        for node in self._call("list", region, driver.list_nodes, ex_filters=filters):
+            # the filter already did this; the check keeps "never touch what is not ours" local
+            if node.extra.get("tags", {}).get(TAG_CLUSTER) != cluster_id:
+                continue
+            if node.extra.get("status") in GONE_STATES:
+                continue
+            self._region_of[node.id] = region
+            instances.append(_to_instance(node, region))
         return instances
 
     def destroy(self, instance_id: str, cluster_id: str) -> bool:
