@@ -31,6 +31,7 @@ from typing import Callable
 
 import requests
 from kazoo.client import KazooClient
+from prometheus_client import Counter, Gauge
 from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError
 from kazoo.recipe.watchers import ChildrenWatch
 
@@ -41,6 +42,13 @@ from streammanager.registry import ZkPaths
 
 log = logging.getLogger(__name__)
 
+DELIVERIES = Counter("sm_callback_deliveries_total", "Event callback POSTs by outcome: delivered (200), "
+                     "refused (another status), unanswered (no answer, a connection error)", ["outcome"])
+BLOCKED_CHANNELS = Gauge("sm_callback_blocked_channels",
+                         "Channels whose next event the application has not accepted yet (retrying)")
+BLOCKED_SECONDS = Gauge("sm_callback_blocked_seconds",
+                        "How long the longest-blocked channel has been retrying its next event")
+
 POLL_INTERVAL_S = 1.0  # a pass at least this often, besides the queue's watch
 DELIVERED_MEMORY = 256  # event ids remembered per channel, to skip a copy queued by a retried create
 
@@ -50,6 +58,7 @@ class _ChannelState:
     next_at: float = 0.0  # monotonic time of the next attempt
     backoff_s: float = 0.0
     failures: int = 0
+    failing_since: float = 0.0  # monotonic time of the first failed attempt at the head event (0: none)
     delivered: collections.deque = field(default_factory=lambda: collections.deque(maxlen=DELIVERED_MEMORY))
 
 
@@ -117,6 +126,8 @@ class CallbackDispatcher:
             running.clear()
             self._stopping.set()
             self.close()
+            BLOCKED_CHANNELS.set(0)  # a controller that does not lead delivers nothing: another one says
+            BLOCKED_SECONDS.set(0)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -157,6 +168,11 @@ class CallbackDispatcher:
                     continue
                 self._inflight.add(name)
                 self._pool.submit(self._deliver_channel, name)
+            blocked = [state.failing_since for state in self._channels.values() if state.failures]
+        # a refused event is retried for as long as it takes (the contract): an application that answers
+        # one event 4xx for good holds its channel, which the operator sees here, besides the log
+        BLOCKED_CHANNELS.set(len(blocked))
+        BLOCKED_SECONDS.set(round(now - min(blocked), 1) if blocked else 0)
         if now >= self._next_reap:
             self._next_reap = now + self._reap_interval_s
             try:
@@ -231,14 +247,17 @@ class CallbackDispatcher:
             response.close()
         except requests.RequestException as exc:
             status = type(exc).__name__
+        DELIVERIES.labels("delivered" if status == 200 else "refused" if isinstance(status, int) else "unanswered").inc()
         if status == 200:
             with self._lock:
-                state.backoff_s, state.failures, state.next_at = 0.0, 0, 0.0
+                state.backoff_s, state.failures, state.next_at, state.failing_since = 0.0, 0, 0.0, 0.0
                 self.sent += 1
             log.info("event %s delivered for session %s", " ".join(filter(None, (event.event_type, event.stream_type))),
                      event.session_id, extra=extra)
             return True
         with self._lock:
+            if not state.failures:
+                state.failing_since = self._clock()
             state.failures += 1
             self.failed += 1
             state.backoff_s = (self._settings.retry_initial_s if state.backoff_s == 0

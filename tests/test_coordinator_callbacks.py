@@ -138,6 +138,34 @@ def test_retries_back_off_and_a_failing_channel_never_holds_back_the_others(zk, 
     assert queued(zk, paths) == 1  # the failing event is kept, never dropped
 
 
+def test_a_channel_its_application_refuses_for_good_shows_in_the_metrics_until_it_is_accepted(
+        zk, paths, queue, run_dispatcher, receiver):
+    from prometheus_client import REGISTRY
+
+    def metric(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    refused_before = metric("sm_callback_deliveries_total", outcome="refused")
+    delivered_before = metric("sm_callback_deliveries_total", outcome="delivered")
+    accept = threading.Event()
+    receiver.answer = lambda h: 200 if accept.is_set() or h["x-streaming-channel"] != "live/refused" else 422
+    queue.enqueue(CallbackEvent.closed("live/refused", "r1"))
+    queue.enqueue(CallbackEvent.closed("live/fine", "f1"))
+    run_dispatcher(CallbackTarget(receiver.url, HttpAuth(), 2.0), retry_initial_s=0.1, retry_max_s=0.2)
+
+    # the refused event is kept and retried (the contract), and the operator can see the channel stuck
+    wait_until(lambda: metric("sm_callback_deliveries_total", outcome="refused") >= refused_before + 3, 10,
+               what="the refused event retried")
+    wait_until(lambda: metric("sm_callback_blocked_channels") == 1 and metric("sm_callback_blocked_seconds") > 0.3,
+               10, what="one channel reported blocked")
+    assert metric("sm_callback_deliveries_total", outcome="delivered") >= delivered_before + 1  # the other went
+
+    accept.set()
+    wait_until(lambda: queued(zk, paths) == 0, 10, what="the refused event accepted at last")
+    wait_until(lambda: metric("sm_callback_blocked_channels") == 0 and metric("sm_callback_blocked_seconds") == 0,
+               10, what="no channel blocked any more")
+
+
 def test_without_an_event_callback_url_events_are_consumed_and_none_is_sent(zk, paths, queue, run_dispatcher,
                                                                           receiver):
     for event in session_events("live/quiet", "q1"):
