@@ -2,7 +2,7 @@
 
 A POST with an empty body and the headers ``x-streaming-channel``, ``x-streaming-key``, ``x-user-ip``
 and ``Authorization`` (per ``KEY_VERIFICATION_AUTH``). Only a 200 answer allows the publisher; any
-other status, a redirect, a connection error or no answer within the timeout refuses it. Without a URL
+other status, a redirect, a connection error or no complete answer within the timeout refuses it. Without a URL
 every key is accepted. The key is never logged.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import requests
 
 from streammanager.coordinator_config import CallbackTarget
+from streammanager.deadline import post_within, watched_session
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,12 @@ class KeyVerifier:
         headers = {name: value.encode("utf-8") for name, value in self.target.headers(**{
             "x-streaming-channel": channel, "x-streaming-key": key, "x-user-ip": user_ip}).items()}
         try:
-            response = requests.post(self.target.url, data=b"", headers=headers, auth=self.target.requests_auth(),
-                                     timeout=self.target.timeout_s, allow_redirects=False)
-            status = response.status_code
-            response.close()
+            # the timeout bounds the whole request: a verifier that trickled its 200 out a byte at a time
+            # was waited for (and obeyed) long after nginx had given up on the publish hook
+            with watched_session() as http:  # a connection per call, as requests.post makes
+                response = post_within(http, self.target.url, self.target.timeout_s, data=b"", headers=headers,
+                                       auth=self.target.requests_auth(), allow_redirects=False)
+                status = response.status_code
         except ValueError as exc:  # requests' InvalidHeader (a CR/LF or leading space in the key) is one too
             log.warning("key verification not sent (%s: the key or address cannot be an HTTP header value): "
                         "publisher refused", type(exc).__name__, extra={"stream": channel, "action": "publish"})

@@ -36,6 +36,7 @@ from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError
 from kazoo.recipe.watchers import ChildrenWatch
 
 from streammanager.coordinator_config import EventCallbackSettings
+from streammanager.deadline import post_within, watched_session
 from streammanager.events import CallbackEvent, EventQueue, OpenSession
 from streammanager.models import NodeRecord, RecordError, StreamKey, StreamRecord
 from streammanager.registry import ZkPaths
@@ -239,10 +240,10 @@ class CallbackDispatcher:
     def _post(self, event: CallbackEvent, state: _ChannelState) -> bool:
         extra = {"action": event.event_type, "stream": event.channel}
         try:
-            response = self._session().post(self._target.url, data=b"", allow_redirects=False,
-                                             headers=self._target.headers(**event.headers()),
-                                             auth=self._target.requests_auth(),
-                                             timeout=self._target.timeout_s)
+            # within the timeout as a whole: an endpoint trickling its answer held the channel's thread
+            response = post_within(self._session(), self._target.url, self._target.timeout_s, data=b"",
+                                   allow_redirects=False, headers=self._target.headers(**event.headers()),
+                                   auth=self._target.requests_auth())
             status: int | str = response.status_code
             response.close()
         except requests.RequestException as exc:
@@ -276,7 +277,7 @@ class CallbackDispatcher:
     def _session(self) -> requests.Session:
         session = getattr(self._http, "session", None)
         if session is None:
-            session = self._http.session = requests.Session()
+            session = self._http.session = watched_session()
         return session
 
     # -- the reaper ----------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ class Received:
 
 @dataclass
 class Receiver:
-    """``answer(request_headers) -> status``; by default 200. ``delay_s`` holds every answer."""
+    """``answer(request_headers) -> status``; by default 200. ``delay_s`` holds every answer; ``trickle_s``
+    sends it a byte at a time over that long (each byte well within a per-read timeout)."""
 
     answer: Callable[[dict[str, str]], int] = lambda headers: 200
     delay_s: float = 0.0
+    trickle_s: float = 0.0
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -48,6 +50,12 @@ class Receiver:
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 receiver._record(Received("POST", self.path, headers, body, status))
+                if receiver.trickle_s:
+                    raw = f"HTTP/1.1 {status} Answer\r\nContent-Length: 0\r\n\r\n".encode()
+                    for n in range(len(raw)):
+                        self.wfile.write(raw[n:n + 1])
+                        time.sleep(receiver.trickle_s / len(raw))
+                    return
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -166,6 +166,18 @@ def test_a_channel_its_application_refuses_for_good_shows_in_the_metrics_until_i
                10, what="no channel blocked any more")
 
 
+def test_an_answer_trickled_out_past_the_timeout_is_no_answer_and_the_event_is_sent_again(
+        zk, paths, queue, run_dispatcher, receiver):
+    receiver.trickle_s = 3.0  # each byte well within the 1 s timeout: the whole answer took 3 s
+    queue.enqueue(CallbackEvent.closed("live/trickle", "t1"))
+    dispatcher = run_dispatcher(CallbackTarget(receiver.url, HttpAuth(), 1.0), retry_initial_s=0.1, retry_max_s=0.2)
+    wait_until(lambda: dispatcher.failed >= 1, 10, what="the trickled answer taken as no answer")
+    assert dispatcher.sent == 0 and queued(zk, paths) == 1
+    receiver.trickle_s = 0.0
+    wait_until(lambda: queued(zk, paths) == 0, 10, what="the event delivered once the application answers")
+    assert dispatcher.sent == 1 and len(receiver.requests()) >= 2
+
+
 def test_without_an_event_callback_url_events_are_consumed_and_none_is_sent(zk, paths, queue, run_dispatcher,
                                                                           receiver):
     for event in session_events("live/quiet", "q1"):

@@ -59,6 +59,15 @@ def test_a_verifier_that_does_not_answer_within_the_timeout_refuses_the_publishe
     assert response.status_code == 403 and time.monotonic() - started < 1.5
 
 
+def test_a_verifier_that_trickles_its_200_out_past_the_timeout_refuses_the_publisher(make_node, receiver):
+    # each byte came well within the timeout, so the publisher was allowed after the whole answer took 3 s
+    receiver.trickle_s = 3.0
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 1.0))
+    response = origin.hook("publish", "trickled", clientid="p1", type="live", key="k")
+    assert response.status_code == 403 and "did not answer" in response.text
+    assert origin.agent.table.published() == []
+
+
 def test_an_unreachable_verifier_refuses_the_publisher(make_node):
     from streammanager.zookeeper import free_port
 
