@@ -3,7 +3,8 @@
 Contract:
 - The node record is an ephemeral znode of the agent's session, rewritten every report interval
   (a heartbeat) and soon after any change. If the session is lost, the next report registers the node
-  again and claims every stream it still publishes.
+  again and claims every stream it still publishes, except the sessions that the controller's reaper
+  closed meanwhile (their publishers are dropped: the application was told they ended).
 - On an origin, a publish claims the stream's ephemeral znode (the one synchronous ZooKeeper write on a
   hook); a stream live anywhere else, or a second publisher here, is refused.
 - ``stop()`` deregisters at once: stream claims and node record deleted, session closed.
@@ -54,6 +55,7 @@ NGINX_RELAY_FLASHVER = "ngx-local-relay"
 PULL_PENDING_S = 5.0
 LOOP_TICK_S = 2.0  # the report loop runs at least this often, written or not
 CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher's publish_done
+REAPED_CHECK_S = 30.0  # after registering again, how long the reaper's tombstones are looked for
 REGISTER_WAIT_S = 10.0  # at start, how long a record of another session of this node id is waited out (at least)
 
 
@@ -90,6 +92,7 @@ class Agent:
         self._record_missing = False  # our node record was deleted while our session lives
         self._claims_to_check: set[str] = set()  # claim paths whose watch fired: claim again if still ours
         self._claims_lock = threading.Lock()
+        self._reaped_check_until = 0.0  # monotonic: look for reaped sessions with each report until then
         self._releases_owed: dict[StreamKey, str] = {}  # claims an unpublish could not release yet: key -> session
         self.last_progress = time.monotonic()  # when the report loop last ran
         self.state = STATE_INSERVICE
@@ -217,7 +220,7 @@ class Agent:
         path = self.paths.node(self.settings.node_id)
         if session != self._registered_session:
             self._register(path, data)
-            self._reclaim_streams()
+            self._back_after_absence()
             self._registered_session = session
         else:
             try:
@@ -226,7 +229,9 @@ class Agent:
                 log.warning("node record was removed while this agent lives: registering again",
                             extra=self._log_extra)
                 self._register(path, data)
-                self._reclaim_streams()
+                self._back_after_absence()
+        if time.monotonic() < self._reaped_check_until:
+            self._drop_reaped()
         self._last_content = content
         self._last_write = time.monotonic()
         return True
@@ -264,6 +269,33 @@ class Agent:
                          extra=self._log_extra)
                 said = True
             time.sleep(0.2)
+
+    def _back_after_absence(self) -> None:
+        """Registered again (a new session, or the record was removed): sessions that the reaper
+        closed meanwhile end here, and every other stream published here is claimed again. The reaper
+        may still act on what it read just before the record came back: its tombstones are looked for
+        again with each report for REAPED_CHECK_S."""
+        if self.settings.role == ROLE_ORIGIN:
+            self._reaped_check_until = time.monotonic() + REAPED_CHECK_S
+            self._drop_reaped()
+        self._reclaim_streams()
+
+    def _drop_reaped(self) -> None:
+        """Drop the publishers of sessions that the controller's reaper closed while this node was away
+        (frozen past its ZooKeeper session): the application has their stream-closed, and going on with
+        the session sent it a second one at the end. The encoder reconnects as a new session."""
+        try:
+            reaped = set(self.sessions.forget_reaped())
+        except Exception as exc:  # kazoo's errors and timeouts: the next report looks again
+            log.warning("could not look for sessions closed while this node was away: %s", exc,
+                        extra=self._log_extra)
+            return
+        for stream in self.table.published():
+            if stream.session_id in reaped:
+                log.warning("the controller closed this publish session while this node was away (its "
+                            "stream-closed is sent): dropping its publisher here",
+                            extra={**self._log_extra, "scope": stream.key.scope, "stream": stream.key.name})
+                self._lose_stream(stream)
 
     def _reclaim_streams(self, only_paths: set[str] | None = None) -> None:
         """Claim every stream published here (an origin's: an edge's published streams are its relays,

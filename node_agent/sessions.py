@@ -58,6 +58,7 @@ class _Session:
     outbox: collections.deque = field(default_factory=collections.deque)
     ended: threading.Event = field(default_factory=threading.Event)
     finished: bool = False  # every event is in the outbox
+    reaped: bool = False  # the controller closed it while this node was away: nothing more is sent
     recording: Path | None = None
     recording_known: threading.Event = field(default_factory=threading.Event)
     watcher: threading.Thread | None = None
@@ -119,6 +120,26 @@ class SessionTracker:
             session.outbox.append(CallbackEvent.closed(session.channel, session_id, self._node_id))
             session.finished = True
         self._wake.set()
+
+    def forget_reaped(self) -> list[str]:
+        """The open sessions that the controller's reaper closed while this node was away (frozen past
+        its ZooKeeper session: the application got their stream-closed): forgotten here, with whatever
+        their outbox still held, so that nothing more is sent for them. Returns their session ids (the
+        caller drops their publishers). Raises kazoo's errors."""
+        with self._lock:
+            open_now = [(s.channel, s.session_id) for s in self._sessions.values() if not s.finished]
+        if not open_now:
+            return []
+        reaped = self._queue.reaped(open_now)
+        for channel, session_id in reaped:
+            with self._lock:
+                session = self._sessions.pop(session_id, None)
+            if session is not None:
+                session.reaped = True
+                session.ended.set()  # its media watcher stops, without making a VOD nobody is told of
+                session.outbox.clear()
+            self._queue.forget_reaped(channel, session_id)
+        return [session_id for _, session_id in reaped]
 
     def recorded(self, key: StreamKey, clientid: str, path: str) -> None:
         """nginx-rtmp finished a recording of ``key`` by ``clientid`` (its ``record_done``)."""
@@ -197,7 +218,7 @@ class SessionTracker:
     def _watch_media(self, session: _Session) -> None:
         try:
             self._watch_live(session)
-            if self._stopping.is_set():
+            if self._stopping.is_set() or session.reaped:
                 return
             self._finish(session)
         except Exception:

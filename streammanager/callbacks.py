@@ -50,7 +50,9 @@ BLOCKED_CHANNELS = Gauge("sm_callback_blocked_channels",
 BLOCKED_SECONDS = Gauge("sm_callback_blocked_seconds",
                         "How long the longest-blocked channel has been retrying its next event")
 
-POLL_INTERVAL_S = 1.0  # a pass at least this often, besides the queue's watch
+POLL_INTERVAL_S = 1.0
+REAPED_KEEP_S = 24 * 3600  # a reaped session's tombstone waits this long for its origin to come back
+TOMBSTONE_SWEEP_S = 60.0  # a pass at least this often, besides the queue's watch
 DELIVERED_MEMORY = 256  # event ids remembered per channel, to skip a copy queued by a retried create
 
 
@@ -87,6 +89,7 @@ class CallbackDispatcher:
         self._stopping = threading.Event()
         self._http = threading.local()
         self._next_reap = 0.0
+        self._next_tombstone_sweep = 0.0
         self._orphans: dict[str, float] = {}  # session znode -> when first seen orphaned
         self.sent = 0  # successful deliveries (200)
         self.failed = 0  # failed attempts
@@ -314,12 +317,28 @@ class CallbackDispatcher:
             log.warning("origin %s of session %s is gone: queueing its stream-closed", session.node_id,
                         session.session_id, extra={"stream": session.channel, "node_id": session.node_id})
             self._queue.enqueue(CallbackEvent.closed(session.channel, session.session_id, session.node_id))
-            self._queue.close_session(session.channel, session.session_id)
+            self._queue.reap_session(session.channel, session.session_id)
             self._orphans.pop(name, None)
             closed += 1
         if closed:
             self._wake.set()
+        if now >= self._next_tombstone_sweep:
+            self._next_tombstone_sweep = now + TOMBSTONE_SWEEP_S
+            self._forget_old_tombstones()
         return closed
+
+    def _forget_old_tombstones(self) -> None:
+        """Delete the tombstones of reaped sessions whose origin has not come back for REAPED_KEEP_S."""
+        try:
+            names = self._client.retry(self._client.get_children, self._paths.callback_reaped)
+        except NoNodeError:
+            return
+        oldest_ms = (time.time() - REAPED_KEEP_S) * 1000
+        stats = [(name, self._client.exists_async(f"{self._paths.callback_reaped}/{name}")) for name in names]
+        for name, pending in stats:
+            stat = pending.get(timeout=5)
+            if stat is not None and stat.ctime < oldest_ms:
+                self._delete(f"{self._paths.callback_reaped}/{name}")
 
     def _node_starts(self, node_ids: set[str]) -> dict[str, int]:
         reads = {n: self._client.get_async(self._paths.node(n)) for n in node_ids}

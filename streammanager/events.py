@@ -5,6 +5,8 @@ Layout (built in ``ZkPaths``)::
     <root>/v1/callbacks/queue/<channel>/ev-<seq>          persistent, sequential: one CallbackEvent
     <root>/v1/callbacks/sessions/<channel>@<session_id>   persistent: an OpenSession, whose
                                                           stream-closed is still owed
+    <root>/v1/callbacks/reaped/<channel>@<session_id>     persistent, empty: the reaper closed this
+                                                          session for its origin (a tombstone)
 
 Contract:
 - An origin's agent writes each event here before anything is sent; the controller leader's
@@ -13,7 +15,12 @@ Contract:
 - Each event carries a unique ``event_id``: a create retried after a lost connection may queue an event
   twice, and the dispatcher skips the copy (delivery stays at least once, never reordered).
 - An :class:`OpenSession` is written when a publish session starts and deleted after its stream-closed
-  is queued. If its origin dies first, the dispatcher's reaper queues the stream-closed.
+  is queued. If its origin dies first, the dispatcher's reaper queues the stream-closed, and replaces
+  the marker with a tombstone: an origin that was only away (frozen past its ZooKeeper session) and
+  comes back finds it, drops that publisher and owes the session nothing more, where it used to go on
+  with the session and send a second stream-closed at its end. A ZooKeeper that lost its data lost the
+  markers and the tombstones alike: there the origin goes on. The origin deletes the tombstones it
+  saw; the reaper, those older than ``REAPED_KEEP_S`` (their origin never came back).
 """
 from __future__ import annotations
 
@@ -179,6 +186,39 @@ class EventQueue:
     def close_session(self, channel: str, session_id: str) -> None:
         try:
             self._client.retry(self._client.delete, self._paths.callback_session(channel, session_id))
+        except NoNodeError:
+            pass
+
+    def reap_session(self, channel: str, session_id: str) -> None:
+        """The reaper's close: the marker replaced by a tombstone, in one transaction (an origin never
+        sees the marker gone without the tombstone)."""
+        marker = self._paths.callback_session(channel, session_id)
+        tombstone = self._paths.callback_reaped_session(channel, session_id)
+        self._client.retry(self._client.ensure_path, self._paths.callback_reaped)
+
+        def replace():
+            transaction = self._client.transaction()
+            transaction.delete(marker)
+            transaction.create(tombstone, b"")
+            results = transaction.commit()
+            failed = [r for r in results if isinstance(r, Exception)]
+            if any(isinstance(r, NodeExistsError) for r in failed):  # a retried commit that went through
+                self.close_session(channel, session_id)
+            elif any(isinstance(r, NoNodeError) for r in failed):  # its origin closed it meanwhile
+                pass
+            elif failed:
+                raise failed[0]
+
+        self._client.retry(replace)
+
+    def reaped(self, sessions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Which of these (channel, session id) the reaper closed (their tombstone exists)."""
+        pending = [(item, self._client.exists_async(self._paths.callback_reaped_session(*item))) for item in sessions]
+        return [item for item, result in pending if result.get(timeout=5) is not None]
+
+    def forget_reaped(self, channel: str, session_id: str) -> None:
+        try:
+            self._client.retry(self._client.delete, self._paths.callback_reaped_session(channel, session_id))
         except NoNodeError:
             pass
 

@@ -103,6 +103,15 @@ class ZkPaths:
     def callback_session(self, channel: str, session_id: str) -> str:
         return f"{self.callback_sessions}/{quote(channel, safe='')}@{quote(session_id, safe='')}"
 
+    # sessions the reaper closed for their origin (stream-closed sent on its behalf): an origin that
+    # comes back finds out here that the application was told its session is over
+    @property
+    def callback_reaped(self) -> str:
+        return f"{self.callbacks}/reaped"
+
+    def callback_reaped_session(self, channel: str, session_id: str) -> str:
+        return f"{self.callback_reaped}/{quote(channel, safe='')}@{quote(session_id, safe='')}"
+
     @staticmethod
     def decode(segment: str) -> str:
         return unquote(segment)

@@ -224,6 +224,31 @@ def test_a_simulated_origin_sends_exactly_one_stream_closed_per_session_and_no_s
     assert len(receiver.requests()) == 2
 
 
+def test_an_origin_frozen_past_its_session_and_reaped_drops_that_publisher_and_sends_no_second_stream_closed(
+        api, spawn_agent, zk, paths, run_dispatcher, receiver):
+    from tests.test_agent_process import NGINX_PUBLISH, live, post_form
+
+    proc, host, port, _ = spawn_agent("origin", "us-east-1", extra_env={"AGENT_ZK_TIMEOUT_S": "2"})
+    run_dispatcher(CallbackTarget(receiver.url), reap_interval_s=0.2, orphan_grace_s=0.5)
+    assert post_form(host, port, {**NGINX_PUBLISH, "name": "frozen"}).status_code == 200
+    wait_until(lambda: len(zk.get_children(paths.callback_sessions)) == 1, 5, what="the session's marker")
+    proc.signal(signal.SIGSTOP)  # away past its ZooKeeper session: the reaper closes the session for it
+    try:
+        [closed] = receiver.wait_for(1, 20)
+        assert (closed["x-event-type"], closed["x-streaming-channel"]) == ("stream-closed", "live/frozen")
+    finally:
+        proc.signal(signal.SIGCONT)
+    # back: the application was told the session is over, so the origin ends it too (the encoder
+    # reconnects as a new session); it went on with it and sent a second stream-closed at its end
+    wait_until(lambda: "dropping its publisher here" in proc.log(), 20, what="the origin to drop the publisher")
+    wait_until(lambda: not live(api, "frozen"), 10, what="the stream to leave the lookups")
+    assert zk.get_children(paths.callback_reaped) == []  # the origin forgot the tombstone it saw
+    post_form(host, port, {**NGINX_PUBLISH, "call": "publish_done", "name": "frozen"})  # nginx's, later
+    time.sleep(2)
+    wait_until(lambda: queued(zk, paths) == 0, 10, what="the queue emptied")
+    assert [r["x-streaming-id"] for r in receiver.requests()] == [closed["x-streaming-id"]]
+
+
 def test_killing_the_controller_leader_mid_retry_loses_nothing(zk, zookeeper, zk_root, paths, queue, procs,
                                                                  tmp_path, receiver):
     failing = threading.Event()
