@@ -23,6 +23,11 @@ def address(text: str) -> str:
     return text
 
 
+def networks(text: str) -> tuple[str, ...]:
+    """A comma-separated list of addresses or networks (``10.0.0.7,10.1.0.0/16``), each validated."""
+    return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in text.split(",") if part.strip())
+
+
 AGENT_OPTIONS: tuple[Option, ...] = (
     Option("role", "AGENT_ROLE", None, "origin or edge (required)", str.lower, ROLES),
     Option("region", "AGENT_REGION", None, "the node's region, e.g. us-east-1 (required)"),
@@ -34,6 +39,10 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "the address clients are told (serverAddress) when it is not --host, e.g. a cloud VM's public IP, "
            "which is not on any interface; other nodes still relay from --host", address),
     Option("http_host", "AGENT_HTTP_HOST", None, "address of the hook endpoints (default: --host)", address),
+    Option("hook_clients", "AGENT_HOOK_CLIENTS", (),
+           "addresses or networks (comma-separated) besides this node's own that may call the hook "
+           "endpoints, e.g. an SRS on another host; by default only the media server on this host may",
+           networks),
     Option("rtmp_port", "AGENT_RTMP_PORT", 1935, "RTMP port of the media server", positive(int)),
     Option("capacity", "AGENT_CAPACITY", None,
            "capacity: publishers on an origin (default 50), viewers on an edge (default 200)", positive(int)),
@@ -75,6 +84,7 @@ class AgentSettings:
     http_port: int = 8090
     http_host: str = "127.0.0.1"
     advertise_host: str | None = None
+    hook_clients: tuple[str, ...] = ()  # networks besides this node's own addresses allowed to call hooks
     rtmp_port: int = 1935
     capacity: int = 50
     media: str = "nginx"

@@ -6,8 +6,10 @@ status (2xx allows); SRS wants HTTP 200 with a body of exactly ``0`` to allow.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import threading
+import time
 from urllib.parse import parse_qsl, urlsplit
 
 from flask import Flask, Response, jsonify, request
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_CLIENT_ID_LENGTH = 64
 MAX_REMEMBERED_CONNECTS = 4096  # SRS clients whose on_connect arguments wait for their on_publish
+MAX_HOOK_BODY_BYTES = 1 << 20  # as the API server: a hook is a few hundred bytes; werkzeug buffered any body whole
 
 
 class MalformedHook(ValueError):
@@ -89,9 +92,48 @@ def _url_query(url):
         raise MalformedHook(f"tcUrl is not a URL: {exc}") from None
 
 
+class HookCallers:
+    """Who may call the hooks: the media server on this node (it connects from the loopback address or
+    from one of the node's own addresses) and the networks of ``--hook-clients``. The hooks decide who
+    publishes and end sessions: anyone else on the network could otherwise unpublish any stream, name
+    any file as a session's recording, or fill the node's capacity with players that do not exist."""
+
+    def __init__(self, settings):
+        own = {"127.0.0.1", "::1", settings.host, settings.http_host}
+        self._addresses = {ipaddress.ip_address(a) for a in own if a}
+        self._networks = tuple(ipaddress.ip_network(n) for n in settings.hook_clients)
+        self._lock = threading.Lock()
+        self._logged_at = -self.REFUSAL_LOG_EVERY_S
+        self._unlogged = 0
+
+    REFUSAL_LOG_EVERY_S = 10.0
+
+    def refused(self) -> int | None:
+        """Count a refusal; the number of refusals not logged since the last one that was, when this one
+        is to be logged (None: not)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._logged_at < self.REFUSAL_LOG_EVERY_S:
+                self._unlogged += 1
+                return None
+            suppressed, self._unlogged, self._logged_at = self._unlogged, 0, now
+            return suppressed
+
+    def allows(self, remote: str | None) -> bool:
+        try:
+            address = ipaddress.ip_address(remote or "")
+        except ValueError:
+            return False
+        if getattr(address, "ipv4_mapped", None) is not None:
+            address = address.ipv4_mapped
+        return address in self._addresses or any(address in network for network in self._networks)
+
+
 def create_hooks_app(agent: Agent) -> Flask:
     app = Flask("node_agent")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_HOOK_BODY_BYTES
     connects = ConnectArgs()
+    callers = HookCallers(agent.settings)
 
     @app.errorhandler(MalformedHook)
     def malformed(exc: MalformedHook):
@@ -106,6 +148,22 @@ def create_hooks_app(agent: Agent) -> Flask:
     @app.errorhandler(405)
     def not_allowed(exc):
         return Response("method not allowed\n", status=405, mimetype="text/plain")
+
+    @app.errorhandler(413)
+    def too_large(exc):
+        return Response(f"a hook body is at most {MAX_HOOK_BODY_BYTES} bytes\n", status=413, mimetype="text/plain")
+
+    @app.before_request
+    def only_our_media_server():
+        if request.path.startswith("/hooks/") and not callers.allows(request.remote_addr):
+            suppressed = callers.refused()
+            if suppressed is not None:  # at most once per REFUSAL_LOG_EVERY_S: a flood of forged hooks
+                log.warning("refused a hook from %s: not this node's media server (see --hook-clients); "
+                            "%d more refused since the last such line", request.remote_addr, suppressed,
+                            extra={"node_id": agent.settings.node_id})
+            return Response("hooks are answered for this node's media server only\n", status=403,
+                            mimetype="text/plain")
+        return None
 
     @app.before_request
     def read_body():
