@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,9 +146,9 @@ class SessionTracker:
         """nginx-rtmp finished a recording of ``key`` by ``clientid`` (its ``record_done``)."""
         if self._layout is None:
             return
-        file = Path(path)
-        if not file.is_absolute() or self._layout.record_dir(key.scope) not in file.parents:
-            log.warning("ignoring a recording outside the media root: %s", path[:200])
+        file = _recording_of(self._layout, key, path)
+        if file is None:
+            log.warning("ignoring a recording that is not one of %s in the media root: %r", key, path[:200])
             return
         with self._lock:
             matches = [s for s in self._sessions.values() if s.key == key and s.clientid == clientid
@@ -309,6 +310,20 @@ class SessionTracker:
                 recording.unlink(missing_ok=True)
         session.outbox.append(CallbackEvent.closed(session.channel, session.session_id, self._node_id))
         session.finished = True
+
+
+def _recording_of(layout: MediaLayout, key: StreamKey, path: str) -> Path | None:
+    """``path`` as a recording of ``key``: ``<name>-<unix time>.flv`` (``record_unique on``) directly in its scope's record
+    directory, after resolving ``..`` and symbolic links (``Path.parents`` is lexical: a path through
+    ``record/<scope>/../../..`` passed as inside it, and the file it named was turned into the session's
+    VOD and then deleted). None if it is anything else."""
+    if not path or "\0" in path or not Path(path).is_absolute():
+        return None
+    directory = layout.record_dir(key.scope).resolve()
+    file = Path(path).resolve()
+    if file.parent != directory or not re.fullmatch(re.escape(key.name) + r"-[0-9]+\.flv", file.name):
+        return None
+    return file
 
 
 def _written_since(path: Path, since_s: float) -> bool:
