@@ -321,6 +321,11 @@ def serve(settings: ServerSettings) -> int:
     if problem:
         print(f"streammanager serve: {problem}", file=sys.stderr)
         return 2
+    if settings.commands_auth is None or settings.commands_auth.method is None:
+        # the coordinator's specification allows it, but the route shares the public lookup port and the
+        # stream list is public: without credentials, anyone who reaches the server closes every stream
+        log.warning("COMMANDS_API_AUTH is unset: POST /commands/close takes no credentials, so anyone who "
+                    "reaches this server can close any live stream; set COMMANDS_API_AUTH=Bearer (or Basic)")
     metrics_dir = tempfile.mkdtemp(prefix="sm-metrics-")
     # must be set before prometheus_client is imported anywhere in this process tree
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

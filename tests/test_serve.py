@@ -650,3 +650,14 @@ def test_a_body_over_the_limit_is_a_413_that_says_the_connection_closes(procs, t
                                      + b"{" * 70000)
     assert line.split()[1] == "413" and "larger than" in body.decode()
     assert headers.get("connection") == "close", headers
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer"])
+def test_serve_warns_when_the_close_command_takes_no_credentials(procs, tmp_path, zookeeper, zk_root, auth):
+    extra = ("--commands-api-auth", auth, "--commands-api-auth-token", "app-token") if auth else ()
+    port = _api(procs, tmp_path, zookeeper, zk_root, *extra)
+    log = (tmp_path / "api.log").read_text()
+    assert ("COMMANDS_API_AUTH is unset" in log) == (auth is None), log
+    status = requests.post(f"http://127.0.0.1:{port}/commands/close", timeout=10,
+                           headers={"x-streaming-channel": "live/x", "x-streaming-id": "*"}).status_code
+    assert status == (404 if auth is None else 401)  # the contract is unchanged
