@@ -11,10 +11,8 @@ Contract:
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import threading
@@ -30,7 +28,7 @@ from node_agent.commands import CommandWatcher
 from node_agent.config import AgentSettings
 from node_agent.fencing import OriginFence
 from node_agent.media import NginxConfig, NginxServer
-from node_agent.relay import RelayManager
+from node_agent.relay import RelayKeys, RelayManager
 from node_agent.sessions import SessionTracker
 from node_agent.state import StreamTable
 from node_agent.verification import KeyVerifier
@@ -87,7 +85,7 @@ class Agent:
         self.client = client or make_client(settings.zk_hosts, settings.zk_timeout_s)
         self.claims = StreamClaims(self.client, self.paths)
         self.table = StreamTable()
-        self.relay_secret = secrets.token_hex(16)  # edges accept publishers only with it (our relays)
+        self.relay_keys = RelayKeys()  # an edge accepts a publisher only with one of these (our relays)
         self.registered = threading.Event()  # set once start() registered the node
         self._record_missing = False  # our node record was deleted while our session lives
         self._claims_to_check: set[str] = set()  # claim paths whose watch fired: claim again if still ours
@@ -131,7 +129,7 @@ class Agent:
                 media_root=self.media_layout.root if self.media_layout else None))
             if settings.role == ROLE_EDGE and settings.relay == "ffmpeg":
                 self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
-                                           node_id=settings.node_id, relay_secret=self.relay_secret,
+                                           node_id=settings.node_id, relay_keys=self.relay_keys,
                                            resolve_origin=self.origin_address,
                                            on_failure=OriginFence(self.client, self.paths,
                                                                   settings.node_id).relay_failed)
@@ -430,15 +428,14 @@ class Agent:
     def on_publish(self, key: StreamKey, clientid: str, args: dict[str, str]) -> Decision:
         extra = {**self._log_extra, "scope": key.scope, "stream": key.name, "action": "publish"}
         if self.settings.role == ROLE_EDGE:
-            given = args.get("relaykey", "")
+            ours = False
             if self.settings.relay == "nginx" and args.get("flashver") == NGINX_RELAY_FLASHVER:
                 # nginx's own pull, answering our 302: its addr is the URL it pulls from, which must
                 # be the stream's origin now
                 origin = self.origin_address(key)
                 pulled = args.get("addr", "").split("?", 1)[0]
-                if origin is not None and pulled == f"{origin}/{key.scope}/{key.name}":
-                    given = self.relay_secret
-            if not (given and hmac.compare_digest(given.encode(), self.relay_secret.encode())):
+                ours = origin is not None and pulled == f"{origin}/{key.scope}/{key.name}"
+            if not (ours or self.relay_keys.redeem(key, args.get("relaykey", ""))):
                 log.info("refused a publisher on an edge (addr %s, flashver %s)", args.get("addr", "")[:80],
                          args.get("flashver", "")[:40], extra=extra)
                 return Decision.refuse("edges accept no publishers: ask the stream manager for an origin")

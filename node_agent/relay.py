@@ -9,8 +9,10 @@ longer live anywhere, it is not restarted. ``stop_all()`` stops every ffmpeg: SI
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import re
+import secrets
 import shutil
 import signal
 import threading
@@ -31,8 +33,51 @@ _RELAYKEY = re.compile(r"(relaykey=)[0-9A-Za-z_-]*")
 
 def redact_relay_key(line: str) -> str:
     """ffmpeg names its output URL in its errors ("Error writing trailer of rtmp://...?relaykey=..."):
-    the edge's relay secret, with which anyone may publish on this edge, must not reach the log."""
+    a relay's key, with which anyone may publish that stream on this edge until it is used, must not
+    reach the log."""
     return _RELAYKEY.sub(r"\1(hidden)", line)
+
+
+class RelayKeys:
+    """One-use keys for our relays' publishes into this edge's nginx (an edge accepts no other publisher).
+
+    A relay's ffmpeg carries its key in its output URL, so in its argv, which any local user reads with
+    ``ps``: one key for the whole agent let anyone on the machine publish under any stream's name for as
+    long as the agent ran. Each start of a relay now gets its own key, good for one publish of that
+    stream within ``TTL_S``: read from ``ps`` once the relay has published, it opens nothing.
+    """
+
+    TTL_S = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._issued: dict[str, list[tuple[str, float]]] = {}  # stream -> (key, expiry), unused
+
+    def issue(self, key: StreamKey) -> str:
+        token = secrets.token_urlsafe(18)
+        now = time.monotonic()
+        with self._lock:
+            live = [(t, until) for t, until in self._issued.get(str(key), ()) if until > now]
+            self._issued[str(key)] = live + [(token, now + self.TTL_S)]
+        return token
+
+    def redeem(self, key: StreamKey, given: str) -> bool:
+        """Whether ``given`` is an unused, unexpired key of ``key``'s relay; it is used up if so."""
+        if not given:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            issued = self._issued.get(str(key), [])
+            match = None
+            for entry in issued:  # compared in constant time, every one
+                if hmac.compare_digest(entry[0].encode(), given.encode()) and entry[1] > now:
+                    match = entry
+            if match is None:
+                return False
+            issued.remove(match)
+            if not issued:
+                del self._issued[str(key)]
+            return True
 
 
 @dataclass
@@ -50,12 +95,12 @@ class _Relay:
 
 
 class RelayManager:
-    def __init__(self, *, edge_host: str, rtmp_port: int, node_id: str, relay_secret: str,
+    def __init__(self, *, edge_host: str, rtmp_port: int, node_id: str, relay_keys: RelayKeys,
                  resolve_origin: Callable[[StreamKey], str | None], grace_s: float = 5.0,
                  on_failure: Callable[[StreamKey, str], None] | None = None):
         self._edge = f"{edge_host}:{rtmp_port}"
         self._node_id = node_id
-        self._secret = relay_secret
+        self._keys = relay_keys
         self._resolve_origin = resolve_origin
         self._on_failure = on_failure  # told when a relay exits: (stream, origin host:port)
         self._grace_s = grace_s
@@ -88,7 +133,7 @@ class RelayManager:
                 "-fpsprobesize", "0",  # a copy needs no frame rate: do not read 20 frames to guess it
                 "-i", f"rtmp://{origin}/{key.scope}/{key.name}?relay={self._node_id}",
                 "-c", "copy", "-f", "flv",
-                f"rtmp://{self._edge}/{key.scope}/{key.name}?relaykey={self._secret}"]
+                f"rtmp://{self._edge}/{key.scope}/{key.name}?relaykey={self._keys.issue(key)}"]
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from streammanager.models import StreamKey
 from tests.conftest import asgi_get, wait_for_nodes, wait_until
 
 P = "/streammanager/api/2.0"
@@ -491,7 +492,7 @@ def test_after_a_session_expiry_an_origin_claims_its_streams_again_and_an_edge_c
     assert origin.publish("kept", clientid="p1").status_code == 200
     # the edge relays a stream whose origin left: its table holds a publish that is not its to claim
     assert edge.hook("publish", "orphan", clientid="r1", type="live",
-                     relaykey=edge.agent.relay_secret).status_code == 200
+                     relaykey=edge.agent.relay_keys.issue(StreamKey("live", "orphan"))).status_code == 200
     for node in (origin, edge):
         expired = _expire_session(node.agent.client, zookeeper.hosts)
         wait_until(lambda: node.agent.client.connected and node.agent.client.client_id[0] != expired

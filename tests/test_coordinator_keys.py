@@ -6,6 +6,7 @@ import time
 import pytest
 
 from streammanager.coordinator_config import CallbackTarget, HttpAuth
+from streammanager.models import StreamKey
 from tests.conftest import wait_until
 from tests.coordinator_helpers import receiver  # noqa: F401 (a fixture)
 from tests.coordinator_helpers import Receiver, basic
@@ -84,9 +85,21 @@ def test_without_a_verification_url_every_key_is_accepted(api, make_node, receiv
 
 def test_an_edges_relay_publish_is_not_sent_to_the_verifier(make_node, receiver):
     edge = make_node("edge", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 2.0))
-    relaykey = edge.agent.relay_secret
+    relaykey = edge.agent.relay_keys.issue(StreamKey("live", "relayed"))
     assert edge.hook("publish", "relayed", clientid="r1", type="live", relaykey=relaykey).status_code == 200
     assert receiver.requests() == []
+
+
+def test_a_relay_key_opens_one_publish_of_its_own_stream_on_the_edge_and_nothing_else(make_node):
+    # the relay's ffmpeg has its key in its argv (``ps``): one key per agent let any local user publish
+    # any stream on the edge, for as long as the agent ran
+    edge = make_node("edge", "us-east-1")
+    key = edge.agent.relay_keys.issue(StreamKey("live", "mine"))
+    assert edge.hook("publish", "other", clientid="x1", type="live", relaykey=key).status_code == 403
+    assert edge.hook("publish", "mine", clientid="r1", type="live", relaykey=key).status_code == 200
+    edge.hook("publish_done", "mine", clientid="r1")
+    assert edge.hook("publish", "mine", clientid="x2", type="live", relaykey=key).status_code == 403  # used up
+    assert edge.hook("publish", "mine", clientid="x3", type="live", relaykey="").status_code == 403
 
 
 def test_a_refused_key_stops_a_real_ffmpeg_publisher_and_the_right_key_goes_live(api, spawn_agent, receiver, procs,

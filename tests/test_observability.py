@@ -127,7 +127,7 @@ def test_the_serve_master_logs_in_the_configured_format(monkeypatch):
         held.close()
 
 
-def test_the_relay_secret_is_not_logged_from_ffmpeg_errors(caplog):
+def test_a_relay_key_is_not_logged_from_ffmpeg_errors(caplog):
     """ffmpeg names its output URL in its errors: 'Error writing trailer of rtmp://EDGE/live/s?relaykey=...'.
     The edge accepts any publisher that has the key."""
     from node_agent.relay import redact_relay_key
