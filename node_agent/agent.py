@@ -11,6 +11,7 @@ Contract:
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -41,6 +42,7 @@ from streammanager.models import (
     RecordError,
     StreamKey,
     StreamRecord,
+    validate_name,
 )
 from streammanager.commands import COMMAND_CLOSE, COMMAND_DRAIN
 from streammanager.events import EventQueue
@@ -584,6 +586,25 @@ class Agent:
             self._pulls.pop(str(key), None)
 
     # -- the media server ------------------------------------------------------------------------
+    def is_edge_pull(self, args: dict[str, str]) -> bool:
+        """Whether a play that says it is an edge's pull (``?relay=<node id>``, or nginx-rtmp's relay
+        flashVer) is one: only on an origin, and only when the named node is a registered edge playing
+        from its own address (or a loopback one: on one machine the kernel gives connections between
+        loopback addresses 127.0.0.1). A pull is not a viewer, so it is neither counted in the stream's
+        subscribers nor against capacity: any player that said so, with ``?relay=x`` or ffmpeg's
+        ``-rtmp_flashver``, used to watch uncounted. Anyone else who says so is a viewer."""
+        if self.settings.role != ROLE_ORIGIN:
+            return False  # an edge's relays publish into it; no play on an edge is a pull
+        node_id = args.get("relay", "")
+        try:
+            validate_name("node", node_id)
+            address = ipaddress.ip_address(args.get("addr", ""))  # nginx-rtmp's addr, SRS's ip
+            data, _ = self.client.get_async(self.paths.node(node_id)).get(timeout=1)
+            node = NodeRecord.from_json(data)
+        except (ValueError, RecordError, KazooException, self.client.handler.timeout_exception):
+            return False  # not a node id, no such node, or the registry does not answer: a viewer
+        return node.role == ROLE_EDGE and (address.is_loopback or str(address) in (node.host, node.private_host))
+
     def origin_address(self, key: StreamKey) -> str | None:
         """host:port of the origin publishing ``key`` now, from the registry; None if not live."""
         try:

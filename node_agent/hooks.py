@@ -253,7 +253,7 @@ def dispatch(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[
     if call == "publish":
         return agent.on_publish(key, clientid, args)
     if call == "play":
-        return agent.on_play(key, clientid, relay)
+        return agent.on_play(key, clientid, relay and agent.is_edge_pull(args))
     if call == "publish_done":
         agent.on_publish_done(key, clientid)
     elif call == "play_done":

@@ -149,3 +149,31 @@ def test_a_netrc_entry_for_the_applications_host_never_replaces_or_adds_the_auth
     assert origin.hook("publish", "netrc", clientid="p1", type="live", key="k").status_code == 200
     [request] = receiver.requests()
     assert request["authorization"] == expected
+
+
+def test_only_a_registered_edge_pulling_from_its_own_address_is_not_counted_as_a_viewer(make_node):
+    # ``?relay=x`` or ffmpeg's -rtmp_flashver ngx-local-relay made any player watch uncounted: not in the
+    # stream's subscribers, not against the node's capacity
+    origin = make_node("origin", "us-east-1")
+    edge = make_node("edge", "us-east-1")
+    assert origin.publish("counted").status_code == 200
+
+    def subscribers(node):
+        load = node.agent.table.loads().get("live/counted")
+        return load.subscribers if load else 0
+
+    pulls = [{"relay": edge.agent.settings.node_id},  # on one machine, pulls come from 127.0.0.1
+             {"relay": edge.agent.settings.node_id, "addr": edge.host}]
+    for n, extra in enumerate(pulls):
+        assert origin.hook("play", "counted", clientid=f"pull-{n}", **extra).status_code == 200
+    assert subscribers(origin) == 0
+    pretenders = [{"relay": "x"}, {"relay": origin.agent.settings.node_id},  # not an edge
+                  {"relay": edge.agent.settings.node_id, "addr": "198.51.100.9"},  # not from the edge
+                  {"relay": "../nodes", "addr": "127.0.0.1"}, {"flashver": "ngx-local-relay"}]
+    for n, extra in enumerate(pretenders):
+        assert origin.hook("play", "counted", clientid=f"viewer-{n}", **extra).status_code == 200
+    assert subscribers(origin) == len(pretenders)
+    # on an edge no play is a pull (its relays publish into it)
+    assert edge.hook("play", "counted", clientid="e1", flashver="ngx-local-relay").status_code == 200
+    assert edge.hook("play", "counted", clientid="e2", relay=edge.agent.settings.node_id).status_code == 200
+    assert subscribers(edge) == 2
