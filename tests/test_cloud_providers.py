@@ -12,12 +12,14 @@ test runs with AWS_EC2_METADATA_DISABLED unless it points the chain at that fake
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 import threading
 import time
 import zlib
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import boto3
 import pytest
@@ -793,3 +795,25 @@ def test_a_booting_ec2_instance_terminated_outside_the_controller_is_replaced_be
         controller._actions.close()
         controller.instances.close()
         controller.view.close()
+
+
+def test_a_local_agent_gets_none_of_the_controllers_secrets_but_its_own_settings(tmp_path, monkeypatch):
+    from streammanager.cloud.local import LocalNodeDriver, LocalProvider
+
+    secrets_of_the_controller = {"SM_EC2_SECRET_KEY": "ec2-secret", "SM_ACCESS_TOKEN": "admin-token",
+                                 "AWS_SECRET_ACCESS_KEY": "aws-secret", "EVENT_CALLBACK_AUTH_TOKEN": "app-token"}
+    for name, value in {**secrets_of_the_controller, "KEY_VERIFICATION_URL": "http://127.0.0.1:9/verify",
+                        "SM_MEDIA_ROOT": str(tmp_path / "media")}.items():
+        monkeypatch.setenv(name, value)
+    provider = LocalProvider(LocalNodeDriver(tmp_path / "local", f"127.0.0.1:{free_port()}", "/env-test",
+                                             pool="127.0.1.230-127.0.1.232", http_port=free_port()))
+    instance = provider.launch(dataclasses.replace(launch_request("edge-env", "c1", "us-east-1", "", ""),
+                                                   media="none"))
+    try:
+        raw = (Path("/proc") / str(instance.extra["pid"]) / "environ").read_bytes()
+        environ = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+    finally:
+        provider.destroy(instance.id, "c1")
+    assert not set(secrets_of_the_controller) & set(environ)
+    assert environ["KEY_VERIFICATION_URL"] == "http://127.0.0.1:9/verify"  # what agents are configured with
+    assert environ["SM_MEDIA_ROOT"] == str(tmp_path / "media") and environ["AGENT_ZK_ROOT"] == "/env-test"

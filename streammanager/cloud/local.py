@@ -57,6 +57,19 @@ def address_pool(spec: str) -> list[str]:
     return [str(a) for a in addresses]
 
 
+# the controller's own secrets and settings, which a node agent has no use for: a cloud VM's agent sees
+# only its boot script's environment, and a local one saw the controller's whole environment (the EC2
+# secret key, the event callback credentials, the admin token) in its /proc/<pid>/environ
+CONTROLLER_ONLY_PREFIXES = ("SM_", "AWS_", "GOOGLE_", "EVENT_CALLBACK_", "COMMANDS_API_")
+PASSED_TO_AGENTS = ("SM_MEDIA_ROOT",)  # the one SM_ setting agents read too (the shared media directory)
+
+
+def agent_environment(environ) -> dict[str, str]:
+    """What of the controller's environment a local node agent gets."""
+    return {name: value for name, value in environ.items()
+            if name in PASSED_TO_AGENTS or not name.startswith(CONTROLLER_ONLY_PREFIXES)}
+
+
 class LocalNodeDriver(NodeDriver):
     """libcloud driver: ``create_node`` starts a node agent, ``list_nodes`` reads the state directory,
     ``destroy_node`` stops it. Provider-specific arguments are ``ex_``-prefixed."""
@@ -109,7 +122,7 @@ class LocalNodeDriver(NodeDriver):
                     "--group", tags[TAG_GROUP], "--host", host, "--http-port", str(self.http_port),
                     "--capacity", str(ex_capacity), "--media", ex_media, "--node-id", name,
                     "--work-dir", str(work_dir), *self.agent_args]
-            env = {**os.environ, "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root}
+            env = {**agent_environment(os.environ), "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root}
             with open(work_dir / "agent.log", "ab") as out:
                 proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
