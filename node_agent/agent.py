@@ -84,7 +84,7 @@ class Agent:
     def __init__(self, settings: AgentSettings, client: KazooClient | None = None):
         self.settings = settings
         self.paths = ZkPaths(settings.zk_root)
-        self.client = client or make_client(settings.zk_hosts, settings.zk_timeout_s)
+        self.client = client or make_client(settings.zk_hosts, settings.zk_timeout_s, settings.zk_auth)
         self.claims = StreamClaims(self.client, self.paths)
         self.table = StreamTable()
         self.relay_keys = RelayKeys()  # an edge accepts a publisher only with one of these (our relays)

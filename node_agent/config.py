@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from streammanager.config import ConfigError, Option, positive, resolve
+from streammanager.config import ConfigError, Option, positive, redacted_repr, resolve, zk_auth_option
 from streammanager.coordinator_config import (
     KEY_VERIFICATION_OPTIONS,
     MEDIA_OPTIONS,
@@ -57,6 +57,7 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("zk_hosts", "AGENT_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string"),
     Option("zk_root", "AGENT_ZK_ROOT", "/streammanager", "root znode of the cluster"),
     Option("zk_timeout_s", "AGENT_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
+    zk_auth_option("AGENT_ZK_AUTH"),
     Option("report_interval_s", "AGENT_REPORT_INTERVAL_S", 1.0,
            "a change is reported at once, then at most once per this many seconds", positive(float)),
     Option("heartbeat_interval_s", "AGENT_HEARTBEAT_INTERVAL_S", 60.0,
@@ -93,6 +94,7 @@ class AgentSettings:
     zk_hosts: str = "127.0.0.1:2181"
     zk_root: str = "/streammanager"
     zk_timeout_s: float = 4.0
+    zk_auth: str | None = None  # digest USER:PASSWORD
     report_interval_s: float = 1.0
     heartbeat_interval_s: float = 60.0
     stall_timeout_s: float = 15.0
@@ -103,6 +105,9 @@ class AgentSettings:
     key_verification: CallbackTarget = CallbackTarget()
     media_root: str | None = None  # None: media/ in the work directory
     preview_interval_s: float = 5.0
+
+    def __repr__(self) -> str:  # never the ZooKeeper password
+        return redacted_repr(self, AGENT_OPTIONS)
 
     @property
     def agent_url(self) -> str:

@@ -128,7 +128,7 @@ def create_app(settings: ServerSettings, *, init_timeout_s: float = 30.0) -> Fla
     """Build the app: connect to ZooKeeper and load the registry view (waiting up to
     ``init_timeout_s``; the client keeps reconnecting in the background after that)."""
     paths = ZkPaths(settings.zk_root)
-    client = make_client(settings.zk_hosts, settings.zk_timeout_s)
+    client = make_client(settings.zk_hosts, settings.zk_timeout_s, settings.zk_auth)
     view = RegistryView(client, paths, feed_socket=settings.feed_socket)
     view.start()
     if not view.wait_initialized(init_timeout_s):

@@ -107,10 +107,34 @@ def host_port(text: str) -> str:
     return text
 
 
+_ZK_USER = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ZK_PASSWORD = re.compile(r"[A-Za-z0-9._~+/=-]{12,256}")
+
+
+def zk_credentials(text: str) -> str:
+    """``user:password`` of ZooKeeper's digest scheme. The password is at least 12 characters of
+    letters, digits and ``. _ ~ + / = -`` (``openssl rand -base64 24`` makes one): it goes into a node's
+    boot script and systemd unit, where other characters would need quoting."""
+    user, sep, password = text.partition(":")
+    if not sep or not _ZK_USER.fullmatch(user):
+        raise ValueError("expected USER:PASSWORD, the user of letters, digits and . _ -")
+    if not _ZK_PASSWORD.fullmatch(password):
+        raise ValueError("the password must be 12 to 256 letters, digits or . _ ~ + / = -")
+    return text
+
+
+def zk_auth_option(env: str) -> Option:
+    return Option("zk_auth", env, None,
+                  "USER:PASSWORD: authenticate to ZooKeeper (digest) and create every znode readable and "
+                  "writable by that identity only; the same on every process of the cluster (unset: open znodes)",
+                  zk_credentials, secret=True)
+
+
 SERVER_OPTIONS: tuple[Option, ...] = (
     Option("zk_hosts", "SM_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string (host:port,...)"),
     Option("zk_root", "SM_ZK_ROOT", "/streammanager", "root znode of this cluster"),
     Option("zk_timeout_s", "SM_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
+    zk_auth_option("SM_ZK_AUTH"),
     Option("access_token", "SM_ACCESS_TOKEN", None, "admin access token; unset refuses every admin call",
            secret=True),
     Option("bind", "SM_BIND", "127.0.0.1:5080", "address the API server listens on", host_port),
@@ -145,6 +169,7 @@ class ServerSettings:
     zk_hosts: str = "127.0.0.1:2181"
     zk_root: str = "/streammanager"
     zk_timeout_s: float = 4.0
+    zk_auth: str | None = None  # digest USER:PASSWORD
     access_token: str | None = None
     bind: str = "127.0.0.1:5080"
     workers: int = 2
@@ -189,6 +214,7 @@ CONTROLLER_OPTIONS: tuple[Option, ...] = (
     Option("zk_hosts", "SM_ZK_HOSTS", "127.0.0.1:2181", "ZooKeeper connection string (host:port,...)"),
     Option("zk_root", "SM_ZK_ROOT", "/streammanager", "root znode of this cluster"),
     Option("zk_timeout_s", "SM_ZK_TIMEOUT_S", 4.0, "ZooKeeper session timeout, seconds", positive(float)),
+    zk_auth_option("SM_ZK_AUTH"),
     Option("cluster_id", "SM_CLUSTER_ID", "streammanager",
            "this cluster's id, put on every instance as a tag/label; the controller touches no instance "
            "without it (lowercase letters, digits, '-')"),
@@ -246,6 +272,7 @@ class ControllerSettings:
     zk_hosts: str = "127.0.0.1:2181"
     zk_root: str = "/streammanager"
     zk_timeout_s: float = 4.0
+    zk_auth: str | None = None  # digest USER:PASSWORD
     cluster_id: str = "streammanager"
     controller_id: str | None = None
     tick_s: float = 0.5

@@ -236,7 +236,7 @@ class Controller:
         self.settings = settings
         self.providers = dict(providers)
         self.paths = ZkPaths(settings.zk_root)
-        self.client = client or make_client(settings.zk_hosts, settings.zk_timeout_s)
+        self.client = client or make_client(settings.zk_hosts, settings.zk_timeout_s, settings.zk_auth)
         self.identity = settings.controller_id or f"{socket.gethostname()}-{os.getpid()}"
         self.groups = GroupStore(self.client, self.paths)
         self.instances = InstanceStore(self.client, self.paths)
@@ -401,7 +401,8 @@ class Controller:
             capacity = group.launch.capacity[launch.role]
             script = render_boot_script(
                 group.launch.boot_script or DEFAULT_BOOT_SCRIPT, package=self.settings.node_package,
-                zk_hosts=self.settings.zk_hosts, zk_root=self.settings.zk_root, role=launch.role,
+                zk_hosts=self.settings.zk_hosts, zk_root=self.settings.zk_root, zk_auth=self.settings.zk_auth or "",
+                role=launch.role,
                 region=launch.region, group=group.name, capacity=capacity, media=group.launch.media,
                 node_id=instance_id, cluster_id=self.settings.cluster_id)
             instance = provider.launch(LaunchRequest(

@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServerSettings.from_env()
     logs.configure(settings.log_level, settings.log_format)
     stop = stop_event_on_signals()
-    feed = RegistryFeed(make_client(settings.zk_hosts, settings.zk_timeout_s), ZkPaths(settings.zk_root).nodes,
-                        args.socket)
+    client = make_client(settings.zk_hosts, settings.zk_timeout_s, settings.zk_auth)
+    feed = RegistryFeed(client, ZkPaths(settings.zk_root).nodes, args.socket)
     threading.Thread(target=feed.start, name="feed-start", daemon=True).start()
     stop.wait()
     feed.close()

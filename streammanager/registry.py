@@ -26,6 +26,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import BadVersionError, ConnectionLoss, NodeExistsError, NoNodeError, NotEmptyError
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.retry import KazooRetry
+from kazoo.security import make_digest_acl
 
 from streammanager.models import (
     ROLE_ORIGIN,
@@ -149,15 +150,26 @@ class PollingHandler(SequentialThreadingHandler):
         return readable, writable, []
 
 
-def make_client(hosts: str, timeout_s: float = 4.0) -> KazooClient:
+def make_client(hosts: str, timeout_s: float = 4.0, auth: str | None = None) -> KazooClient:
     """A client that reconnects forever (even to an ensemble that lost its data: :class:`ZxidGuard`)
-    and retries each command a few times."""
+    and retries each command a few times.
+
+    With ``auth`` (``USER:PASSWORD``, the cluster's identity: ``SM_ZK_AUTH`` / ``AGENT_ZK_AUTH``) it
+    authenticates with ZooKeeper's digest scheme on every connection, and every znode it creates can be
+    read and written by that identity only: without it, anyone who reaches ZooKeeper reads the registry
+    and can write node groups (whose boot scripts run as root on new nodes), node records (where lookups
+    send publishers and viewers) and commands."""
+    acl = {}
+    if auth:
+        user, _, password = auth.partition(":")
+        acl = {"auth_data": [("digest", auth)], "default_acl": [make_digest_acl(user, password, all=True)]}
     client = KazooClient(
         hosts=hosts,
         handler=PollingHandler(),
         timeout=timeout_s,
         connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=2.0),
         command_retry=KazooRetry(max_tries=5, delay=0.1, max_delay=1.0),
+        **acl,
     )
     ZxidGuard(client, max(5.0, 2 * timeout_s))
     return client

@@ -362,7 +362,7 @@ def serve(settings: ServerSettings) -> int:
 
 FEED_START_S = 5.0  # the feed is up in well under a second when ZooKeeper answers
 VIEW_WAIT_S = 5.0
-FEED_SETTINGS = ("zk_hosts", "zk_root", "zk_timeout_s", "log_level", "log_format")
+FEED_SETTINGS = ("zk_hosts", "zk_root", "zk_timeout_s", "zk_auth", "log_level", "log_format")
 
 
 def feed_environment(settings: ServerSettings) -> dict[str, str]:
@@ -372,7 +372,8 @@ def feed_environment(settings: ServerSettings) -> dict[str, str]:
     env = dict(os.environ)
     for option in SERVER_OPTIONS:
         if option.field in FEED_SETTINGS:
-            env[option.env] = str(getattr(settings, option.field))
+            value = getattr(settings, option.field)
+            env[option.env] = "" if value is None else str(value)  # empty: the option's default
     return env
 
 

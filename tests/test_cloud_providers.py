@@ -59,7 +59,7 @@ AWS_CHAIN_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSIO
 def launch_request(name: str, cluster_id: str, region: str, image: str, size: str, role: str = "edge",
                    group: str = "g1", placement: dict | None = None) -> LaunchRequest:
     script = render_boot_script(DEFAULT_BOOT_SCRIPT, package="streammanager==0.1.0",
-                                zk_hosts="10.0.0.5:2181,10.0.0.6:2181", zk_root="/streammanager", role=role,
+                                zk_hosts="10.0.0.5:2181,10.0.0.6:2181", zk_root="/streammanager", zk_auth="", role=role,
                                 region=region, group=group, capacity=200, media="nginx", node_id=name,
                                 cluster_id=cluster_id)
     return LaunchRequest(cluster_id=cluster_id, group=group, region=region, role=role, name=name, image=image,
@@ -738,11 +738,13 @@ def test_gce_a_key_the_token_endpoint_refuses_becomes_provider_error_without_the
 
 def test_the_default_boot_script_starts_a_node_agent_with_its_group_region_role_and_zookeeper():
     script = render_boot_script(DEFAULT_BOOT_SCRIPT, package="streammanager==0.1.0",
-                                zk_hosts="10.0.0.5:2181,10.0.0.6:2181", zk_root="/sm", role="edge",
-                                region="eu-west-1", group="g1", capacity=300, media="nginx", node_id="g1-eu-west-1-edge-abc123", cluster_id="c1")
+                                zk_hosts="10.0.0.5:2181,10.0.0.6:2181", zk_root="/sm", zk_auth="sm:pw+0123456789/ab=",
+                                role="edge", region="eu-west-1", group="g1", capacity=300, media="nginx",
+                                node_id="g1-eu-west-1-edge-abc123", cluster_id="c1")
     assert "pip install -q 'streammanager==0.1.0'" in script
     assert "Environment=AGENT_ZK_HOSTS=10.0.0.5:2181,10.0.0.6:2181" in script
     assert "Environment=AGENT_ZK_ROOT=/sm" in script
+    assert "Environment=AGENT_ZK_AUTH=sm:pw+0123456789/ab=" in script  # the cluster's ZooKeeper identity
     unit = script.replace("\\\n  ", "")  # the shell joins continued lines
     start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     assert ("--role edge --region eu-west-1 --group g1 --capacity 300 --media nginx "

@@ -26,7 +26,8 @@ def build_providers(settings) -> dict[str, CloudProvider]:
     providers: dict[str, CloudProvider] = {
         "local": LocalProvider(driver_cls(settings.local_state_dir, settings.zk_hosts, settings.zk_root,
                                           pool=settings.local_pool, http_port=settings.local_http_port,
-                                          agent_args=tuple(shlex.split(settings.local_agent_args)))),
+                                          agent_args=tuple(shlex.split(settings.local_agent_args)),
+                                          zk_auth=settings.zk_auth)),
     }
     ec2 = _ec2_provider(settings)
     if ec2 is not None:

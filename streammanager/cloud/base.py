@@ -172,6 +172,7 @@ After=network-online.target
 [Service]
 Environment=AGENT_ZK_HOSTS=${zk_hosts}
 Environment=AGENT_ZK_ROOT=${zk_root}
+Environment=AGENT_ZK_AUTH=${zk_auth}
 ExecStart=/opt/streammanager/bin/node-agent --role ${role} --region ${region} --group ${group} \\
   --capacity ${capacity} --media ${media} --node-id ${node_id} --host $$(hostname -I | cut -d' ' -f1)
 Restart=always
@@ -182,8 +183,8 @@ systemctl daemon-reload
 systemctl enable --now node-agent
 """
 
-BOOT_SCRIPT_VARIABLES = ("package", "zk_hosts", "zk_root", "role", "region", "group", "capacity", "media",
-                         "node_id", "cluster_id")
+BOOT_SCRIPT_VARIABLES = ("package", "zk_hosts", "zk_root", "zk_auth", "role", "region", "group", "capacity",
+                         "media", "node_id", "cluster_id")
 
 
 def render_boot_script(template: str, **values: object) -> str:

@@ -81,12 +81,13 @@ class LocalNodeDriver(NodeDriver):
 
     def __init__(self, state_dir: str | os.PathLike, zk_hosts: str, zk_root: str,
                  pool: str = DEFAULT_POOL, http_port: int = 8090, agent_args: tuple[str, ...] = (),
-                 agent_bin: str | None = None, stop_timeout_s: float = 10.0):
+                 agent_bin: str | None = None, stop_timeout_s: float = 10.0, zk_auth: str | None = None):
         super().__init__(key="local")
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.zk_hosts = zk_hosts
         self.zk_root = zk_root
+        self.zk_auth = zk_auth
         self.pool = address_pool(pool)
         self.http_port = http_port
         self.agent_args = tuple(agent_args)
@@ -122,7 +123,8 @@ class LocalNodeDriver(NodeDriver):
                     "--group", tags[TAG_GROUP], "--host", host, "--http-port", str(self.http_port),
                     "--capacity", str(ex_capacity), "--media", ex_media, "--node-id", name,
                     "--work-dir", str(work_dir), *self.agent_args]
-            env = {**agent_environment(os.environ), "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root}
+            env = {**agent_environment(os.environ), "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root,
+                   "AGENT_ZK_AUTH": self.zk_auth or ""}
             with open(work_dir / "agent.log", "ab") as out:
                 proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
