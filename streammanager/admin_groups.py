@@ -140,9 +140,10 @@ def group_nodes(version: str, name: str):
     require_admin()
     name = _group_name(name)
     svc = services()
-    if _zk(_groups().get, name) is None:
-        raise NotFound(f"no node group {name!r}")
     records = {k: r for k, (r, _) in _zk(read_instances, svc.client, svc.paths).items() if r.group == name}
+    # a deleted group's instances drain and go after it: they are listed until then (not a 404)
+    if not records and _zk(_groups().get, name) is None:
+        raise NotFound(f"no node group {name!r}")
     nodes = {n.id: n for n in svc.view.nodes() if n.group == name or n.id in records}
     listed = [_managed_json(r, nodes.get(r.id)) for r in records.values()]
     listed += [_unmanaged_json(n) for n in nodes.values() if n.id not in records]

@@ -92,6 +92,9 @@ class Plan:
     destroys: list[Destroy] = field(default_factory=list)
     forgets: list[Forget] = field(default_factory=list)
     holds: list[Hold] = field(default_factory=list)
+    # draining instances whose node is not draining: its agent was never told (the leader died between
+    # writing the record and queueing the command, or the command could not be queued) or forgot
+    drains: list[InstanceRecord] = field(default_factory=list)
     pools: list[PoolStatus] = field(default_factory=list)
     evaluated: dict[str, int] = field(default_factory=dict)  # group -> when its policy was evaluated
 
@@ -185,12 +188,16 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
             return move(TERMINATING, "drained: empty")
         if now >= record.drain_deadline_ms:
             return move(TERMINATING, "drain deadline passed")
+        if node.state != STATE_DRAINING:  # lookups still choose it: ask its agent again
+            result.drains.append(record)
         return record
     if record.state in (TERMINATING, FAILED) and not record.provider_id:
         return move(GONE, record.reason or "never launched")
     if record.state == GONE:
         window_ms = group.policy.failure_window_s * 1000 if group is not None else 0
-        keep_ms = max(GONE_KEPT_MS, window_ms if record.failure else 0)
+        cool_down_ms = group.policy.cool_down_s * 1000 if group is not None else 0
+        keep_ms = max(GONE_KEPT_MS, window_ms if record.failure else 0,
+                      cool_down_ms if record.drain_deadline_ms else 0)  # a drain counts for the cool-down
         if age >= keep_ms:
             result.forgets.append(Forget(record.id))
         return record
@@ -217,7 +224,9 @@ def _failure_budget_spent(now: int, group: NodeGroup, records: Iterable[Instance
     window_ms = group.policy.failure_window_s * 1000
     counts: dict[str, int] = {}
     for record in records:
-        if record.group == group.name and record.failure and now - record.created_ms < window_ms:
+        # from when it failed (its record has been failed or gone since), not from its launch: a node that
+        # failed at a boot timeout as long as the window never counted, and a broken image launched forever
+        if record.group == group.name and record.failure and now - record.state_since_ms < window_ms:
             counts[record.region] = counts.get(record.region, 0) + 1
     return {region for region, n in counts.items() if n >= group.policy.failure_budget}
 
@@ -258,8 +267,11 @@ def _scale_pool(now: int, group: NodeGroup, region: str, role: str, limits: Pool
         return
     utilization = status.utilization
     if utilization >= policy.scale_out_at:
-        if len(active) >= limits.max:
-            hold(f"load {utilization:.2f} >= {policy.scale_out_at:g} but at max {limits.max}")
+        # a draining node still runs (and is paid for): growing past it put max + 1 nodes in the pool
+        running = len(active) + status.draining
+        if running >= limits.max:
+            hold(f"load {utilization:.2f} >= {policy.scale_out_at:g} but at max {limits.max}"
+                 + (f" ({status.draining} draining)" if status.draining else ""))
             return
         if booting:
             hold(f"load {utilization:.2f} >= {policy.scale_out_at:g}: waiting for {len(booting)} node(s) "
@@ -269,14 +281,17 @@ def _scale_pool(now: int, group: NodeGroup, region: str, role: str, limits: Pool
         if now < warm_until:
             hold(f"load {utilization:.2f} >= {policy.scale_out_at:g}: warming up a new node")
             return
-        launch(min(limits.increment, limits.max - len(active)),
+        launch(min(limits.increment, limits.max - running),
                f"load {utilization:.2f} >= {policy.scale_out_at:g}")
         return
     if utilization < policy.scale_in_below and len(active) > limits.min:
         if booting:
             return
+        # a drained node that is gone already still counts: its drain ended when it went (an empty node
+        # goes in a second or two, and the next drain followed at once, whatever coolDownS said)
         last_action = max([r.created_ms for r in members]
-                          + [r.state_since_ms for r in members if r.state in (DRAINING, TERMINATING)],
+                          + [r.state_since_ms for r in members if r.state in (DRAINING, TERMINATING)
+                             or (r.state == GONE and r.drain_deadline_ms)],
                           default=0)
         if now - last_action < policy.cool_down_s * 1000:
             hold(f"load {utilization:.2f} < {policy.scale_in_below:g}: cooling down")

@@ -64,6 +64,7 @@ POOL_NODES = Gauge("sm_pool_nodes", "Active instances of a pool", ["group", "reg
 POOL_UTILIZATION = Gauge("sm_pool_utilization", "Share of a pool's capacity in use", ["group", "region", "role"])
 INSTANCES = Gauge("sm_instances", "Instance records by lifecycle state", ["state"])
 
+DRAIN_ASK_AGAIN_S = 5.0  # a draining instance whose node still takes work is asked to drain again this often
 STRAY_GRACE_MS = 120_000  # an untracked instance younger than this may be a launch being recorded
 VANISHED_AFTER_S = 60.0  # a booting instance missing from its cloud's listing after this long is gone
 
@@ -246,6 +247,7 @@ class Controller:
         self._last_sweep = 0.0
         self._pools_reported: set[tuple[str, str, str]] = set()  # the pool series the last step set
         self._holds: dict[tuple[str, str, str], tuple[str, float]] = {}  # pool -> (kind of hold, logged at)
+        self._drain_asked: dict[str, float] = {}  # instance id -> when its agent was last asked to drain
         self.leading = threading.Event()
         self._lost = threading.Event()
         self._actions = CloudActions(self._lost)
@@ -353,6 +355,15 @@ class Controller:
                      extra=_fields(move.record))
             if move.drain:
                 self._send_drain(move.record)
+        asked_again = set()
+        for record in decided.drains:  # draining in its record, not in its node's: told again, not only once
+            asked_again.add(record.id)
+            if time.monotonic() - self._drain_asked.get(record.id, float("-inf")) >= DRAIN_ASK_AGAIN_S:
+                log.warning("instance %s is draining but its node is not: asking its agent again", record.id,
+                            extra=_fields(record))
+                self._send_drain(record)
+        self._drain_asked = {k: v for k, v in self._drain_asked.items()
+                             if k in asked_again or time.monotonic() - v < DRAIN_ASK_AGAIN_S}
         for destroy in decided.destroys:
             if self._lost.is_set():
                 return calls
@@ -463,6 +474,7 @@ class Controller:
         except ImportError:  # pragma: no cover - the command channel ships with the agent
             log.error("no command channel: cannot ask %s to drain", record.id)
             return
+        self._drain_asked[record.id] = time.monotonic()
         try:
             send_command(self.client, self.paths, record.id, "drain")
         except KazooException as exc:

@@ -232,6 +232,18 @@ def test_a_groups_nodes_are_listed_with_their_lifecycle_state(api, make_node, zk
     assert by_hand["agentUrl"].startswith("http://")
 
 
+def test_a_deleted_groups_instances_are_listed_while_they_drain(api, make_node, zk, zk_root):
+    create(api)
+    node = make_node("edge", "us-east-1", group="g1", node_id="g1-us-east-1-edge-cccccc")
+    put_instance(zk, zk_root, record(node.id, INSERVICE))
+    wait_for_nodes(api, 1)
+    assert call(api, "delete", "/admin/nodegroup/g1").status_code == 200
+    put_instance(zk, zk_root, record("g1-us-east-1-edge-dddddd", STARTING))  # the controller's records stay
+    listed = call(api, "get", "/admin/nodegroup/g1/node")
+    assert listed.status_code == 200, listed.get_json()
+    assert sorted(n["id"] for n in listed.get_json()) == [node.id, "g1-us-east-1-edge-dddddd"]
+
+
 def test_the_nodes_of_an_unknown_group_are_a_404(api):
     assert_error(call(api, "get", "/admin/nodegroup/nope/node"), 404, "nope")
 

@@ -132,6 +132,16 @@ def test_a_full_pool_at_max_holds_and_says_why():
     assert any("at max 4" in h for h in holds(result))
 
 
+def test_growth_counts_draining_nodes_against_max():
+    # one node in service at 0.8, one still draining with its last viewers: both run, max is 2
+    records = {"n1": instance("n1"), "d1": instance("d1", DRAINING, since=NOW - 20 * S, drain_deadline_ms=NOW + 40 * S)}
+    nodes = {"n1": node("n1", used=8), "d1": node("d1", used=3, state="draining")}
+    result = decide(group(min=1, max=2), records, nodes)
+    assert result.launches == []
+    assert any("at max 2 (1 draining)" in h for h in holds(result))
+    assert len(decide(group(min=1, max=3, increment=3), records, nodes).launches) == 1
+
+
 def test_a_pool_holds_while_a_launched_node_is_still_starting():
     records, nodes = serving(10, 10)
     records["s1"] = instance("s1", STARTING, since=NOW - 20 * S, created=NOW - 20 * S)

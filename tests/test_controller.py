@@ -413,6 +413,7 @@ def _bare_controller(instances):
     controller._lost = threading.Event()
     controller._actions = CloudActions(controller._lost)
     controller._unreachable = CloudBackoff()
+    controller._drain_asked = {}
     controller.settings = ControllerSettings(cluster_id="test-cluster")
     controller.instances = instances
     return controller
@@ -571,3 +572,154 @@ def test_a_leader_stops_at_once_on_sigterm_while_a_cloud_call_hangs_and_launches
     time.sleep(1)
     launched = [i for p in build_providers(controller_settings).values() for i in p.list_instances("test-cluster")]
     assert launched == [], "a controller that had stopped made the hung launch"
+
+
+def _stepping_controller(settings, zk):
+    """A controller whose steps the test makes (``run_once``), with the real local provider and registry."""
+    from streammanager.registry import ensure_layout
+
+    ensure_layout(zk, ZkPaths(settings.zk_root))
+    controller = Controller(settings, build_providers(settings), client=zk)
+    controller.view.start()
+    controller.view.wait_initialized(10)
+    controller.instances.start()
+    return controller
+
+
+def _close_stepping(controller, settings):
+    controller.instances.close()
+    controller.view.close()
+    for provider in build_providers(settings).values():
+        for instance in provider.list_instances(settings.cluster_id):
+            provider.destroy(instance.id, settings.cluster_id)
+
+
+def _evaluated_step(controller, group="g1"):
+    """Steps until one evaluates ``group``'s policy; returns every plan made on the way, that one last."""
+    from streammanager.registry import now_ms
+
+    plans = []
+    while not plans or group not in plans[-1].evaluated:
+        plans.append(controller.run_once(now_ms()))
+    return plans
+
+
+def test_the_cool_down_after_a_drain_lasts_once_the_drained_node_is_gone(api, zk, zk_root, controller_settings):
+    """An empty node is drained, terminated and gone in a second or two; the next drain waited for coolDownS
+    only while the first was still draining or terminating, so a pool shrank by a node a step."""
+    assert admin(api, "post", GROUP, json=group_doc(edge=(3, 3, 1), coolDownS=8)).status_code == 201
+    controller = _stepping_controller(controller_settings, zk)
+    try:
+        plans = []
+
+        def step():
+            plans.extend(_evaluated_step(controller))
+            return True
+
+        wait_until(lambda: step() and len(in_service_nodes(api)) == 3, 30, interval_s=0.1, what="3 edges")
+        assert admin(api, "put", f"{GROUP}/g1", json=group_doc(edge=(1, 3, 1), coolDownS=8)).status_code == 200
+        # once the launches' cool-down is over, one idle edge drains
+        first = wait_until(lambda: step() and group_instances(zk, zk_root, states=("draining",)), 30,
+                           interval_s=0.1, what="a scale-in")[0]
+        # it is empty: terminated and gone within a few steps
+        wait_until(lambda: step() and [r for r in group_instances(zk, zk_root) if r.id == first.id][0].state
+                   == "gone", 20, interval_s=0.1, what="the drained edge to be gone")
+        step()
+        drains = [m.record.id for p in plans for m in p.moves if m.record.state == "draining"]
+        assert drains == [first.id]  # the second waits for the cool-down
+        assert any("cooling down" in h.reason for h in plans[-1].holds), plans[-1].holds
+        assert len(group_instances(zk, zk_root, states=("inservice",))) == 2
+    finally:
+        _close_stepping(controller, controller_settings)
+
+
+def test_nodes_that_fail_at_a_boot_timeout_as_long_as_the_failure_window_spend_the_budget(
+        api, zk, zk_root, controller_settings):
+    """The failure window was counted from each launch, not from its failure: with bootTimeoutS at least
+    failureWindowS, a node that never registers failed outside the window, and the pool launched forever."""
+    from dataclasses import replace
+
+    doc = group_doc(edge=(2, 3, 1), bootTimeoutS=3, failureWindowS=3, failureBudget=2)
+    assert admin(api, "post", GROUP, json=doc).status_code == 201
+    # its agents register elsewhere: the controller never sees them, as with a broken image
+    settings = replace(controller_settings, local_agent_args=f"{controller_settings.local_agent_args} "
+                                                             f"--zk-root {zk_root}-elsewhere")
+    controller = _stepping_controller(settings, zk)
+    try:
+        plans = []
+
+        def failed_at_boot():
+            plans.extend(_evaluated_step(controller))
+            return [m for p in plans for m in p.moves if m.record.failure == "boot timeout"]
+
+        wait_until(lambda: len(failed_at_boot()) >= 2, 30, interval_s=0.1, what="two boot timeouts")
+        failures = [i for i, p in enumerate(plans) for m in p.moves if m.record.failure == "boot timeout"]
+        after = plans[failures[1]:]
+        # the second failure spends the budget of two: the pool is paused below its min, nothing launched
+        assert [launch for p in after for launch in p.launches] == []
+        assert any("scaling is paused" in h.reason for p in after for h in p.holds)
+    finally:
+        _close_stepping(controller, settings)
+
+
+def test_a_draining_instance_whose_agent_was_never_told_is_asked_again(api, zk, zk_root, controller_settings):
+    """The record says draining, the node does not (the leader died between writing the record and queueing
+    the drain command, or queueing it failed): lookups went on choosing the node until its drain deadline
+    killed it with its viewers. The new leader asks its agent again."""
+    from streammanager.groups import DRAINING, InstanceRecord
+    from streammanager.registry import now_ms
+
+    assert admin(api, "post", GROUP, json=group_doc(edge=(1, 2, 1), drainTimeoutS=60)).status_code == 201
+    controller = _stepping_controller(controller_settings, zk)
+    try:
+        def step():
+            _evaluated_step(controller)
+            return True
+
+        edge = wait_until(lambda: step() and in_service_nodes(api), 30, interval_s=0.1, what="an edge")[0]
+        # what a leader that died right after its scale-in decision leaves behind
+        path = ZkPaths(zk_root).instance(edge["id"])
+        data, stat = zk.get(path)
+        now = now_ms()
+        record = InstanceRecord.from_json(data).moved(DRAINING, now, "scale in: load 0.00 < 0.2",
+                                                      drain_deadline_ms=now + 60_000)
+        zk.set(path, record.to_json(), version=stat.version)
+        wait_until(lambda: controller.instances.get(edge["id"]).state == DRAINING, 10, what="the cache")
+        # told again, the agent drains; its node is empty, so the instance ends as drained, long before its deadline
+        drained = wait_until(lambda: step() and [r for r in group_instances(zk, zk_root) if r.id == edge["id"]
+                                                 and r.reason == "drained: empty"], 15, interval_s=0.1,
+                             what="the edge's agent to drain")[0]
+        assert drained.state in ("terminating", "gone")
+    finally:
+        _close_stepping(controller, controller_settings)
+
+
+def test_a_local_agent_whose_controller_died_before_recording_its_pid_is_listed_and_destroyed(controller_settings):
+    """A controller killed between starting a local agent and writing its facts left an agent that no
+    controller could list, adopt or destroy: it stayed registered for good (seen when a leader was SIGKILLed
+    during a scale-out). The facts are now written before the agent starts; what such a controller leaves
+    (facts without a pid, a running agent) is found by the agent's command line."""
+    import json
+    from pathlib import Path
+
+    from streammanager.cloud.base import LaunchRequest
+
+    provider = build_providers(controller_settings)["local"]
+    instance = provider.launch(LaunchRequest(
+        cluster_id="test-cluster", group="g1", region="us-east-1", role="edge", name="g1-us-east-1-edge-0dead0",
+        image="", size="", boot_script="", capacity=4, media="none", placement={}))
+    pid = instance.extra["pid"]
+    facts_path = Path(controller_settings.local_state_dir) / f"{instance.name}.json"
+    facts = json.loads(facts_path.read_text())
+    facts_path.write_text(json.dumps({**facts, "pid": 0}))  # the pid was never written
+    try:
+        other = build_providers(controller_settings)["local"]  # the next leader
+        listed = [i for i in other.list_instances("test-cluster") if i.name == instance.name]
+        assert listed and listed[0].state == "running" and listed[0].extra["pid"] == pid
+        assert other.destroy(instance.id, "test-cluster")
+        assert not Path(f"/proc/{pid}").exists() or b"0dead0" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

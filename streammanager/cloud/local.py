@@ -125,12 +125,16 @@ class LocalNodeDriver(NodeDriver):
                     "--work-dir", str(work_dir), *self.agent_args]
             env = {**agent_environment(os.environ), "AGENT_ZK_HOSTS": self.zk_hosts, "AGENT_ZK_ROOT": self.zk_root,
                    "AGENT_ZK_AUTH": self.zk_auth or ""}
+            # the facts are on disk before the agent runs: a controller that died between starting the agent
+            # and writing them left an agent no controller could list, adopt or destroy (registered for good)
+            facts = {"id": name, "name": name, "pid": 0, "host": host, "tags": tags,
+                     "created_ms": int(time.time() * 1000), "argv": argv}
+            self._write(name, facts)
             with open(work_dir / "agent.log", "ab") as out:
                 proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             self._children[proc.pid] = proc
-            facts = {"id": name, "name": name, "pid": proc.pid, "host": host, "tags": tags,
-                     "created_ms": int(time.time() * 1000), "argv": argv}
+            facts["pid"] = proc.pid
             self._write(name, facts)
         log.info("local instance %s started: agent pid %d on %s", name, proc.pid, host,
                  extra={"node_id": name, "region": tags[TAG_REGION], "role": tags[TAG_ROLE]})
@@ -141,7 +145,7 @@ class LocalNodeDriver(NodeDriver):
         nodes = []
         for path in sorted(self.state_dir.glob("*.json")):
             try:
-                facts = json.loads(path.read_text())
+                facts = self._with_pid(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue  # being written or removed
             nodes.append(self._node(facts))
@@ -150,7 +154,7 @@ class LocalNodeDriver(NodeDriver):
     def destroy_node(self, node: Node) -> bool:
         path = self.state_dir / f"{node.id}.json"
         try:
-            facts = json.loads(path.read_text())
+            facts = self._with_pid(json.loads(path.read_text()))
         except FileNotFoundError:
             return False
         pid = int(facts["pid"])
@@ -161,6 +165,27 @@ class LocalNodeDriver(NodeDriver):
         return True
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _with_pid(self, facts: dict) -> dict:
+        """Facts written before their agent was started have no pid (0): a controller that died right after
+        starting it never wrote it. The agent is found by its exact command line, and its pid recorded."""
+        if facts.get("pid") or not facts.get("argv"):
+            return facts
+        wanted = [str(a).encode() for a in facts["argv"]]
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if argv == wanted or argv[1:] == wanted:  # a console script runs as ``python <script> args``
+                facts = {**facts, "pid": int(entry.name)}
+                with self._locked():
+                    if (self.state_dir / f"{facts['name']}.json").exists():
+                        self._write(facts["name"], facts)
+                return facts
+        return facts
+
     def _node(self, facts: dict) -> Node:
         alive = self._alive(int(facts["pid"]), facts["id"])
         return Node(id=facts["id"], name=facts["name"],
