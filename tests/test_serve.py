@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -179,7 +180,7 @@ def test_a_broadcast_lookup_answers_when_zookeeper_hangs_mid_request(tmp_path, z
     try:
         api = app.test_client()
         wait_until(lambda: api.get("/healthz").get_json()["nodes"] == 1, 10, what="the node in view")
-        os.kill(zk.pid, signal.SIGSTOP)  # still "connected", but nothing answers
+        freeze(zk.pid)  # still "connected", but nothing answers
         try:
             started = time.monotonic()
             response = api.get(f"{P}/event/live/frozen?action=broadcast")
@@ -282,7 +283,7 @@ def test_clearing_stream_entries_answers_503_in_bounded_time_when_zookeeper_hang
     try:
         api = app.test_client()
         assert api.delete(f"{P}/admin/event?accessToken=tok").status_code == 200
-        os.kill(zk.pid, signal.SIGSTOP)  # still "connected", but nothing answers
+        freeze(zk.pid)  # still "connected", but nothing answers
         try:
             started = time.monotonic()
             response = api.delete(f"{P}/admin/event?accessToken=tok")
@@ -359,7 +360,7 @@ def test_a_claim_an_unpublish_could_not_release_is_released_once_zookeeper_answe
             origins.append(LocalNode(agent))
         a, b = origins
         assert a.publish("held", clientid="p1").status_code == 200
-        os.kill(zk.pid, signal.SIGSTOP)
+        freeze(zk.pid)
         try:
             assert a.hook("publish_done", "held", clientid="p1").status_code == 200  # the release times out
         finally:
@@ -611,6 +612,23 @@ def test_admin_and_command_calls_answer_503_while_zookeeper_is_down_and_change_n
         assert requests.get(admin, timeout=5).json() == []  # the refused create was not made after all
     finally:
         zk.stop()
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until every one of its threads has stopped: kill() returns before they
+    have, and ZooKeeper's threads answered a request or two in between on a busy machine."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    wait_until(stopped, 10, what=f"every thread of {pid} stopped")
 
 
 def _listen_backlog(port: int) -> int | None:
