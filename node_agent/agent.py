@@ -24,7 +24,7 @@ from pathlib import Path
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
-from node_agent.artifacts import MediaLayout
+from node_agent.artifacts import MediaLayout, sweep_live_hls
 from node_agent.commands import CommandWatcher
 from node_agent.config import AgentSettings
 from node_agent.fencing import OriginFence
@@ -38,6 +38,7 @@ from streammanager.models import (
     ROLE_ORIGIN,
     STATE_DRAINING,
     STATE_INSERVICE,
+    STATE_STARTING,
     NodeRecord,
     RecordError,
     StreamKey,
@@ -128,7 +129,8 @@ class Agent:
             self.media = NginxServer(NginxConfig(
                 work_dir=self.work_dir, host=settings.host, rtmp_port=settings.rtmp_port, stat_port=free_port(),
                 hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE,
-                media_root=self.media_layout.root if self.media_layout else None))
+                media_root=self.media_layout.root if self.media_layout else None),
+                on_exit=self._media_exited, on_serving=self._media_serving)
             if settings.role == ROLE_EDGE and settings.relay == "ffmpeg":
                 self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
                                            node_id=settings.node_id, relay_keys=self.relay_keys,
@@ -190,9 +192,12 @@ class Agent:
     # -- reporting -------------------------------------------------------------------------------
     def record(self) -> NodeRecord:
         s = self.settings
+        state = self.state
+        if state == STATE_INSERVICE and self.media is not None and not self.media.serving:
+            state = STATE_STARTING  # nginx is down or hung: no lookup may send anyone here meanwhile
         return NodeRecord(
             id=s.node_id, group=s.group, region=s.region, role=s.role, host=s.advertise_host or s.host,
-            rtmp_port=s.rtmp_port, agent_url=s.agent_url, capacity=s.capacity, state=self.state,
+            rtmp_port=s.rtmp_port, agent_url=s.agent_url, capacity=s.capacity, state=state,
             streams=self.table.loads(), cpu=_cpu_load(), updated_ms=now_ms(), started_ms=self.started_ms,
             private_host=s.host if s.advertise_host and s.advertise_host != s.host else "",
         )
@@ -493,6 +498,9 @@ class Agent:
         session = self.table.end_publish(key, clientid)
         if session is None:
             return  # not the publisher (e.g. a refused duplicate)
+        self._publish_ended(key, session)
+
+    def _publish_ended(self, key: StreamKey, session: str) -> None:
         self._end_pull(key)
         if self.settings.role == ROLE_ORIGIN:
             self._release(key, session)
@@ -657,12 +665,45 @@ class Agent:
             self.changed()
         return changed
 
+    def _media_exited(self) -> None:
+        """nginx died (it is restarted next): every client it had went with it and no done hook will
+        come; the next nginx numbers its clients afresh. Forget them all now, before it starts: a stale
+        publisher refused the encoder's reconnection ("already being published") until the
+        reconciliation noticed, and its claim kept the stream "live" meanwhile."""
+        ended = []
+        for key_text, clients in self.table.snapshot().items():
+            key = StreamKey.parse(key_text)
+            for clientid in clients.clients:
+                session = self.table.end_publish(key, clientid)
+                if session is not None:
+                    ended.append((key, session))
+                elif self.table.remove_player(key, clientid):
+                    self._release_relay_if_unwatched(key)
+        self._absent_once = set()
+        self.changed()
+        # the claims' release waits on ZooKeeper (up to its timeout each): not the next nginx's start
+        threading.Thread(target=lambda: [self._publish_ended(k, session) for k, session in ended],
+                         name="media-exited", daemon=True).start()
+
+    def _media_serving(self, serving: bool) -> None:
+        if serving:
+            log.info("nginx is serving: back in service", extra=self._log_extra)
+        else:
+            log.warning("nginx is not serving: out of service until it is back", extra=self._log_extra)
+        self.changed(urgent=True)
+
     def _reconcile_loop(self, interval_s: float = 3.0) -> None:
         while not self._stopping.wait(interval_s):
             try:
                 self.reconcile()
             except Exception:
                 log.exception("reconcile with /stat failed", extra=self._log_extra)
+            if self.media_layout is not None and self.media is not None:
+                try:
+                    sweep_live_hls(self.media_layout, self.media.config.applications,
+                                   {s.key for s in self.table.published()})
+                except Exception:
+                    log.exception("sweeping old live HLS fragments failed", extra=self._log_extra)
 
     def on_done(self, key: StreamKey, clientid: str) -> None:
         """A client left (nginx-rtmp ``done``, SRS ``on_close``): whatever it was."""

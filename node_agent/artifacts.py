@@ -3,7 +3,8 @@ ffmpeg/ffprobe jobs that make them.
 
 Layout under the media root::
 
-    hls/<scope>/<name>/index.m3u8                    live HLS, written by nginx-rtmp (per channel)
+    hls/<scope>/<name>/index.m3u8                    live HLS, written by nginx-rtmp (per channel); its
+                                                    fragments are swept by the agent (``sweep_live_hls``)
     record/<scope>/<name>-<unix time>.flv           nginx-rtmp's recording of a session (transient)
     sessions/<scope>/<name>/<session>/vod/index.m3u8       the recording as a VOD playlist
     sessions/<scope>/<name>/<session>/preview/index.json   preview images' JSON index
@@ -62,6 +63,59 @@ class MediaLayout:
         for scope in scopes:
             self.hls_dir(scope).mkdir(parents=True, exist_ok=True)
             self.record_dir(scope).mkdir(parents=True, exist_ok=True)
+
+
+HLS_FRAGMENT_S = 2
+HLS_PLAYLIST_S = 10
+
+
+def sweep_live_hls(layout: MediaLayout, scopes: tuple[str, ...], published: set[StreamKey],
+                   now: float | None = None, playlist_s: float = HLS_PLAYLIST_S) -> int:
+    """nginx-rtmp's ``hls_cleanup``, done here: nginx runs it in its cache manager process, which a single
+    process nginx (``master_process off``) never starts, so every fragment of every stream stayed on disk.
+    As nginx-rtmp does: a fragment older than twice the playlist length is deleted (a player that read
+    the playlist has had time to fetch it), a playlist older than the playlist length too (its stream
+    ended), then the emptied stream directory. Fragments the playlist of a stream published here still
+    lists are kept, and so are that stream's playlist and directory (nginx made it at the publish and
+    writes into it). Returns how many files were deleted."""
+    now = time.time() if now is None else now
+    deleted = 0
+    for scope in scopes:
+        try:
+            streams = [d for d in layout.hls_dir(scope).iterdir() if d.is_dir()]
+        except OSError:
+            continue
+        for directory in streams:
+            key = StreamKey(scope, directory.name)
+            live = key in published
+            keep = set(playlist_segments(directory / "index.m3u8")) if live else set()
+            try:
+                files = list(directory.iterdir())
+            except OSError:
+                continue
+            for file in files:
+                try:
+                    age = now - file.stat().st_mtime
+                except OSError:
+                    continue
+                if file.suffix == ".ts":
+                    stale = age > 2 * playlist_s and file not in keep
+                elif file.suffix == ".m3u8":
+                    stale = age > playlist_s and not live
+                else:
+                    continue
+                if stale:
+                    file.unlink(missing_ok=True)
+                    deleted += 1
+            if not live:
+                try:
+                    # only if empty, and not just made: an origin sharing this media root may have made it
+                    # for a publish this moment, its first fragment still to come
+                    if now - directory.stat().st_mtime > playlist_s:
+                        directory.rmdir()
+                except OSError:
+                    pass
+    return deleted
 
 
 def playlist_segments(playlist: Path) -> list[Path]:

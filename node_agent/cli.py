@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STOP_DEADLINE_S = 20.0
+PAUSE_S = 3.0  # the stall watchdog (a 1 s loop) did not run for this long: the process was stopped, not stalled
 HOOK_SOCKET_TIMEOUT_S = 10.0
 
 
@@ -97,8 +98,19 @@ def _fence_if_stalled(agent: Agent, stop: threading.Event, exit=os._exit) -> Non
     stuck; so an agent whose report loop stops running closes its session itself (its node and streams
     leave every answer) and exits for its supervisor to restart it."""
     limit_s = agent.settings.stall_timeout_s
+    last_check = resumed = time.monotonic()
     while not stop.wait(1.0):
-        stalled_s = time.monotonic() - agent.last_progress
+        now = time.monotonic()
+        if now - last_check > PAUSE_S:
+            # the watchdog itself did not run: the whole process was stopped (SIGSTOP, a frozen container
+            # or VM), not its report loop alone; that loop gets a whole limit from now before it counts
+            # as stalled (else the agent exited at once on SIGCONT, dropping every publisher its nginx
+            # still served, where it only had to register again)
+            log.warning("the agent did not run for %.0f s (stopped or frozen): resuming", now - last_check,
+                        extra={"node_id": agent.settings.node_id})
+            resumed = now
+        last_check = now
+        stalled_s = now - max(agent.last_progress, resumed)
         if stalled_s > limit_s:
             log.critical("the report loop has not run for %.0f s: closing the session and exiting", stalled_s,
                          extra={"node_id": agent.settings.node_id})

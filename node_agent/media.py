@@ -8,21 +8,27 @@ restarts it with backoff when it dies, and stops it with the agent.
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import requests
 
-from node_agent.artifacts import MediaLayout
+from node_agent.artifacts import HLS_FRAGMENT_S, HLS_PLAYLIST_S, MediaLayout
 from streammanager.process import Supervised
 
 log = logging.getLogger(__name__)
 
 RTMP_MODULE = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
+PROBE_INTERVAL_S = 1.0  # a running nginx is asked for /ping this often
+PROBE_TIMEOUT_S = 2.0
+HUNG_AFTER_PROBES = 3  # unanswered pings in a row: the process lives but serves nothing (stopped, stuck): killed
+WORKER_CONNECTIONS = 4096
 
 
 class MediaError(RuntimeError):
@@ -54,8 +60,8 @@ class NginxConfig:
         return f"""            hls on;
             hls_path {layout.hls_dir(app)};
             hls_nested on;
-            hls_fragment 2s;
-            hls_playlist_length 10s;
+            hls_fragment {HLS_FRAGMENT_S}s;
+            hls_playlist_length {HLS_PLAYLIST_S}s;
             record all;
             record_path {layout.record_dir(app)};
             record_unique on;
@@ -85,7 +91,7 @@ error_log stderr warn;
 load_module {RTMP_MODULE};
 
 events {{
-    worker_connections 4096;
+    worker_connections {WORKER_CONNECTIONS};
 }}
 
 rtmp {{
@@ -108,6 +114,7 @@ http {{
     scgi_temp_path {w}/tmp/scgi;
     server {{
         listen 127.0.0.1:{self.stat_port};
+        location = /ping {{ return 200 "ok"; }}
         location /stat {{ rtmp_stat all; }}
         location /control {{ rtmp_control all; }}
     }}
@@ -119,6 +126,28 @@ http {{
 class StreamStat:
     publisher: str | None = None
     clients: set[str] = field(default_factory=set)  # every client but the publisher
+
+
+def raise_open_files_limit(wanted: int = 2 * WORKER_CONNECTIONS) -> int:
+    """Raise this process's soft limit of open files toward ``wanted`` (within the hard limit); nginx
+    inherits it. A service's soft limit is 1024 by default (systemd), and one process nginx has no
+    worker whose ``worker_rlimit_nofile`` would apply: at about a thousand clients nginx failed every
+    accept ("Too many open files") and new viewers hung, while the node still took lookups. Returns the
+    soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit to %d: %s", target, exc)
+    if soft < wanted:
+        log.warning("open files limited to %d (hard limit %s): nginx holds fewer than %d clients; raise the hard "
+                    "limit (systemd: LimitNOFILE=)", soft, hard, WORKER_CONNECTIONS)
+    return soft
 
 
 def parse_stat(xml_text: str) -> dict[str, StreamStat]:
@@ -140,13 +169,27 @@ def parse_stat(xml_text: str) -> dict[str, StreamStat]:
 
 
 class NginxServer:
-    """nginx as a supervised child: restarted with backoff (1 s doubling to 30 s) while we run."""
+    """nginx as a supervised child: restarted with backoff (1 s doubling to 30 s) while we run, and
+    killed (then restarted) when it stops answering on its HTTP port although its process lives (a
+    SIGSTOPped or stuck nginx serves no client either). ``serving`` says whether it answers now;
+    ``on_serving(bool)`` is told when that changes, ``on_exit()`` after an nginx died and before the
+    next one starts (its clients went with it: no done hook will come for them)."""
 
-    def __init__(self, config: NginxConfig):
+    def __init__(self, config: NginxConfig, *, on_exit: Callable[[], None] | None = None,
+                 on_serving: Callable[[bool], None] | None = None):
         self.config = config
         self._proc: Supervised | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._on_exit = on_exit
+        self._on_serving = on_serving
+        self.serving = False
+
+    def _set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            self.serving = serving
+            if self._on_serving is not None:
+                self._on_serving(serving)
 
     def _argv(self) -> list[str]:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -161,8 +204,10 @@ class NginxServer:
         if self.config.media_root is not None:
             MediaLayout(self.config.media_root).prepare(self.config.applications)
         (work / "nginx.conf").write_text(self.config.render())
+        raise_open_files_limit()
         self._spawn()
         self._wait_ready(wait_s)
+        self._set_serving(True)
         self._watcher = threading.Thread(target=self._watch, name="nginx-watch", daemon=True)
         self._watcher.start()
 
@@ -184,19 +229,43 @@ class NginxServer:
             time.sleep(0.05)
         raise MediaError(f"nginx did not answer on 127.0.0.1:{self.config.stat_port} within {wait_s:.0f} s")
 
+    def _ping(self) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.config.stat_port}/ping", timeout=PROBE_TIMEOUT_S).ok
+        except requests.RequestException:
+            return False
+
     def _watch(self) -> None:
         backoff = 1.0
+        unanswered = 0
+        next_probe = time.monotonic() + PROBE_INTERVAL_S
         while not self._stopping.is_set():
             proc = self._proc
             if proc is not None and proc.running:
                 if self._stopping.wait(0.5):
                     return
+                if proc.running and time.monotonic() >= next_probe:
+                    answered = self._ping()
+                    next_probe = time.monotonic() + PROBE_INTERVAL_S
+                    unanswered = 0 if answered else unanswered + 1
+                    if answered:
+                        self._set_serving(True)
+                    elif unanswered >= HUNG_AFTER_PROBES and proc.running and not self._stopping.is_set():
+                        log.error("nginx (pid %s) has not answered %d probes in a row: killing it", proc.pid,
+                                  unanswered)
+                        proc.kill()
                 if proc.running:
                     continue
             if self._stopping.is_set():
                 return
+            self._set_serving(False)
             if proc is not None:
                 proc.kill_group()  # anything it left behind
+                if self._on_exit is not None:
+                    try:
+                        self._on_exit()
+                    except Exception:
+                        log.exception("forgetting the clients of the nginx that exited failed")
             log.warning("nginx exited (code %s): restarting in %.0f s", proc.returncode if proc else None, backoff)
             if self._stopping.wait(backoff):
                 return
@@ -204,6 +273,9 @@ class NginxServer:
                 self._spawn()
                 self._wait_ready(10)
                 backoff = 1.0
+                unanswered = 0
+                next_probe = time.monotonic() + PROBE_INTERVAL_S
+                self._set_serving(True)
             except MediaError as exc:
                 log.error("nginx restart failed: %s", exc)
                 backoff = min(backoff * 2, 30.0)

@@ -42,7 +42,7 @@ def _finite(value) -> float:
 
 def validate_name(kind: str, value: str | None) -> str:
     """Return ``value`` if it is a usable scope or stream name, else raise :class:`RecordError`."""
-    if value and len(value) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(value) and value != "." and value != "..":
+    if value and len(value) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(value) and ".." not in value and value != ".":
         return value  # every lookup comes here: the usual answer first, the reasons after
     if value is None or value == "":
         raise RecordError(f"{kind} name is empty")
@@ -53,6 +53,10 @@ def validate_name(kind: str, value: str | None) -> str:
             f"{kind} name {value[:40]!r} holds characters that cannot be one path segment "
             "(allowed: letters, digits and . _ ~ - ! $ ' ( ) * , : @)"
         )
+    if ".." in value:
+        # nginx-rtmp's HLS (on every origin) refuses such a stream ("hls: bad stream name"): a lookup
+        # answered an origin whose nginx then dropped the publisher with no reason the encoder could see
+        raise RecordError(f"{kind} name {value[:40]!r} holds '..', which the media servers refuse")
     return value
 
 

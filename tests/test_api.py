@@ -186,6 +186,7 @@ def test_a_draining_node_gets_no_new_subscribers(api, make_node):
     (f"{P}/event/live/{'x' * 200}?action=broadcast", 400, "longer than"),
     (f"{P}/event/live/a%20b?action=broadcast", 400, "path segment"),
     (f"{P}/event/live/a%2Fb?action=broadcast", 400, "one path segment"),
+    (f"{P}/event/live/match..final?action=broadcast", 400, "holds '..'"),  # nginx-rtmp's HLS refuses it
     (f"{P}/event/li%3Fve/demo?action=broadcast", 400, "path segment"),
     (f"{P}/event/live/demo?action=broadcast&region=atlantis-9", 400, "unknown region"),
     (f"{P}/event/live/demo?action=broadcast&strict=maybe", 400, "strict"),

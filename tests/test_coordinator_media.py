@@ -102,3 +102,24 @@ def test_the_close_command_stops_a_real_publisher_and_leads_to_stream_closed(api
     assert closing[-1]["x-streaming-id"] == session and closing[-1]["x-event-type"] == "stream-closed"
     assert all(r["x-streaming-id"] == session for r in closing)
     assert agent_proc.popen.poll() is None
+
+
+def test_live_hls_fragments_leave_the_disk_once_out_of_the_playlist_and_the_stream_directory_after_the_end(
+        api, origin, procs):
+    """nginx-rtmp's own hls_cleanup runs only in a cache manager process, which the agent's single-process
+    nginx has none of: without the agent's sweep every fragment of every stream stayed on disk."""
+    from node_agent.artifacts import playlist_segments
+
+    (_, host, _, _), media = origin
+    publisher = procs(PUBLISH + [f"rtmp://{host}/live/hlsgc"])
+    wait_until(lambda: live(api, "hlsgc"), 10, what="the stream live")
+    stream_dir = media / "hls" / "live" / "hlsgc"
+    first = wait_until(lambda: playlist_segments(stream_dir / "index.m3u8"), 15, what="a live playlist")[0]
+    # 2 s fragments, a 10 s playlist: a fragment stays twice the playlist length (20 s), not for ever
+    wait_until(lambda: first not in playlist_segments(stream_dir / "index.m3u8"), 30, what="the playlist moving on")
+    wait_until(lambda: not first.exists(), 40, what="the first fragment deleted")
+    current = playlist_segments(stream_dir / "index.m3u8")
+    assert current and all(segment.exists() for segment in current)  # what players may fetch is there
+    publisher.signal(signal.SIGINT)
+    wait_until(lambda: not live(api, "hlsgc"), 10, what="the stream ended")
+    wait_until(lambda: not stream_dir.exists(), 60, what="the ended stream's HLS directory removed")

@@ -211,3 +211,107 @@ def test_an_origin_failover_resumes_the_edge_viewer_without_reconnecting(api, sp
     procs(PUBLISH + [f"rtmp://{new[1]}/live/fo"])
     wait_until(lambda: frames() >= before + 60, 20, what="the same viewer receiving video again")
     assert viewer.popen.poll() is None  # never reconnected: the same process kept playing
+
+
+def _accepts(host: str, port: int = 1935) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_an_encoder_reconnecting_at_once_after_the_origins_nginx_crashed_is_accepted(api, spawn_agent, procs):
+    """The dead nginx's publisher is forgotten when nginx dies: it used to refuse the encoder's
+    reconnection ("already being published on this node") until the /stat reconciliation noticed."""
+    proc, host, _, _ = spawn_agent("origin", "us-east-1", media="nginx")
+    wait_for_nodes(api, 1)
+    first = publish_live(api, procs, host, "crash")
+    [nginx] = nginx_of(proc.pid)
+    os.kill(nginx, signal.SIGKILL)
+    first.popen.wait(10)  # its connection went with nginx
+    wait_until(lambda: (found := nginx_of(proc.pid)) and found != [nginx] and _accepts(host), 15,
+               what="a new nginx serving RTMP")
+    again = procs(PUBLISH + [f"rtmp://{host}/live/crash"])  # an encoder reconnecting at once
+    # refused, it exits; accepted, its video is served (a play before it published is retried)
+    wait_until(lambda: again.popen.poll() is not None or frames_read(f"rtmp://{host}/live/crash", 30, 10) >= 30,
+               30, what="the reconnected encoder's video, or its refusal")
+    assert again.popen.poll() is None, "the reconnecting encoder was refused"
+
+
+def test_a_hung_nginx_takes_its_node_out_of_service_and_is_replaced(api, spawn_agent, procs):
+    proc, host, _, node_id = spawn_agent("origin", "us-east-1", media="nginx")
+    wait_for_nodes(api, 1)
+
+    def state():
+        return api.get(f"{P}/admin/node/{node_id}?accessToken=s3cret-token").get_json()["state"]
+
+    [nginx] = nginx_of(proc.pid)
+    os.kill(nginx, signal.SIGSTOP)  # alive, serving nothing: RTMP connections hang in the listen queue
+    try:
+        wait_until(lambda: state() != "inservice", 20, what="the node out of service while nginx is hung")
+        assert api.get(f"{P}/event/live/hung?action=broadcast&region=us-east-1").status_code != 200
+        wait_until(lambda: (found := nginx_of(proc.pid)) and found != [nginx], 20, what="a new nginx")
+        wait_until(lambda: state() == "inservice", 20, what="the node back in service")
+    finally:
+        if not gone(nginx):
+            os.kill(nginx, signal.SIGKILL)
+    publish_live(api, procs, host, "hung")
+    assert frames_read(f"rtmp://{host}/live/hung") >= 90
+
+
+def test_an_edge_started_with_a_services_usual_open_files_limit_still_serves_past_a_thousand_clients(
+        api, spawn_agent, procs, zookeeper, zk_root, tmp_path):
+    """systemd starts a service with a soft limit of 1024 open files: nginx (one process, no worker's
+    worker_rlimit_nofile) inherited it and, about a thousand clients on, failed every accept."""
+    import socket
+    from tests.conftest import BIN, _agent_up, next_loopback
+    from streammanager.zookeeper import free_port
+
+    _, origin_host, _, _ = spawn_agent("origin", "us-east-1", media="nginx")
+    host, port = next_loopback(), free_port()
+    hard = open("/proc/self/limits").read().split("Max open files")[1].split()[1]
+    edge = procs(["prlimit", f"--nofile=1024:{hard}", "--", str(BIN / "node-agent"), "--role", "edge",
+                  "--region", "us-east-1", "--host", host, "--http-port", str(port), "--media", "nginx",
+                  "--node-id", f"edge-{host}", "--log-format", "text", "--work-dir", str(tmp_path / "edge")],
+                 {"AGENT_ZK_HOSTS": zookeeper.hosts, "AGENT_ZK_ROOT": zk_root}, tmp_path / "edge.log")
+    wait_until(lambda: _agent_up(host, port) or edge.popen.poll() is not None, 15, what="the edge serving")
+    wait_for_nodes(api, 2)
+    publish_live(api, procs, origin_host, "crowd")
+    import resource
+
+    soft, hard_self = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:  # this test process holds the 1100 connections
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard_self), hard_self))
+    idle = []
+    try:
+        for _ in range(1100):  # clients that connected (players still in their handshake, say)
+            idle.append(socket.create_connection((host, 1935), timeout=5))
+        assert frames_read(f"rtmp://{host}/live/crowd", frames=30, timeout_s=40) >= 30
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "Too many open files" not in edge.log()
+
+
+def test_an_origin_agent_stopped_and_continued_keeps_its_publisher_and_registers_again(api, spawn_agent, procs):
+    """SIGSTOP (a frozen container or VM) longer than the stall timeout: on SIGCONT the stall watchdog
+    used to see the report loop "stalled" and exit, and its nginx with every publisher went with it."""
+    proc, host, _, node_id = spawn_agent("origin", "us-east-1", media="nginx",
+                                         extra_env={"AGENT_STALL_TIMEOUT_S": "3", "AGENT_ZK_TIMEOUT_S": "4"})
+    wait_for_nodes(api, 1)
+    publisher = publish_live(api, procs, host, "frozen")
+    proc.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: api.get(f"{P}/event/live/frozen/stats").status_code == 404, 15,
+                   what="the stopped agent's session expired")
+        time.sleep(2)  # stopped well past its stall timeout (3 s)
+    finally:
+        proc.signal(signal.SIGCONT)
+    wait_until(lambda: api.get(f"{P}/event/live/frozen/stats").status_code == 200 or proc.popen.poll() is not None,
+               20, what="the stream claimed again, or the agent gone")
+    assert proc.popen.poll() is None, proc.log()[-2000:]
+    assert publisher.popen.poll() is None
+    assert frames_read(f"rtmp://{host}/live/frozen") >= 90
