@@ -93,6 +93,7 @@ class Agent:
         self._record_missing = False  # our node record was deleted while our session lives
         self._claims_to_check: set[str] = set()  # claim paths whose watch fired: claim again if still ours
         self._claims_lock = threading.Lock()
+        self._live_nowhere_since: dict[str, float] = {}  # edge: stream -> since when no origin has it
         self._reaped_check_until = 0.0  # monotonic: look for reaped sessions with each report until then
         self._releases_owed: dict[StreamKey, str] = {}  # claims an unpublish could not release yet: key -> session
         self.last_progress = time.monotonic()  # when the report loop last ran
@@ -692,12 +693,47 @@ class Agent:
             log.warning("nginx is not serving: out of service until it is back", extra=self._log_extra)
         self.changed(urgent=True)
 
+    def drop_abandoned_viewers(self, now: float | None = None) -> int:
+        """On an edge: drop the viewers of streams that have been live nowhere for ``viewer_wait_s`` (the
+        publisher stopped and did not come back). nginx holds an edge's players until a relay publishes,
+        so they waited for good on a frozen picture, and counted against the edge's capacity. Returns how
+        many streams' viewers were dropped."""
+        if self.settings.role != ROLE_EDGE or self.media is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        waiting = {}
+        for key_text, load in self.table.snapshot().items():
+            key = StreamKey.parse(key_text)
+            if load.publisher is not None or not load.clients:
+                continue  # relayed here now, or nobody waits
+            try:
+                live = self.claims.owner(key) is not None
+            except KazooException:
+                live = True  # the registry does not answer: not a reason to drop anyone
+            if not live:
+                waiting[key_text] = self._live_nowhere_since.get(key_text, now)
+        self._live_nowhere_since = waiting
+        dropped = 0
+        for key_text, since in waiting.items():
+            if now - since < self.settings.viewer_wait_s:
+                continue
+            key = StreamKey.parse(key_text)
+            count = self.media.drop_subscribers(key.scope, key.name)
+            log.info("dropped %d viewers of a stream live nowhere for %.0f s", count, now - since,
+                     extra={**self._log_extra, "scope": key.scope, "stream": key.name})
+            dropped += 1
+        return dropped
+
     def _reconcile_loop(self, interval_s: float = 3.0) -> None:
         while not self._stopping.wait(interval_s):
             try:
                 self.reconcile()
             except Exception:
                 log.exception("reconcile with /stat failed", extra=self._log_extra)
+            try:
+                self.drop_abandoned_viewers()
+            except Exception:
+                log.exception("dropping the viewers of ended streams failed", extra=self._log_extra)
             if self.media_layout is not None and self.media is not None:
                 try:
                     sweep_live_hls(self.media_layout, self.media.config.applications,

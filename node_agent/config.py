@@ -66,6 +66,9 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("stall_timeout_s", "AGENT_STALL_TIMEOUT_S", 15.0,
            "an agent whose report loop has not run for this long closes its session (its node leaves every "
            "answer) and exits, for its supervisor to restart it", positive(float)),
+    Option("viewer_wait_s", "AGENT_VIEWER_WAIT_S", 60.0,
+           "an edge drops the viewers of a stream that has been live nowhere for this long (its publisher "
+           "stopped and did not come back); until then they wait for it", positive(float)),
     Option("work_dir", "AGENT_WORK_DIR", None, "directory for the agent's files (default: a temp dir)"),
     Option("log_level", "AGENT_LOG_LEVEL", "INFO", "log level", str.upper, ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_format", "AGENT_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
@@ -98,6 +101,7 @@ class AgentSettings:
     report_interval_s: float = 1.0
     heartbeat_interval_s: float = 60.0
     stall_timeout_s: float = 15.0
+    viewer_wait_s: float = 60.0
     work_dir: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"

@@ -300,6 +300,17 @@ class NginxServer:
             return False
         return response.status_code == 200 and response.text.strip() not in ("", "0")
 
+    def drop_subscribers(self, app: str, name: str) -> int:
+        """Disconnect every player of ``app/name``; their play_done hooks follow. How many nginx dropped."""
+        try:
+            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/subscriber",
+                                    params={"app": app, "name": name}, timeout=2)
+        except requests.RequestException as exc:
+            log.warning("could not ask nginx to drop the players of %s/%s: %s", app, name, exc)
+            return 0
+        text = response.text.strip()
+        return int(text) if response.status_code == 200 and text.isdigit() else 0
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
         if self._watcher is not None:

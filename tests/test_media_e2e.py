@@ -315,3 +315,23 @@ def test_an_origin_agent_stopped_and_continued_keeps_its_publisher_and_registers
     assert proc.popen.poll() is None, proc.log()[-2000:]
     assert publisher.popen.poll() is None
     assert frames_read(f"rtmp://{host}/live/frozen") >= 90
+
+
+def test_an_edge_drops_the_viewers_of_a_stream_that_stays_live_nowhere(api, spawn_agent, procs):
+    # nginx holds an edge's players until a relay publishes: after the publisher stopped for good they
+    # waited on a frozen picture for ever, counted against the edge's capacity
+    _, origin_host, _, _ = spawn_agent("origin", "us-east-1", media="nginx")
+    _, edge_host, _, edge_id = spawn_agent("edge", "us-east-1", media="nginx", extra_env={"AGENT_VIEWER_WAIT_S": "4"})
+    wait_for_nodes(api, 2)
+    publisher = publish_live(api, procs, origin_host, "ended")
+    viewer = watch(procs, edge_host, "ended", seconds=600)
+
+    def edge_viewers():
+        doc = api.get(f"{P}/admin/node/{edge_id}?accessToken=s3cret-token").get_json()
+        return sum(s["subscribers"] for s in doc.get("streams", []) if s["name"] == "ended")
+
+    wait_until(lambda: edge_viewers() == 1, 20, what="the viewer on the edge")
+    publisher.signal(signal.SIGINT)
+    wait_until(lambda: api.get(f"{P}/event/live/ended/stats").status_code == 404, 10, what="the stream ended")
+    wait_until(lambda: viewer.popen.poll() is not None, 30, what="the waiting viewer dropped")
+    wait_until(lambda: edge_viewers() == 0, 10, what="the edge's load without the dropped viewer")
