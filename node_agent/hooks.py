@@ -98,6 +98,8 @@ class HookCallers:
     publishes and end sessions: anyone else on the network could otherwise unpublish any stream, name
     any file as a session's recording, or fill the node's capacity with players that do not exist."""
 
+    REFUSAL_LOG_EVERY_S = 10.0
+
     def __init__(self, settings):
         own = {"127.0.0.1", "::1", settings.host, settings.http_host}
         self._addresses = {ipaddress.ip_address(a) for a in own if a}
@@ -105,8 +107,6 @@ class HookCallers:
         self._lock = threading.Lock()
         self._logged_at = -self.REFUSAL_LOG_EVERY_S
         self._unlogged = 0
-
-    REFUSAL_LOG_EVERY_S = 10.0
 
     def refused(self) -> int | None:
         """Count a refusal; the number of refusals not logged since the last one that was, when this one

@@ -313,10 +313,10 @@ class SessionTracker:
 
 
 def _recording_of(layout: MediaLayout, key: StreamKey, path: str) -> Path | None:
-    """``path`` as a recording of ``key``: ``<name>-<unix time>.flv`` (``record_unique on``) directly in its scope's record
-    directory, after resolving ``..`` and symbolic links (``Path.parents`` is lexical: a path through
-    ``record/<scope>/../../..`` passed as inside it, and the file it named was turned into the session's
-    VOD and then deleted). None if it is anything else."""
+    """``path`` as a recording of ``key``: ``<name>-<unix time>.flv`` (``record_unique on``) directly in its
+    scope's record directory, after resolving ``..`` and symbolic links (``Path.parents`` is lexical: a
+    path through ``record/<scope>/../../..`` passed as inside it, and the file it named was turned into
+    the session's VOD and then deleted). None if it is anything else."""
     if not path or "\0" in path or not Path(path).is_absolute():
         return None
     directory = layout.record_dir(key.scope).resolve()

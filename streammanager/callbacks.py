@@ -31,9 +31,9 @@ from typing import Callable
 
 import requests
 from kazoo.client import KazooClient
-from prometheus_client import Counter, Gauge
 from kazoo.exceptions import KazooException, NoNodeError, NotEmptyError
 from kazoo.recipe.watchers import ChildrenWatch
+from prometheus_client import Counter, Gauge
 
 from streammanager.coordinator_config import EventCallbackSettings
 from streammanager.deadline import post_within, watched_session
@@ -50,9 +50,9 @@ BLOCKED_CHANNELS = Gauge("sm_callback_blocked_channels",
 BLOCKED_SECONDS = Gauge("sm_callback_blocked_seconds",
                         "How long the longest-blocked channel has been retrying its next event")
 
-POLL_INTERVAL_S = 1.0
+POLL_INTERVAL_S = 1.0  # a pass at least this often, besides the queue's watch
 REAPED_KEEP_S = 24 * 3600  # a reaped session's tombstone waits this long for its origin to come back
-TOMBSTONE_SWEEP_S = 60.0  # a pass at least this often, besides the queue's watch
+TOMBSTONE_SWEEP_S = 60.0  # how often tombstones older than that are looked for
 DELIVERED_MEMORY = 256  # event ids remembered per channel, to skip a copy queued by a retried create
 
 
@@ -251,7 +251,8 @@ class CallbackDispatcher:
             response.close()
         except requests.RequestException as exc:
             status = type(exc).__name__
-        DELIVERIES.labels("delivered" if status == 200 else "refused" if isinstance(status, int) else "unanswered").inc()
+        outcome = "delivered" if status == 200 else "refused" if isinstance(status, int) else "unanswered"
+        DELIVERIES.labels(outcome).inc()
         if status == 200:
             with self._lock:
                 state.backoff_s, state.failures, state.next_at, state.failing_since = 0.0, 0, 0.0, 0.0

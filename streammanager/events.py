@@ -202,10 +202,10 @@ class EventQueue:
             transaction.create(tombstone, b"")
             results = transaction.commit()
             failed = [r for r in results if isinstance(r, Exception)]
-            if any(isinstance(r, NodeExistsError) for r in failed):  # a retried commit that went through
+            if any(isinstance(r, NoNodeError) for r in failed):
+                pass  # no marker: its origin closed the session meanwhile (or a retried commit went through)
+            elif any(isinstance(r, NodeExistsError) for r in failed):  # reaped before: only the marker goes
                 self.close_session(channel, session_id)
-            elif any(isinstance(r, NoNodeError) for r in failed):  # its origin closed it meanwhile
-                pass
             elif failed:
                 raise failed[0]
 

@@ -96,8 +96,10 @@ class CompatEC2NodeDriver(EC2NodeDriver):
         # and listing it failed every sweep. A newer region is the same API at its regional endpoint, the
         # signature scoped to the region's name, which is all the driver reads of it.
         known = region in VALID_EC2_REGIONS
-        super().__init__(key, secret=secret, secure=secure, host=host or (None if known else f"ec2.{region}.amazonaws.com"),
-                         port=port, region=region if known else "us-east-1", token=token,
+        if not known and host is None:
+            host = f"ec2.{region}.amazonaws.com"
+        super().__init__(key, secret=secret, secure=secure, host=host, port=port,
+                         region=region if known else "us-east-1", token=token,
                          signature_version=signature_version, **kwargs)
         if not known:
             self.region_name = region
