@@ -58,7 +58,9 @@ def _shut(sock: socket.socket) -> None:
         pass  # closed already
 
 
-class _WatchedHTTPConnection(HTTPConnection):
+class _Watched:
+    """A connection that puts its socket under the calling thread's deadline before each answer."""
+
     def getresponse(self, *args, **kwargs):
         deadline = getattr(_local, "deadline", None)
         if deadline is not None:
@@ -66,8 +68,12 @@ class _WatchedHTTPConnection(HTTPConnection):
         return super().getresponse(*args, **kwargs)
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    getresponse = _WatchedHTTPConnection.getresponse
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPConnectionPool(HTTPConnectionPool):
