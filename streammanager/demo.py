@@ -98,7 +98,7 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     cluster = LocalCluster(work_dir=args.work_dir, nodes=[], api_port=args.api_port, zk_port=args.zk_port,
                            media=args.media, group=demo_group(regions, args.media),
-                           agent_http_port=args.agent_base_port)
+                           agent_http_port=args.agent_base_port, fresh_registry=True)
     stop = stop_event_on_signals()
     try:
         cluster.start(progress=lambda line: print(line, flush=True))

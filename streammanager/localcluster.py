@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class LocalCluster:
     # a node group for a controller (local provider) to launch, instead of fixed ``nodes``
     group: dict | None = None
     cluster_id: str = "demo"
+    fresh_registry: bool = False  # start ZooKeeper empty (the demo: each run is a new cluster)
     agent_http_port: int = 8090  # the controller's local instances' HTTP port (each on its own address)
     _zk: ZooKeeperServer | None = None
     _children: list[Supervised] = field(default_factory=list)
@@ -80,6 +82,10 @@ class LocalCluster:
             if not port_is_free(port):
                 raise ClusterError(f"port {port} for the {what} is in use: is another cluster running?")
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.fresh_registry:
+            # the last run's registry (its node group, its instance records) made the next `make demo`
+            # fail at once ("node group 'demo' exists"); its ZooKeeper is not running (its port is free)
+            shutil.rmtree(self.work_dir / "zookeeper", ignore_errors=True)
         progress(f"starting ZooKeeper on {self.zk_hosts}")
         self._zk = ZooKeeperServer(ZooKeeperConfig(data_dir=self.work_dir / "zookeeper", port=self.zk_port))
         self._zk.start()

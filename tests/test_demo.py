@@ -90,3 +90,9 @@ def test_the_demo_with_simulated_nodes_works_through_the_hooks_it_prints(procs, 
                what="the viewer in the stats")
 
     stop_demo(proc, children)
+    # and again, in the same directory (a second `make demo`): the last run's registry held the node
+    # group, and the demo stopped at once with "node group 'demo' exists"
+    again, api_port = start_demo(procs, tmp_path, "--media", "none")
+    children = children_of(again.pid) + instance_pids(tmp_path)
+    assert len(children) == 7
+    stop_demo(again, children)
