@@ -292,21 +292,19 @@ class NginxServer:
     def drop_publisher(self, app: str, name: str) -> bool:
         """Disconnect the publisher of ``app/name`` (nginx-rtmp's control module); its publish_done
         hook follows. True if nginx dropped one."""
-        try:
-            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/publisher",
-                                    params={"app": app, "name": name}, timeout=2)
-        except requests.RequestException as exc:
-            log.warning("could not ask nginx to drop the publisher of %s/%s: %s", app, name, exc)
-            return False
-        return response.status_code == 200 and response.text.strip() not in ("", "0")
+        return self._drop("publisher", app, name) > 0
 
     def drop_subscribers(self, app: str, name: str) -> int:
         """Disconnect every player of ``app/name``; their play_done hooks follow. How many nginx dropped."""
+        return self._drop("subscriber", app, name)
+
+    def _drop(self, kind: str, app: str, name: str) -> int:
+        """nginx-rtmp's ``/control/drop/<kind>``: how many clients it dropped (0 if it did not answer)."""
         try:
-            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/subscriber",
+            response = requests.get(f"http://127.0.0.1:{self.config.stat_port}/control/drop/{kind}",
                                     params={"app": app, "name": name}, timeout=2)
         except requests.RequestException as exc:
-            log.warning("could not ask nginx to drop the players of %s/%s: %s", app, name, exc)
+            log.warning("could not ask nginx to drop the %s of %s/%s: %s", kind, app, name, exc)
             return 0
         text = response.text.strip()
         return int(text) if response.status_code == 200 and text.isdigit() else 0
