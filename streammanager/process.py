@@ -5,12 +5,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,48 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+
+
+class _Spawner:
+    """Starts children from a thread that lives as long as the process.
+
+    The kernel sends a child its parent-death signal when the *thread* that forked it ends, not the
+    process. A node agent's relays are started by its relay supervisor's thread, and a restarted nginx
+    by the thread that watches nginx: at the agent's stop those threads return first, and their
+    children were SIGKILLed before they were asked to stop (an edge's relays and a restarted nginx
+    never got their SIGINT or SIGTERM). So every child is forked by the main thread, or by this one
+    thread (one per process: a forked process starts its own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._jobs: queue.SimpleQueue | None = None
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(*args, **kwargs)
+        done: Future = Future()
+        self._queue().put((done, args, kwargs))
+        return done.result()
+
+    def _queue(self) -> queue.SimpleQueue:
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child: its parent's thread is not here
+                self._pid, self._jobs = os.getpid(), queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(self._jobs,), name="child-spawner", daemon=True).start()
+            return self._jobs
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue) -> None:
+        while True:
+            done, args, kwargs = jobs.get()
+            try:
+                done.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as exc:  # the caller raises it
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
 
 
 class SignalStop(threading.Event):
@@ -101,7 +145,7 @@ class Supervised:
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
-        self._popen = subprocess.Popen(
+        self._popen = _spawner.popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=self._env, cwd=self._cwd, preexec_fn=_die_with_parent, start_new_session=True,
         )

@@ -442,8 +442,8 @@ class FeedKeeper:
         self._thread.start()
 
     def _keep(self) -> None:
-        # This thread starts every later feed: it lives as long as the server, as it must (a child's
-        # PR_SET_PDEATHSIG fires when the thread that started it ends).
+        # This thread starts every later feed (forked by the process's spawner thread, which outlives it:
+        # streammanager.process).
         delay = self.RESTART_MIN_S
         while True:
             feed = self._feed
