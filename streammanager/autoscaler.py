@@ -300,7 +300,12 @@ def _scale_pool(now: int, group: NodeGroup, region: str, role: str, limits: Pool
             return
         record, node = min(serving, key=lambda pair: (pair[1].used, pair[1].started_ms))
         remaining = capacity - node.capacity
-        if remaining <= 0 or used / remaining >= policy.scale_out_at:
+        if remaining <= 0:  # min 0: a pool without nodes measures no load, so it could never grow again
+            hold(f"load {utilization:.2f} < {policy.scale_in_below:g}, but {record.id} is the pool's last "
+                 "serving node: a pool without nodes has no load to grow on (raise min to add nodes, "
+                 "lower max to remove it)")
+            return
+        if used / remaining >= policy.scale_out_at:
             hold(f"load {utilization:.2f} < {policy.scale_in_below:g}, but removing {record.id} would "
                  f"push the pool to its scale-out threshold")
             return

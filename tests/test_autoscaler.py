@@ -565,3 +565,12 @@ def test_a_replayed_timeline_where_every_node_dies_at_boot_stops_launching_after
 def test_an_instance_an_operator_removed_is_destroyed_at_once():
     records = {"t1": replace(instance("t1", TERMINATING, since=NOW - 1), reason="removed by an operator")}
     assert destroyed(decide(group(min=0), records)) == ["t1"]
+
+
+def test_an_idle_pool_at_min_0_keeps_its_last_node_and_says_why():
+    records, nodes = serving(0)
+    result = decide(group(min=0), records, nodes)
+    assert result.moves == []
+    (reason,) = holds(result)
+    assert "last serving node" in reason and "no load to grow on" in reason
+    assert "scale-out threshold" not in reason  # what it said before: not the reason at all
