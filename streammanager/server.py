@@ -113,11 +113,12 @@ class _AcceptErrors:
 
 
 class ApiProtocol(ASGIProtocol):
-    """gunicorn's connection, with three changes: the errors gunicorn answers itself (before the app sees
+    """gunicorn's connection, with four changes: the errors gunicorn answers itself (before the app sees
     a request: a request line over 4 KB, headers over its limits, bytes that are not HTTP) come in the
     API's documented shape, ``{"errorMessage", "timestamp"}`` as JSON, not text/plain (gunicorn's status
     stays: 414, 431, 400, 501 are the precise ones); a connection's first request must come within
-    ``FIRST_REQUEST_TIMEOUT_S``; and no request is taken for a WebSocket handshake. These override
+    ``FIRST_REQUEST_TIMEOUT_S``; no request is taken for a WebSocket handshake; and a client that
+    half-closes after its request gets the answer. These override
     gunicorn 27's connection class (private methods): ``tests/test_serve.py`` checks each."""
 
     def connection_made(self, transport):
@@ -129,6 +130,19 @@ class ApiProtocol(ASGIProtocol):
         # such a connection; the complete headers of a request cancel it, as they do between requests.
         if getattr(self, "_request_ready", None) is not None and getattr(self, "_keepalive_handle", 0) is None:
             self._keepalive_handle = self.worker.loop.call_later(FIRST_REQUEST_TIMEOUT_S, self._keepalive_timeout)
+
+    def eof_received(self):
+        # A client that sends its request and then half-closes (shutdown(SHUT_WR): `nc -N`, some health
+        # checkers) still reads the answer. gunicorn's connection leaves this to asyncio, which closes the
+        # transport at once: the request was served into a closed socket and the client read nothing.
+        # With a request taken, the transport stays open for the answer, and the connection closes after
+        # it (no further request can come). Without one, it closes as before.
+        ready = getattr(self, "_request_ready", None)
+        if ready is not None and (ready.is_set() or getattr(self, "_current_request", None) is not None
+                                  or getattr(self, "_finishing_calls", None)):
+            self._keepalive = 0  # gunicorn's keep-alive timeout: 0 ends the connection after this answer
+            return True
+        return None
 
     def _is_websocket_upgrade(self, request):
         # The API has no WebSocket route: gunicorn answered an "Upgrade: websocket" request to any route

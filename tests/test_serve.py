@@ -1,4 +1,5 @@
 """``streammanager serve`` under gunicorn, with real ZooKeeper servers: concurrency and outages."""
+import json
 import os
 import signal
 import socket
@@ -559,6 +560,22 @@ def test_a_websocket_upgrade_is_answered_as_the_plain_request_it_also_is(procs, 
                                   b"Connection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\n"
                                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     assert line.split()[1] == "200" and headers["content-type"] == "application/json"  # not gunicorn's empty 403
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(procs, tmp_path, zookeeper, zk_root):
+    port = _api(procs, tmp_path, zookeeper, zk_root)
+    for path in (b"/healthz", b"/streammanager/api/2.0/event/live/none?action=subscribe"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            conn.shutdown(socket.SHUT_WR)  # as `nc -N` does: the request is all it will send
+            answer = b""
+            while chunk := conn.recv(65536):  # until the server closes
+                answer += chunk
+        assert answer, "the server closed the connection without an answer"  # what it did before
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] in (b"200", b"404"), answer
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)
 
 
 def test_slow_request_bodies_hold_none_of_the_flask_threads(procs, tmp_path, zookeeper, zk_root):
