@@ -57,6 +57,7 @@ PULL_PENDING_S = 5.0
 LOOP_TICK_S = 2.0  # the report loop runs at least this often, written or not
 CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher's publish_done
 REAPED_CHECK_S = 30.0  # after registering again, how long the reaper's tombstones are looked for
+FINISH_ON_STOP_S = 10.0  # a stop with publishers on gives their sessions this long to make their VOD and events
 REGISTER_WAIT_S = 10.0  # at start, how long a record of another session of this node id is waited out (at least)
 
 
@@ -105,6 +106,8 @@ class Agent:
         self._wake = threading.Event()
         self._urgent = threading.Event()
         self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_begun = False
         self._reporter: threading.Thread | None = None
         self._log_extra = {"node_id": settings.node_id, "role": settings.role, "region": settings.region}
         self.media: NginxServer | None = None
@@ -168,9 +171,13 @@ class Agent:
 
     def stop(self) -> None:
         """Deregister at once: closing the session makes ZooKeeper delete the node record and every
-        stream claim in one step, and never blocks on an unreachable ZooKeeper."""
-        if self._stopping.is_set():
-            return
+        stream claim in one step, and never blocks on an unreachable ZooKeeper. An origin first ends
+        its publish sessions (:meth:`_finish_sessions`)."""
+        with self._stop_lock:
+            if self._stop_begun:
+                return
+            self._stop_begun = True
+        self._finish_sessions(FINISH_ON_STOP_S)
         self._stopping.set()
         self._urgent.set()
         self._wake.set()
@@ -189,6 +196,27 @@ class Agent:
             self.media.stop()
         if self._own_work_dir and self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _finish_sessions(self, timeout_s: float) -> None:
+        """An origin stopped with publishers on: drain (lookups stop answering this node, and its hooks
+        refuse a publisher that comes back), drop each publisher, and give their sessions up to
+        ``timeout_s`` to end as a publisher's own stop ends them: nginx closes the recording, it becomes
+        the session's VOD, and HLS-VOD then stream-closed are queued. The encoders reconnect elsewhere.
+        Before, the recording was left in the media root, never made a VOD, and the controller's
+        reaper sent stream-closed alone once the node had gone."""
+        if self.settings.role != ROLE_ORIGIN or self.media is None or not self.client.connected:
+            return
+        published = self.table.published()
+        if not published:
+            return
+        log.info("stopping: ending %d publish session(s) first", len(published), extra=self._log_extra)
+        self.state = STATE_DRAINING
+        self.changed(urgent=True)
+        for stream in published:
+            self.media.drop_publisher(stream.key.scope, stream.key.name)
+        if not self.sessions.wait_finished(timeout_s):
+            log.warning("stopping: sessions still open after %.0f s; the controller's reaper closes them",
+                        timeout_s, extra=self._log_extra)
 
     # -- reporting -------------------------------------------------------------------------------
     def record(self) -> NodeRecord:

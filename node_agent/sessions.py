@@ -11,8 +11,10 @@ Contract, per session (one publish of one channel, ``session_id``):
 - ``stream-closed`` is queued last; then the marker is deleted.
 - Every event goes through one ordered outbox per session, written to ZooKeeper by one thread in
   order; a write that fails is retried on the next tick, so order holds and nothing is skipped.
-- ``stop()`` flushes what is ready (bounded) and stops every ffmpeg; sessions still open keep their
-  marker, and the controller's reaper closes them once this agent's node record is gone.
+- An origin's stop first drops its publishers and waits (bounded) for their sessions to end as above
+  (``Agent._finish_sessions``, :meth:`wait_finished`). ``stop()`` then flushes what is ready (bounded)
+  and stops every ffmpeg; sessions still open keep their marker, and the controller's reaper closes
+  them once this agent's node record is gone.
 """
 from __future__ import annotations
 
@@ -198,6 +200,17 @@ class SessionTracker:
                 done = False
                 log.warning("could not queue events (retrying): %s", exc, extra=session.extra())
         return done
+
+    def wait_finished(self, timeout_s: float) -> bool:
+        """Wait until every session has ended and its events are written; False if some are still
+        open after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if not self._sessions:
+                    return True
+            if time.monotonic() >= deadline or self._stopping.wait(0.1):
+                return False
 
     def stop(self, flush_timeout_s: float = 2.0) -> None:
         self._stopping.set()

@@ -123,3 +123,25 @@ def test_live_hls_fragments_leave_the_disk_once_out_of_the_playlist_and_the_stre
     publisher.signal(signal.SIGINT)
     wait_until(lambda: not live(api, "hlsgc"), 10, what="the stream ended")
     wait_until(lambda: not stream_dir.exists(), 60, what="the ended stream's HLS directory removed")
+
+
+def test_an_origin_stopped_mid_session_ends_it_with_its_vod_then_stream_closed(api, origin, receiver, procs, zk,
+                                                                              zk_root, tmp_path):
+    (agent_proc, host, _, _), media = origin
+    publisher = procs(PUBLISH + [f"rtmp://{host}/live/stopme"], log_path=tmp_path / "pub.log")
+    wait_until(lambda: live(api, "stopme"), 10, what="the stream live")
+    session = session_of(zk, zk_root, "stopme")
+    receiver.wait_for(2, 15)  # HLS-LIVE and IMG-PREVIEW: the session is well under way
+
+    agent_proc.signal(signal.SIGTERM)
+    assert agent_proc.popen.wait(25) == 0, agent_proc.log()
+    assert publisher.popen.wait(10) != 0  # its publisher was dropped (its encoder would reconnect elsewhere)
+    events = receiver.wait_for(4, 15)
+    assert [event_tuple(r) for r in events] == [
+        ("stream-available", "HLS-LIVE", session), ("stream-available", "IMG-PREVIEW", session),
+        ("stream-available", "HLS-VOD", session), ("stream-closed", None, session)]
+    vod = events[2]["x-index-file"]
+    assert vod == str(media.resolve() / "sessions" / "live" / "stopme" / session / "vod" / "index.m3u8")
+    assert "#EXT-X-ENDLIST" in open(vod).read()
+    assert not list((media / "record" / "live").glob("stopme-*.flv"))  # the recording became the VOD
+    assert not zk.exists(ZkPaths(zk_root).callback_session("live/stopme", session))  # closed by the agent itself
