@@ -107,6 +107,8 @@ class Agent:
         self._urgent = threading.Event()
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._publishes_under_way: dict[tuple[str, str], bool] = {}  # (stream, client) -> its publish_done came
         self._stop_begun = False
         self._reporter: threading.Thread | None = None
         self._log_extra = {"node_id": settings.node_id, "role": settings.role, "region": settings.region}
@@ -481,6 +483,21 @@ class Agent:
             return Decision.allow()
         if self.state != STATE_INSERVICE:
             return Decision.refuse(f"node is {self.state}")
+        # nginx-rtmp sends publish_done when a publisher leaves while its publish hook is still under way
+        # (it marks the stream published before it asks), and hooks are answered on several threads:
+        # that publish_done came first, found no publisher, and the publish went live after it, a ghost
+        # stream whose claim refused its encoder's reconnection and whose lookups sent viewers to nothing.
+        pending = (str(key), clientid)
+        with self._publish_lock:
+            self._publishes_under_way[pending] = False  # True: its publish_done came meanwhile
+        try:
+            decision = self._publish_on_origin(key, clientid, args, extra)
+        finally:
+            with self._publish_lock:
+                self._publishes_under_way.pop(pending, None)
+        return decision
+
+    def _publish_on_origin(self, key: StreamKey, clientid: str, args: dict[str, str], extra: dict) -> Decision:
         verdict = self.verifier.verify(str(key), args.get("key", ""), args.get("addr", ""))
         if not verdict.allowed:
             return Decision.refuse(verdict.reason)
@@ -508,6 +525,17 @@ class Agent:
             self.table.end_publish(key, clientid)  # undo: refused
             self._release(key, record.session_id)
             return Decision.refuse("the registry is unreachable", 503)
+        with self._publish_lock:  # with on_publish_done's: it either sees this publisher, or is seen here
+            left = self._publishes_under_way.get((str(key), clientid), False)
+            ours = self.table.session_of(key, clientid) == record.session_id
+            if left and ours:
+                self.table.end_publish(key, clientid)
+        if left or not ours:  # the publisher left while it was being allowed: undo the publish
+            log.info("the publisher left before its publish was allowed", extra=extra)
+            self.sessions.discard(record.session_id)  # nothing was published: no event is owed
+            self._release(key, record.session_id)
+            self.changed(urgent=True)
+            return Decision.refuse("the publisher left")
         self._watch_claim(self.paths.stream(key))
         log.info("stream published", extra=extra)
         self.changed(urgent=True)
@@ -524,7 +552,10 @@ class Agent:
         return stale
 
     def on_publish_done(self, key: StreamKey, clientid: str) -> None:
-        session = self.table.end_publish(key, clientid)
+        with self._publish_lock:
+            session = self.table.end_publish(key, clientid)
+            if session is None and (str(key), clientid) in self._publishes_under_way:
+                self._publishes_under_way[(str(key), clientid)] = True  # its publish hook undoes it
         if session is None:
             return  # not the publisher (e.g. a refused duplicate)
         self._publish_ended(key, session)

@@ -124,6 +124,19 @@ class SessionTracker:
             session.finished = True
         self._wake.set()
 
+    def discard(self, session_id: str) -> None:
+        """A publish undone before it was allowed (its publisher left meanwhile): forget its session
+        without an event, and delete its marker. A session that has ended already is left to end as usual."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.ended.is_set():
+                return
+            del self._sessions[session_id]
+            self._abandoned.append((session.channel, session_id))
+        session.reaped = True  # its media watcher stops without a VOD or an event
+        session.ended.set()
+        self._wake.set()
+
     def forget_reaped(self) -> list[str]:
         """The open sessions that the controller's reaper closed while this node was away (frozen past
         its ZooKeeper session: the application got their stream-closed): forgotten here, with whatever

@@ -47,6 +47,12 @@ class StreamTable:
             state = self._streams.get(str(key))
             return state.publisher if state else None
 
+    def session_of(self, key: StreamKey, clientid: str) -> str | None:
+        """The publish session of ``clientid`` on ``key``; None if it is not the stream's publisher."""
+        with self._lock:
+            state = self._streams.get(str(key))
+            return state.session_id if state is not None and state.publisher == clientid else None
+
     def start_publish(self, key: StreamKey, clientid: str, now_ms: int) -> StreamState | None:
         """Record a publisher; None if another client already publishes the stream here."""
         with self._lock:

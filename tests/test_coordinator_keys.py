@@ -1,12 +1,15 @@
 """Publish key verification against a real HTTP receiver of ours: headers, every auth mode, refusals,
 timeouts, and a real ffmpeg publisher refused at a real nginx-rtmp origin."""
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from streammanager.coordinator_config import CallbackTarget, HttpAuth
 from streammanager.models import StreamKey
+from streammanager.registry import ZkPaths
 from tests.conftest import wait_until
 from tests.coordinator_helpers import receiver  # noqa: F401 (a fixture)
 from tests.coordinator_helpers import Receiver, basic
@@ -177,3 +180,27 @@ def test_only_a_registered_edge_pulling_from_its_own_address_is_not_counted_as_a
     assert edge.hook("play", "counted", clientid="e1", flashver="ngx-local-relay").status_code == 200
     assert edge.hook("play", "counted", clientid="e2", relay=edge.agent.settings.node_id).status_code == 200
     assert subscribers(edge) == 2
+
+
+def test_a_publisher_that_leaves_while_its_key_is_verified_never_goes_live(api, make_node, receiver, zk, zk_root):
+    # nginx-rtmp sends publish_done for a publisher that disconnects while its publish hook waits for
+    # the verifier; that hook then must not make the stream live (a ghost nobody publishes)
+    asked = threading.Event()
+    receiver.answer = lambda headers: (asked.set(), 200)[1]
+    receiver.delay_s = 1.0
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 3.0))
+    with ThreadPoolExecutor(1) as pool:
+        publishing = pool.submit(origin.hook, "publish", "ghost", clientid="p1", type="live", key="k")
+        assert asked.wait(5), "the verifier was not asked"
+        assert origin.hook("publish_done", "ghost", clientid="p1").status_code == 200  # it left meanwhile
+        response = publishing.result(10)
+    assert response.status_code == 403 and "left" in response.text
+    assert origin.agent.table.published() == []
+    paths = ZkPaths(zk_root)
+    assert not zk.exists(paths.stream(StreamKey("live", "ghost")))  # no claim to refuse its reconnection
+    wait_until(lambda: not zk.get_children(paths.callback_sessions) if zk.exists(paths.callback_sessions)
+               else True, 5, what="no open-session marker left")
+    assert not live(api, "ghost")
+    # its encoder reconnecting is a publisher like any other
+    assert origin.hook("publish", "ghost", clientid="p2", type="live", key="k").status_code == 200
+    wait_until(lambda: live(api, "ghost"), 5, what="the stream live from its new connection")
