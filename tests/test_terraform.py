@@ -39,6 +39,7 @@ AWS_POLICY_ACTIONS = {
     "controller": {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags",
                    "iam:PassRole"},
     "api": {"secretsmanager:GetSecretValue", "kms:Decrypt"},
+    "zk_auth": {"secretsmanager:GetSecretValue", "kms:Decrypt"},  # API servers and controllers
     "flow_logs": {"logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogGroups", "logs:DescribeLogStreams"},
     "ec2_assume_role": {"sts:AssumeRole"},
     "flow_logs_assume_role": {"sts:AssumeRole"},
@@ -59,6 +60,14 @@ GCE_PERMISSIONS = {
     "compute.subnetworks.get", "iam.serviceAccounts.actAs",
 }
 GCE_PROJECT_ROLES = {"roles/logging.logWriter", "roles/monitoring.metricWriter"}
+
+# Who may read each secret, by the secret's resource name: AWS roles, GCE service accounts. A new secret
+# must be added here. Media nodes read neither: the controller hands them the ZooKeeper identity through
+# their boot script.
+SECRET_READERS = {
+    "access_token": {"api"},
+    "zk_auth": {"api", "controller"},
+}
 
 
 # -- loading -------------------------------------------------------------------------------------------
@@ -432,6 +441,24 @@ def templatefile_calls(mod: Module) -> list[tuple[str, set[str]]]:
     return calls
 
 
+def templatefile_arguments(mod: Module) -> dict[str, dict[str, str]]:
+    """The arguments (name: expression text) of every templatefile() call in a module, by template path."""
+    calls = {}
+    for parsed in mod.files.values():
+        for leaf in walk(parsed):
+            if isinstance(leaf, str):
+                for path, arguments in TEMPLATEFILE.findall(leaf):
+                    calls[path] = dict((piece.split("=", 1)[0].strip(), piece.split("=", 1)[1].strip())
+                                       for piece in split_top_level(arguments))
+    return calls
+
+
+def heredocs(text: str) -> dict[str, tuple[str, str]]:
+    """The files a boot script writes with ``cat > PATH <<'END'``: path -> (delimiter as written, body)."""
+    return {path: (quote + end + quote, body) for path, quote, end, body in
+            re.findall(r"^cat > (\S+) <<('?)(\w+)\2\n(.*?)^\3$", text, re.S | re.M)}
+
+
 def template_names(text: str) -> set[str]:
     """Names a Terraform template reads: interpolations and directives, minus loop variables."""
     names = set(re.findall(r"(?<!\$)\$\{\s*([A-Za-z_][A-Za-z0-9_]*)", text))
@@ -492,9 +519,9 @@ def test_every_module_has_documented_outputs():
 
 @pytest.mark.parametrize("name, expected", [
     ("modules/aws", {"api_url", "api_load_balancer_dns_name", "zk_hosts", "zk_root", "access_token_secret_arn",
-                     "node_launch", "node_boot_script_template", "home"}),
-    ("modules/gce", {"api_url", "api_address", "zk_hosts", "zk_root", "access_token_secret", "node_launch",
-                     "node_boot_script_template"}),
+                     "zk_auth_secret_arn", "node_launch", "node_boot_script_template", "home"}),
+    ("modules/gce", {"api_url", "api_address", "zk_hosts", "zk_root", "access_token_secret", "zk_auth_secret",
+                     "node_launch", "node_boot_script_template"}),
     ("modules/aws/media-region", {"node_launch", "region"}),
 ])
 def test_each_module_outputs_the_api_address_the_zookeeper_hosts_and_where_to_launch_nodes(name, expected):
@@ -706,6 +733,68 @@ def test_gce_grants_act_as_on_the_node_account_only_and_nothing_broad_on_the_pro
     assert {b["service_account_id"] for b in bindings.values()} == {"${google_service_account.node.name}"}
 
 
+def aws_role_policies(mod: Module) -> list[tuple[str, str]]:
+    """(role, policy document) of every inline role policy, by resource name, for_each expanded."""
+    pairs = []
+    for name, body in mod.typed("resource", "aws_iam_role_policy").items():
+        document = re.fullmatch(r"\$\{data\.aws_iam_policy_document\.(\w+)\.json\}", body["policy"]).group(1)
+        items = for_each_items(mod, body)
+        roles = [value for _, value in items] if body["role"] == "${each.value}" else [body["role"]]
+        for role in roles:
+            found = re.fullmatch(r"\$\{aws_iam_role\.(\w+)\.(?:id|name)\}", role)
+            assert found, f"aws_iam_role_policy.{name}: role {role} is not one of this module's roles"
+            pairs.append((found.group(1), document))
+    return pairs
+
+
+def test_each_aws_secret_is_read_by_exactly_its_roles_and_decrypted_only_through_secrets_manager():
+    aws = module("modules/aws")
+    documents = aws.typed("data", "aws_iam_policy_document")
+    secrets = aws.typed("resource", "aws_secretsmanager_secret")
+    assert set(secrets) == set(SECRET_READERS), "a new secret must be added to SECRET_READERS"
+    for name, body in secrets.items():
+        assert body["kms_key_id"] == "${module.cluster_key.arn}", f"{name} is not encrypted with the cluster key"
+    readers: dict[str, set[str]] = {name: set() for name in secrets}
+    pairs = aws_role_policies(aws)
+    for role, document in pairs:
+        for statement in documents[document]["statement"]:
+            if any(action.startswith("secretsmanager:") for action in statement["actions"]):
+                assert statement["actions"] == ["secretsmanager:GetSecretValue"], document
+                named = [re.fullmatch(r"\$\{aws_secretsmanager_secret\.(\w+)\.arn\}", resource)
+                         for resource in statement["resources"]]
+                assert all(named), f"{document}: GetSecretValue on {statement['resources']}, not on one secret"
+                readers.update({m.group(1): readers[m.group(1)] | {role} for m in named})
+            if "kms:Decrypt" in statement["actions"]:
+                assert statement["resources"] == ["${module.cluster_key.arn}"], document
+                via = conditions(statement)["kms:ViaService"]
+                assert via["test"] == "StringEquals", document
+                assert via["values"] == ["secretsmanager.${local.region}.amazonaws.com"], document
+    assert readers == SECRET_READERS
+    # media nodes get the ZooKeeper identity from the controller's boot script; ZooKeeper needs none
+    assert not {"node", "zookeeper"} & {role for role, _ in pairs}
+
+
+def test_each_gce_secret_is_read_by_exactly_its_service_accounts():
+    gce = module("modules/gce")
+    secrets = gce.typed("resource", "google_secret_manager_secret")
+    assert set(secrets) == set(SECRET_READERS), "a new secret must be added to SECRET_READERS"
+    readers: dict[str, set[str]] = {name: set() for name in secrets}
+    for name, body in gce.typed("resource", "google_secret_manager_secret_iam_member").items():
+        secret = re.fullmatch(r"\$\{google_secret_manager_secret\.(\w+)\.secret_id\}", body["secret_id"]).group(1)
+        assert body["role"] == "roles/secretmanager.secretAccessor", name
+        items = for_each_items(gce, body)
+        members = [body["member"].replace("${each.value}", value) for _, value in items] if items else [body["member"]]
+        for member in members:
+            found = re.fullmatch(r"serviceAccount:\$\{google_service_account\.(\w+)\.email\}", member)
+            assert found, f"{name}: {member} is not one of this module's service accounts"
+            readers[secret].add(found.group(1))
+    assert readers == SECRET_READERS
+    # bindings and policies would replace the members (and escape this test); project-wide roles are
+    # limited to GCE_PROJECT_ROLES above
+    assert not gce.typed("resource", "google_secret_manager_secret_iam_binding")
+    assert not gce.typed("resource", "google_secret_manager_secret_iam_policy")
+
+
 # -- tests: the boot scripts -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["modules/aws", "modules/gce"])
@@ -742,7 +831,7 @@ def test_the_api_servers_get_their_zookeeper_token_and_bind_address_as_sm_settin
     known = {option.env for option in SERVER_OPTIONS}
     used = settings_in(text, "SM_")
     assert used <= known, f"streammanager serve has no {sorted(used - known)}"
-    assert {"SM_ZK_HOSTS", "SM_ZK_ROOT", "SM_ACCESS_TOKEN", "SM_BIND"} <= used
+    assert {"SM_ZK_HOSTS", "SM_ZK_ROOT", "SM_ACCESS_TOKEN", "SM_ZK_AUTH", "SM_BIND"} <= used
     assert "exec /opt/streammanager/bin/streammanager serve" in text
 
 
@@ -770,8 +859,9 @@ def test_the_node_boot_script_fits_in_ec2_user_data(name):
 def test_the_controllers_get_their_zookeeper_cluster_id_and_node_package(name):
     text = (module(name).path / "templates" / "controller.sh.tftpl").read_text()
     used = settings_in(text, "SM_")
-    assert {"SM_ZK_HOSTS", "SM_ZK_ROOT", "SM_CLUSTER_ID", "SM_NODE_PACKAGE"} <= used
-    assert "ExecStart=/opt/streammanager/bin/streammanager controller" in text
+    assert {"SM_ZK_HOSTS", "SM_ZK_ROOT", "SM_CLUSTER_ID", "SM_NODE_PACKAGE", "SM_ZK_AUTH"} <= used
+    assert "ExecStart=/usr/local/sbin/streammanager-controller" in text  # the wrapper that reads SM_ZK_AUTH
+    assert "exec /opt/streammanager/bin/streammanager controller" in text
     assert not re.search(r"SM_EC2_(ACCESS|SECRET)_KEY|SM_GCE_KEY_FILE", text), "no cloud keys on disk"
     controller_options = getattr(streammanager_config, "CONTROLLER_OPTIONS", None)
     if controller_options is None:
@@ -789,6 +879,72 @@ def test_the_controllers_authenticate_as_their_instance_with_no_key(name, settin
     assert re.search(rf"^{setting}={value}$", text, re.MULTILINE), f"{name}: the controller needs {setting}={value}"
     option = next(o for o in streammanager_config.CONTROLLER_OPTIONS if o.env == setting)
     assert value in option.choices
+
+
+# how a wrapper script reads a secret, the template variable that names it in braces
+READ_SECRET = {
+    "modules/aws": "aws secretsmanager get-secret-value --region ${{region}} --secret-id '${{{variable}}}' "
+                   "--query SecretString --output text",
+    "modules/gce": "secret '${{{variable}}}'",
+}
+# what that needs on the instance: the AWS CLI, or the shell function that calls Secret Manager's API
+READ_SECRET_NEEDS = {
+    "modules/aws": "apt-get install -y -qq --no-install-recommends awscli",
+    "modules/gce": '"https://secretmanager.googleapis.com/v1/$1/versions/latest:access"',
+}
+
+
+@pytest.mark.parametrize("name, template, command, variable, secret", [
+    ("modules/aws", "api-server.sh.tftpl", "serve", "zk_auth_secret_arn", "aws_secretsmanager_secret.zk_auth.arn"),
+    ("modules/aws", "controller.sh.tftpl", "controller", "zk_auth_secret_arn", "aws_secretsmanager_secret.zk_auth.arn"),
+    ("modules/gce", "api-server.sh.tftpl", "serve", "zk_auth_secret", "google_secret_manager_secret.zk_auth.id"),
+    ("modules/gce", "controller.sh.tftpl", "controller", "zk_auth_secret", "google_secret_manager_secret.zk_auth.id"),
+])
+def test_the_api_servers_and_controllers_read_the_zookeeper_identity_from_its_secret_at_each_start(
+        name, template, command, variable, secret):
+    mod = module(name)
+    text = (mod.path / "templates" / template).read_text()
+    files = heredocs(text)
+    wrapper_path = f"/usr/local/sbin/streammanager-{command}"
+    delimiter, wrapper = files[wrapper_path]
+    # a quoted delimiter: the boot script writes the command, which reads the secret when the service starts
+    assert delimiter.startswith("'"), f"{template}: the wrapper's here-document must be quoted"
+    lines = wrapper.splitlines()
+    assert f"SM_ZK_AUTH=$({READ_SECRET[name].format(variable=variable)})" in lines, template
+    assert READ_SECRET_NEEDS[name] in text, template
+    assert any(re.fullmatch(r"export( \w+)* SM_ZK_AUTH( \w+)*", line) for line in lines), template
+    assert lines[-1] == f"exec /opt/streammanager/bin/streammanager {command}", template
+    units = [body for path, (_, body) in files.items() if path.startswith("/etc/systemd/system/")]
+    assert len(units) == 1 and f"ExecStart={wrapper_path}" in units[0].splitlines(), template
+    # nowhere else: not in the unit, not in controller.env, not in what the boot script runs itself
+    for path, (_, body) in files.items():
+        assert path == wrapper_path or "ZK_AUTH" not in body, f"{template}: {path} names the ZooKeeper identity"
+    assert "SM_ZK_AUTH" not in settings_in(text.replace(wrapper, ""), "SM_"), template
+    # the template is given where the identity is, never the identity
+    assert templatefile_arguments(mod)[f"templates/{template}"][variable] == secret
+
+
+def test_no_template_is_given_a_secret_value():
+    # user data and startup scripts are readable by anyone who may describe the instances
+    for mod in reusable_modules():
+        for path, arguments in templatefile_arguments(mod).items():
+            leaked = {k: v for k, v in arguments.items()
+                      if re.search(r"\brandom_password\.|_secret_version\.|\.secret_(string|data)\b", v)}
+            assert not leaked, f"{mod.name}: {path} is given {leaked}"
+
+
+@pytest.mark.parametrize("name, version_type, attribute", [
+    ("modules/aws", "aws_secretsmanager_secret_version", "secret_string"),
+    ("modules/gce", "google_secret_manager_secret_version", "secret_data"),
+])
+def test_the_generated_zookeeper_identity_is_one_the_product_accepts(name, version_type, attribute):
+    mod = module(name)
+    password = mod.typed("resource", "random_password")["zk_auth"]
+    assert password["special"] is False, "letters and digits only: no ':', nothing a shell or unit must quote"
+    value = mod.typed("resource", version_type)["zk_auth"][attribute]
+    sample = value.replace("${random_password.zk_auth.result}", ("aZ9" * password["length"])[:password["length"]])
+    assert "${" not in sample and sample.count(":") == 1, value
+    assert streammanager_config.zk_credentials(sample) == sample  # ValueError if the product refuses it
 
 
 # plausible values for what Terraform fills in at apply time (resource ids and links)

@@ -18,6 +18,11 @@ output "aws_access_token_secret_arn" {
   value       = module.aws_home.access_token_secret_arn
 }
 
+output "aws_zk_auth_secret_arn" {
+  description = "Secret holding the AWS cluster's ZooKeeper identity (SM_ZK_AUTH)."
+  value       = module.aws_home.zk_auth_secret_arn
+}
+
 output "aws_node_launch" {
   description = "launchConfig values for AWS node groups, per region (image and placement)."
   value = {
@@ -52,6 +57,11 @@ output "gce_zk_hosts" {
 output "gce_access_token_secret" {
   description = "Secret holding the GCE cluster's admin token."
   value       = module.gce.access_token_secret
+}
+
+output "gce_zk_auth_secret" {
+  description = "Secret holding the GCE cluster's ZooKeeper identity (SM_ZK_AUTH)."
+  value       = module.gce.zk_auth_secret
 }
 
 output "gce_node_launch" {

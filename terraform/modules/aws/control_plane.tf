@@ -11,6 +11,7 @@ locals {
         install_streammanager   = local.install_streammanager
         region                  = local.region
         access_token_secret_arn = aws_secretsmanager_secret.access_token.arn
+        zk_auth_secret_arn      = aws_secretsmanager_secret.zk_auth.arn
         zk_hosts                = local.zk_hosts
         zk_root                 = var.zk_root
         api_port                = var.api_port
@@ -25,6 +26,7 @@ locals {
         cluster_id            = var.name
         install_streammanager = local.install_streammanager
         region                = local.region
+        zk_auth_secret_arn    = aws_secretsmanager_secret.zk_auth.arn
         zk_hosts              = local.zk_hosts
         zk_root               = var.zk_root
         package_spec          = var.package_spec

@@ -1,6 +1,8 @@
 # Roles. The controller's role allows exactly the EC2 calls libcloud makes for it (RunInstances with tags,
 # DescribeInstances, TerminateInstances, CreateTags) plus handing the node role to new instances, each
 # limited by the sm-cluster tag and the cluster's regions wherever IAM supports a condition.
+# The API servers' role reads the admin token; the API servers' and the controllers' roles read the
+# cluster's ZooKeeper identity.
 
 locals {
   ec2_arn_prefix = "arn:${local.partition}:ec2:*:${local.account_id}"
@@ -144,7 +146,7 @@ data "aws_iam_policy_document" "controller" {
 
 resource "aws_iam_role" "controller" {
   name               = "${var.name}-controller"
-  description        = "streammanager ${var.name} controller: launches, lists and terminates its media nodes"
+  description        = "streammanager ${var.name} controller: launches, lists and terminates its media nodes, reads the ZooKeeper identity"
   assume_role_policy = data.aws_iam_policy_document.ec2_assume_role.json
   tags               = local.tags
 }
@@ -184,7 +186,7 @@ data "aws_iam_policy_document" "api" {
 
 resource "aws_iam_role" "api" {
   name               = "${var.name}-api"
-  description        = "streammanager ${var.name} API servers: read the admin token"
+  description        = "streammanager ${var.name} API servers: read the admin token and the ZooKeeper identity"
   assume_role_policy = data.aws_iam_policy_document.ec2_assume_role.json
   tags               = local.tags
 }
@@ -199,6 +201,40 @@ resource "aws_iam_instance_profile" "api" {
   name = "${var.name}-api"
   role = aws_iam_role.api.name
   tags = local.tags
+}
+
+# -- API servers and controllers: read the cluster's ZooKeeper identity ----------------------------------
+# Both authenticate to ZooKeeper as the cluster (SM_ZK_AUTH): one document, attached to these two roles
+# only. Media nodes get the identity from the controller through their boot script, so the node role has
+# no access to the secret.
+
+data "aws_iam_policy_document" "zk_auth" {
+  statement {
+    sid       = "ReadTheZooKeeperIdentity"
+    actions   = ["secretsmanager:GetSecretValue"]
+    resources = [aws_secretsmanager_secret.zk_auth.arn]
+  }
+
+  statement {
+    sid       = "DecryptTheZooKeeperIdentityThroughSecretsManager"
+    actions   = ["kms:Decrypt"]
+    resources = [module.cluster_key.arn]
+    condition {
+      test     = "StringEquals"
+      variable = "kms:ViaService"
+      values   = ["secretsmanager.${local.region}.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "zk_auth" {
+  for_each = {
+    api        = aws_iam_role.api.id
+    controller = aws_iam_role.controller.id
+  }
+  name   = "read-zookeeper-identity"
+  role   = each.value
+  policy = data.aws_iam_policy_document.zk_auth.json
 }
 
 # -- ZooKeeper members and media nodes: no AWS permissions (only Session Manager when enabled) ----------

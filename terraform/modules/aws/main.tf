@@ -97,7 +97,7 @@ resource "aws_ec2_instance_metadata_defaults" "this" {
 module "cluster_key" {
   source       = "./log-key"
   cluster_name = var.name
-  description  = "streammanager ${var.name}: admin token secret and log groups"
+  description  = "streammanager ${var.name}: admin token and ZooKeeper identity secrets, log groups"
   tags         = local.tags
 }
 
@@ -132,4 +132,31 @@ resource "aws_secretsmanager_secret" "access_token" {
 resource "aws_secretsmanager_secret_version" "access_token" {
   secret_id     = aws_secretsmanager_secret.access_token.id
   secret_string = random_password.access_token.result
+}
+
+# -- the cluster's ZooKeeper identity (SM_ZK_AUTH) -----------------------------------------------------
+# One digest identity per cluster, "streammanager:<password>": every znode the cluster creates gets an ACL
+# for it alone. The password has letters and digits only, so nothing splits USER:PASSWORD at a second ":"
+# and nothing needs quoting in a shell, a systemd unit or the nodes' boot script. Generated here, so it is
+# also in the Terraform state. API servers and controllers read it from Secrets Manager each time they
+# start; the controller hands it to the media nodes it launches (the boot script's zk_auth placeholder),
+# so the node role cannot read it. Operators read it the same way, for their own ZooKeeper clients.
+
+resource "random_password" "zk_auth" {
+  length  = 32
+  special = false
+}
+
+resource "aws_secretsmanager_secret" "zk_auth" {
+  #checkov:skip=CKV2_AWS_57:a new ZooKeeper password is refused on the znodes the old one created (their ACLs name its digest): rotating it means re-ACLing or recreating the registry, never a Lambda
+  name                    = "streammanager/${var.name}/zk-auth"
+  description             = "SM_ZK_AUTH, the ZooKeeper digest identity (USER:PASSWORD) of streammanager cluster ${var.name}"
+  kms_key_id              = module.cluster_key.arn
+  recovery_window_in_days = 7
+  tags                    = local.tags
+}
+
+resource "aws_secretsmanager_secret_version" "zk_auth" {
+  secret_id     = aws_secretsmanager_secret.zk_auth.id
+  secret_string = "streammanager:${random_password.zk_auth.result}"
 }

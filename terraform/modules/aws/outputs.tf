@@ -33,6 +33,11 @@ output "access_token_secret_arn" {
   value       = aws_secretsmanager_secret.access_token.arn
 }
 
+output "zk_auth_secret_arn" {
+  description = "Secrets Manager secret holding SM_ZK_AUTH, the cluster's ZooKeeper digest identity USER:PASSWORD (for your own ZooKeeper clients: zkCli.sh addauth digest USER:PASSWORD)."
+  value       = aws_secretsmanager_secret.zk_auth.arn
+}
+
 output "controller_role_arn" {
   description = "IAM role of the controllers."
   value       = aws_iam_role.controller.arn

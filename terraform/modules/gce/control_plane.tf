@@ -11,6 +11,7 @@ locals {
         cluster_id            = var.name
         install_streammanager = local.install_streammanager
         access_token_secret   = google_secret_manager_secret.access_token.id
+        zk_auth_secret        = google_secret_manager_secret.zk_auth.id
         zk_hosts              = local.zk_hosts
         zk_root               = var.zk_root
         api_port              = var.api_port
@@ -24,6 +25,7 @@ locals {
         cluster_id            = var.name
         install_streammanager = local.install_streammanager
         project_id            = var.project_id
+        zk_auth_secret        = google_secret_manager_secret.zk_auth.id
         zk_hosts              = local.zk_hosts
         zk_root               = var.zk_root
         package_spec          = var.package_spec

@@ -249,3 +249,50 @@ resource "google_secret_manager_secret_iam_member" "api_reads_access_token" {
   role      = "roles/secretmanager.secretAccessor"
   member    = "serviceAccount:${google_service_account.api.email}"
 }
+
+# -- the cluster's ZooKeeper identity (SM_ZK_AUTH) -----------------------------------------------------
+# One digest identity per cluster, "streammanager:<password>": every znode the cluster creates gets an ACL
+# for it alone. The password has letters and digits only, so nothing splits USER:PASSWORD at a second ":"
+# and nothing needs quoting in a shell, a systemd unit or the nodes' boot script. Generated here, so it is
+# also in the Terraform state. API servers and controllers read it from Secret Manager each time they
+# start; the controller hands it to the media nodes it launches (the boot script's zk_auth placeholder),
+# so the node service account cannot read it. Operators read it the same way, for their own ZooKeeper
+# clients.
+
+resource "random_password" "zk_auth" {
+  length  = 32
+  special = false
+}
+
+resource "google_secret_manager_secret" "zk_auth" {
+  project   = var.project_id
+  secret_id = "${var.name}-zk-auth"
+  labels    = local.labels
+
+  replication {
+    user_managed {
+      replicas {
+        location = var.home_region
+      }
+    }
+  }
+
+  depends_on = [google_project_service.this]
+}
+
+resource "google_secret_manager_secret_version" "zk_auth" {
+  secret      = google_secret_manager_secret.zk_auth.id
+  secret_data = "streammanager:${random_password.zk_auth.result}"
+}
+
+# the API servers and the controllers, and no one else
+resource "google_secret_manager_secret_iam_member" "reads_zk_auth" {
+  for_each = {
+    api        = google_service_account.api.email
+    controller = google_service_account.controller.email
+  }
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.zk_auth.secret_id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${each.value}"
+}

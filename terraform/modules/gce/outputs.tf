@@ -28,6 +28,11 @@ output "access_token_secret" {
   value       = google_secret_manager_secret.access_token.id
 }
 
+output "zk_auth_secret" {
+  description = "Secret Manager secret holding SM_ZK_AUTH, the cluster's ZooKeeper digest identity USER:PASSWORD (for your own ZooKeeper clients: zkCli.sh addauth digest USER:PASSWORD)."
+  value       = google_secret_manager_secret.zk_auth.id
+}
+
 output "controller_service_account" {
   description = "Service account of the controllers."
   value       = google_service_account.controller.email

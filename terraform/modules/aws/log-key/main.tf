@@ -1,7 +1,8 @@
 # A customer-managed KMS key, with rotation, for the cluster's log groups in one region: the account
 # administers it through IAM (AWS's default key policy), and CloudWatch Logs in this region may use it for
-# the log groups under /streammanager/<cluster_name>/. The aws module's key also encrypts the admin
-# token's secret (its readers are granted kms:Decrypt by IAM); each media region has one for its flow logs.
+# the log groups under /streammanager/<cluster_name>/. The aws module's key also encrypts the secrets of the
+# admin token and of the ZooKeeper identity (their readers are granted kms:Decrypt by IAM); each media
+# region has one for its flow logs.
 
 data "aws_region" "current" {}
 data "aws_caller_identity" "current" {}
