@@ -70,6 +70,11 @@ def agent_environment(environ) -> dict[str, str]:
             if name in PASSED_TO_AGENTS or not name.startswith(CONTROLLER_ONLY_PREFIXES)}
 
 
+# SIGTERM, then SIGKILL this much later: an agent's own stop ends within 20 s (node_agent.cli.STOP_DEADLINE_S),
+# an origin's after up to 10 s of ending its publish sessions (their VOD, HLS-VOD, stream-closed)
+AGENT_STOP_S = 25.0
+
+
 class LocalNodeDriver(NodeDriver):
     """libcloud driver: ``create_node`` starts a node agent, ``list_nodes`` reads the state directory,
     ``destroy_node`` stops it. Provider-specific arguments are ``ex_``-prefixed."""
@@ -81,7 +86,7 @@ class LocalNodeDriver(NodeDriver):
 
     def __init__(self, state_dir: str | os.PathLike, zk_hosts: str, zk_root: str,
                  pool: str = DEFAULT_POOL, http_port: int = 8090, agent_args: tuple[str, ...] = (),
-                 agent_bin: str | None = None, stop_timeout_s: float = 10.0, zk_auth: str | None = None):
+                 agent_bin: str | None = None, stop_timeout_s: float = AGENT_STOP_S, zk_auth: str | None = None):
         super().__init__(key="local")
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
