@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from streammanager.config import ConfigError, Option, positive, redacted_repr, resolve, zk_auth_option
+from streammanager.config import ConfigError, Option, port, positive, redacted_repr, resolve, zk_auth_option
 from streammanager.coordinator_config import (
     KEY_VERIFICATION_OPTIONS,
     MEDIA_OPTIONS,
@@ -34,7 +34,7 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("group", "AGENT_GROUP", "default", "node group"),
     Option("host", "AGENT_HOST", "127.0.0.1", "address clients reach the media server on (serverAddress)",
            address),
-    Option("http_port", "AGENT_HTTP_PORT", 8090, "port of the agent's hook endpoints", positive(int)),
+    Option("http_port", "AGENT_HTTP_PORT", 8090, "port of the agent's hook endpoints", port),
     Option("advertise_host", "AGENT_ADVERTISE_HOST", None,
            "the address clients are told (serverAddress) when it is not --host, e.g. a cloud VM's public IP, "
            "which is not on any interface; other nodes still relay from --host", address),
@@ -43,7 +43,7 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "addresses or networks (comma-separated) besides this node's own that may call the hook "
            "endpoints, e.g. an SRS on another host; by default only the media server on this host may",
            networks),
-    Option("rtmp_port", "AGENT_RTMP_PORT", 1935, "RTMP port of the media server", positive(int)),
+    Option("rtmp_port", "AGENT_RTMP_PORT", 1935, "RTMP port of the media server", port),
     Option("capacity", "AGENT_CAPACITY", None,
            "capacity: publishers on an origin (default 50), viewers on an edge (default 200)", positive(int)),
     Option("media", "AGENT_MEDIA", "nginx", "media server to run; none simulates a node", str.lower,

@@ -13,8 +13,26 @@ from streammanager.config import (
     ControllerSettings,
     ServerSettings,
     add_options,
+    port,
+    positive,
 )
 from streammanager.coordinator_config import COMMANDS_API_OPTIONS, EVENT_CALLBACK_OPTIONS
+
+
+def _argument(parse):
+    """An argparse ``type`` from one of config's parsers: a bad value is argparse's usage error, naming
+    the option, not a traceback."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"bad value {text!r}: {exc}") from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+PORT = _argument(port)
+POSITIVE_INT = _argument(positive(int))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     zk = sub.add_parser("zookeeper", help="run a standalone ZooKeeper on 127.0.0.1 in the foreground",
                         description="Run ZooKeeper from the Debian package on 127.0.0.1 (admin server off, "
                                     "heap capped) until SIGTERM or Ctrl-C.")
-    zk.add_argument("--port", type=int, default=2181, help="client port [default 2181]")
+    zk.add_argument("--port", type=PORT, default=2181, help="client port [default 2181]")
     zk.add_argument("--data-dir", type=Path, default=None,
                     help="data directory [default $XDG_STATE_HOME/streammanager/zookeeper]")
-    zk.add_argument("--heap-mb", type=int, default=256, help="JVM heap cap in MB [default 256]")
-    zk.add_argument("--tick-ms", type=int, default=500,
+    zk.add_argument("--heap-mb", type=POSITIVE_INT, default=256, help="JVM heap cap in MB [default 256]")
+    zk.add_argument("--tick-ms", type=POSITIVE_INT, default=500,
                     help="tickTime in ms; small means fast failure detection [default 500]")
 
     demo = sub.add_parser("demo", help="run a whole local cluster until Ctrl-C",
@@ -55,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "launches an origin and an edge in each of two regions on loopback "
                                       "addresses (and more under load), print how to use them, and stop "
                                       "everything on Ctrl-C.")
-    demo.add_argument("--api-port", type=int, default=5080, help="API port on 127.0.0.1 [default 5080]")
-    demo.add_argument("--zk-port", type=int, default=2181, help="ZooKeeper port [default 2181]")
+    demo.add_argument("--api-port", type=PORT, default=5080, help="API port on 127.0.0.1 [default 5080]")
+    demo.add_argument("--zk-port", type=PORT, default=2181, help="ZooKeeper port [default 2181]")
     demo.add_argument("--regions", default="us-east-1,eu-west-1",
                       help="comma-separated regions [default us-east-1,eu-west-1]")
     demo.add_argument("--media", choices=("nginx", "none"), default="nginx",
                       help="media server of the nodes: nginx-rtmp, or none for simulated nodes [default nginx]")
-    demo.add_argument("--agent-base-port", type=int, default=8700,
+    demo.add_argument("--agent-base-port", type=PORT, default=8700,
                       help="agents' HTTP port (each node listens on its own loopback address) [default 8700]")
     demo.add_argument("--work-dir", type=Path, default=Path("var/demo"), help="state and logs [default var/demo]")
     return parser

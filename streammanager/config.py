@@ -91,6 +91,14 @@ def redacted_repr(settings: Any, options: Sequence[Option]) -> str:
     return f"{type(settings).__name__}({shown})"
 
 
+def port(text: str) -> int:
+    """A TCP port, 1 to 65535 (``int`` alone took 70000, which the socket layer wrapped to another port)."""
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"must be a port from 1 to 65535, not {text}")
+    return value
+
+
 def boolean(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -234,7 +242,7 @@ CONTROLLER_OPTIONS: tuple[Option, ...] = (
     Option("local_pool", "SM_LOCAL_POOL", "127.0.1.64/26",
            "local provider: loopback addresses for instances (CIDR or first-last)", loopback_pool),
     Option("local_http_port", "SM_LOCAL_HTTP_PORT", 8090, "local provider: agents' HTTP port",
-           positive(int)),
+           port),
     Option("local_agent_args", "SM_LOCAL_AGENT_ARGS", "",
            "local provider: extra node-agent options, space-separated"),
     Option("ec2_credentials", "SM_EC2_CREDENTIALS", "static",

@@ -1,0 +1,40 @@
+"""Bad values and unreachable dependencies on the command line: a clear message naming the option or
+variable, a non-zero exit, never a Python traceback (README, "Configuration")."""
+import os
+import subprocess
+
+import pytest
+
+from streammanager.zookeeper import free_port
+from tests.conftest import BIN
+
+
+def run(argv, env=None, timeout=60):
+    result = subprocess.run([str(BIN / argv[0]), *argv[1:]], env={**os.environ, **(env or {})},
+                            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    (["node-agent", "--role", "origin", "--region", "us-east-1", "--media", "none", "--http-port", "70000"],
+     {}, "--http-port"),
+    (["node-agent", "--role", "origin", "--region", "us-east-1", "--media", "none"],
+     {"AGENT_RTMP_PORT": "65536"}, "AGENT_RTMP_PORT"),
+    (["streammanager", "controller"], {"SM_LOCAL_HTTP_PORT": "70000"}, "SM_LOCAL_HTTP_PORT"),
+    (["streammanager", "zookeeper", "--port", "99999"], {}, "--port"),
+    (["streammanager", "demo", "--api-port", "0"], {}, "--api-port"),
+])
+def test_a_port_out_of_range_is_refused_naming_its_option(argv, env, named, tmp_path):
+    # nothing listens there: a process that took the bad port would wait for ZooKeeper, then fail otherwise
+    env = {"AGENT_ZK_HOSTS": f"127.0.0.1:{free_port()}", "SM_ZK_HOSTS": f"127.0.0.1:{free_port()}",
+           "SM_LOCAL_STATE_DIR": str(tmp_path / "lc"), **env}
+    result = run(argv, env)
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and "65535" in result.stderr, result.stderr
+
+
+def test_zookeepers_heap_and_tick_must_be_positive():
+    for option in ("--heap-mb", "--tick-ms"):
+        result = run(["streammanager", "zookeeper", "--port", str(free_port()), option, "-5"])
+        assert result.returncode == 2 and option in result.stderr and "positive" in result.stderr, result.stderr
