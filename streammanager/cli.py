@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_controller(args: argparse.Namespace) -> int:
     from streammanager import logs
     from streammanager.cloud import ProviderError, build_providers
-    from streammanager.controller import Controller
+    from streammanager.controller import Controller, ControllerError
     from streammanager.process import stop_event_on_signals
 
     try:
@@ -126,7 +126,11 @@ def run_controller(args: argparse.Namespace) -> int:
 
         host, _, port = settings.metrics_bind.rpartition(":")
         start_http_server(int(port), addr=host)
-    Controller(settings, providers).run(stop)
+    try:
+        Controller(settings, providers).run(stop)
+    except ControllerError as exc:
+        print(f"streammanager controller: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -84,6 +84,13 @@ def leader_duties(client: KazooClient, paths: ZkPaths, settings: ControllerSetti
     return [CallbackDispatcher(client, paths, settings.event_callback or EventCallbackSettings())]
 
 
+CONNECT_TIMEOUT_S = 30.0  # a controller that cannot reach ZooKeeper at start says so and exits
+
+
+class ControllerError(RuntimeError):
+    """The controller cannot run (ZooKeeper unreachable at start): its message is for the operator."""
+
+
 ACTION_WAIT_S = 5.0  # a step waits this long for its cloud calls; slower ones carry on without holding it
 
 
@@ -257,7 +264,8 @@ class Controller:
     def run(self, stop: threading.Event) -> None:
         """Campaign, lead while elected, campaign again after losing the lead; until ``stop``."""
         self.client.add_listener(self._on_state)
-        self.client.start(timeout=30)
+        if not self._connect(stop):
+            return
         ensure_layout(self.client, self.paths)
         self.view.start()
         self.view.wait_initialized(30)
@@ -278,6 +286,21 @@ class Controller:
             self.client.close()
             for provider in self.providers.values():
                 provider.close()
+
+    def _connect(self, stop: threading.Event) -> bool:
+        """Connect within CONNECT_TIMEOUT_S; False if told to stop first. kazoo's ``start(timeout)``
+        raised its KazooTimeoutError as a traceback, and held a SIGTERM for its whole timeout."""
+        connected = self.client.start_async()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not connected.wait(0.2):
+            if stop.is_set() or time.monotonic() > deadline:
+                self.client.stop()
+                self.client.close()
+                if stop.is_set():
+                    return False
+                raise ControllerError(f"cannot connect to ZooKeeper at {self.settings.zk_hosts} (SM_ZK_HOSTS) "
+                                      f"within {CONNECT_TIMEOUT_S:.0f} s: is it running and reachable?")
+        return True
 
     def _on_state(self, state: str) -> None:
         if state in (KazooState.SUSPENDED, KazooState.LOST):

@@ -1,12 +1,13 @@
 """Bad values and unreachable dependencies on the command line: a clear message naming the option or
 variable, a non-zero exit, never a Python traceback (README, "Configuration")."""
 import os
+import signal
 import subprocess
 
 import pytest
 
 from streammanager.zookeeper import free_port
-from tests.conftest import BIN
+from tests.conftest import BIN, wait_until
 
 
 def run(argv, env=None, timeout=60):
@@ -38,3 +39,22 @@ def test_zookeepers_heap_and_tick_must_be_positive():
     for option in ("--heap-mb", "--tick-ms"):
         result = run(["streammanager", "zookeeper", "--port", str(free_port()), option, "-5"])
         assert result.returncode == 2 and option in result.stderr and "positive" in result.stderr, result.stderr
+
+
+def test_a_controller_that_cannot_reach_zookeeper_says_so_and_exits(tmp_path):
+    hosts = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = run(["streammanager", "controller"], {"SM_ZK_HOSTS": hosts, "SM_LOCAL_STATE_DIR": str(tmp_path / "lc")},
+                 timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert "SM_ZK_HOSTS" in result.stderr and hosts in result.stderr, result.stderr
+
+
+def test_a_controller_waiting_for_zookeeper_stops_cleanly_on_sigterm(procs, tmp_path):
+    proc = procs([str(BIN / "streammanager"), "controller"],
+                 {"SM_ZK_HOSTS": f"127.0.0.1:{free_port()}", "SM_LOCAL_STATE_DIR": str(tmp_path / "lc")},
+                 log_path=tmp_path / "controller.log")
+    wait_until(lambda: "kazoo" in proc.log() or proc.popen.poll() is not None, 30,
+               what="the controller to try ZooKeeper")
+    proc.signal(signal.SIGTERM)
+    assert proc.popen.wait(90) == 0, proc.log()
+    assert "Traceback" not in proc.log(), proc.log()
