@@ -124,8 +124,13 @@ def run_controller(args: argparse.Namespace) -> int:
     if settings.metrics_bind != "off":
         from prometheus_client import start_http_server
 
-        host, _, port = settings.metrics_bind.rpartition(":")
-        start_http_server(int(port), addr=host)
+        host, _, metrics_port = settings.metrics_bind.rpartition(":")
+        try:
+            start_http_server(int(metrics_port), addr=host)
+        except OSError as exc:
+            print(f"streammanager controller: SM_CONTROLLER_METRICS_BIND: cannot listen on {settings.metrics_bind}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         Controller(settings, providers).run(stop)
     except ControllerError as exc:

@@ -58,3 +58,11 @@ def test_a_controller_waiting_for_zookeeper_stops_cleanly_on_sigterm(procs, tmp_
     proc.signal(signal.SIGTERM)
     assert proc.popen.wait(90) == 0, proc.log()
     assert "Traceback" not in proc.log(), proc.log()
+
+
+def test_a_controller_whose_metrics_address_is_taken_says_which_setting(zookeeper, tmp_path):
+    result = run(["streammanager", "controller"],
+                 {"SM_ZK_HOSTS": zookeeper.hosts, "SM_LOCAL_STATE_DIR": str(tmp_path / "lc"),
+                  "SM_CONTROLLER_METRICS_BIND": zookeeper.hosts})  # ZooKeeper's own port: in use
+    assert result.returncode == 2, result.stderr
+    assert "SM_CONTROLLER_METRICS_BIND" in result.stderr and "in use" in result.stderr, result.stderr
