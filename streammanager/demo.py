@@ -9,6 +9,7 @@ from streammanager.process import stop_event_on_signals
 import requests
 
 from streammanager.localcluster import ClusterError, LocalCluster
+from streammanager.zookeeper import ZooKeeperError
 
 
 def demo_group(regions: list[str], media: str) -> dict:
@@ -109,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"streammanager demo: {', '.join(dead)} exited; stopping", file=sys.stderr)
                 return 1
         return 0
-    except ClusterError as exc:
+    except (ClusterError, ZooKeeperError) as exc:
         print(f"streammanager demo: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -81,7 +81,10 @@ class LocalCluster:
                 (n.http_port, f"agent {n.node_id}") for n in self.nodes]:
             if not port_is_free(port):
                 raise ClusterError(f"port {port} for the {what} is in use: is another cluster running?")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ClusterError(f"cannot use the work directory {self.work_dir}: {exc.strerror or exc}") from None
         if self.fresh_registry:
             # the last run's registry (its node group, its instance records) made the next `make demo`
             # fail at once ("node group 'demo' exists"); its ZooKeeper is not running (its port is free)
@@ -184,10 +187,12 @@ class LocalCluster:
         for child in reversed(self._children):
             child.stop(10)
         self._children.clear()
-        if self.group is not None:  # the controller's instances outlive it, like VMs: destroy them
+        settings = self.controller_settings()
+        # the controller's instances outlive it, like VMs: destroy them (none without their state directory:
+        # a start that failed before the controller ran must not make one)
+        if self.group is not None and Path(settings.local_state_dir).is_dir():
             from streammanager.cloud import build_providers
 
-            settings = self.controller_settings()
             for provider in build_providers(settings).values():
                 for instance in provider.list_instances(settings.cluster_id):
                     provider.destroy(instance.id, settings.cluster_id)

@@ -112,11 +112,14 @@ class ZooKeeperServer:
             raise ZooKeeperError(f"port 127.0.0.1:{self.config.port} is already in use "
                                  "(another ZooKeeper?): choose another with --port")
         data_dir = Path(self.config.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.server_id is not None:
-            (data_dir / "myid").write_text(f"{self.config.server_id}\n")
         cfg_path = data_dir / "zoo.cfg"
-        cfg_path.write_text(self.config.render())
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            if self.config.server_id is not None:
+                (data_dir / "myid").write_text(f"{self.config.server_id}\n")
+            cfg_path.write_text(self.config.render())
+        except OSError as exc:
+            raise ZooKeeperError(f"cannot use the data directory {data_dir}: {exc.strerror or exc}") from None
         self._proc = Supervised("zookeeper", self.command(cfg_path), log_name="streammanager.zookeeper")
         self._proc.start()
         if wait_s:

@@ -66,3 +66,13 @@ def test_a_controller_whose_metrics_address_is_taken_says_which_setting(zookeepe
                   "SM_CONTROLLER_METRICS_BIND": zookeeper.hosts})  # ZooKeeper's own port: in use
     assert result.returncode == 2, result.stderr
     assert "SM_CONTROLLER_METRICS_BIND" in result.stderr and "in use" in result.stderr, result.stderr
+
+
+def test_a_data_or_work_directory_that_cannot_be_made_is_a_message_not_a_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory cannot be made under a file
+    result = run(["streammanager", "zookeeper", "--port", str(free_port()), "--data-dir", str(blocker / "zk")])
+    assert result.returncode == 1 and f"data directory {blocker / 'zk'}" in result.stderr, result.stderr
+    result = run(["streammanager", "demo", "--media", "none", "--api-port", str(free_port()), "--zk-port",
+                  str(free_port()), "--work-dir", str(blocker / "demo")])
+    assert result.returncode == 1 and f"work directory {blocker / 'demo'}" in result.stderr, result.stderr
