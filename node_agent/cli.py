@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -46,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"node-agent: {exc}", file=sys.stderr)
         return 2
     try:
-        server = make_server(settings.http_host, settings.http_port, create_hooks_app(agent), threaded=True,
-                             request_handler=HookRequestHandler)
+        listener = listen(settings.http_host, settings.http_port)
     except OSError as exc:
-        print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port}: {exc}", file=sys.stderr)
+        print(f"node-agent: cannot listen on {settings.http_host}:{settings.http_port} (--http-host/--http-port, "
+              f"AGENT_HTTP_HOST/AGENT_HTTP_PORT): {exc.strerror or exc}", file=sys.stderr)
         return 1
+    with listener:  # werkzeug serves a duplicate of it
+        server = make_server(settings.http_host, settings.http_port, create_hooks_app(agent), threaded=True,
+                             request_handler=HookRequestHandler, fd=listener.fileno())
     stop = stop_event_on_signals()
     threading.Thread(target=_exit_if_stop_hangs, args=(stop,), name="stop-watchdog", daemon=True).start()
     # serve hooks before nginx starts: its first hook may come at once
@@ -79,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The hooks' listening socket, bound here: werkzeug's own bind printed its message ("Port 8090 is in
+    use by another program", naming no option) and called sys.exit itself."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+LISTEN_BACKLOG = 128  # werkzeug's own
 STOP_DEADLINE_S = 20.0
 PAUSE_S = 3.0  # the stall watchdog (a 1 s loop) did not run for this long: the process was stopped, not stalled
 HOOK_SOCKET_TIMEOUT_S = 10.0

@@ -2,6 +2,7 @@
 variable, a non-zero exit, never a Python traceback (README, "Configuration")."""
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
@@ -76,3 +77,15 @@ def test_a_data_or_work_directory_that_cannot_be_made_is_a_message_not_a_traceba
     result = run(["streammanager", "demo", "--media", "none", "--api-port", str(free_port()), "--zk-port",
                   str(free_port()), "--work-dir", str(blocker / "demo")])
     assert result.returncode == 1 and f"work directory {blocker / 'demo'}" in result.stderr, result.stderr
+
+
+def test_an_agent_whose_hook_port_is_taken_names_the_option(zookeeper, zk_root, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(["node-agent", "--role", "origin", "--region", "us-east-1", "--media", "none", "--host",
+                      "127.0.0.1", "--http-port", str(port), "--work-dir", str(tmp_path / "agent")],
+                     {"AGENT_ZK_HOSTS": zookeeper.hosts, "AGENT_ZK_ROOT": zk_root})
+    assert result.returncode == 1, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "AGENT_HTTP_PORT" in result.stderr, result.stderr
