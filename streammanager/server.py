@@ -121,6 +121,8 @@ class ApiProtocol(ASGIProtocol):
     half-closes after its request gets the answer. These override
     gunicorn 27's connection class (private methods): ``tests/test_serve.py`` checks each."""
 
+    _peer_done = False  # the client half-closed: it sends no more requests
+
     def connection_made(self, transport):
         super().connection_made(transport)
         # gunicorn times out a connection idle between requests (keepalive) but not before its first: a
@@ -135,14 +137,30 @@ class ApiProtocol(ASGIProtocol):
         # A client that sends its request and then half-closes (shutdown(SHUT_WR): `nc -N`, some health
         # checkers) still reads the answer. gunicorn's connection leaves this to asyncio, which closes the
         # transport at once: the request was served into a closed socket and the client read nothing.
-        # With a request taken, the transport stays open for the answer, and the connection closes after
-        # it (no further request can come). Without one, it closes as before.
+        # With a request taken, the transport stays open for the answers, and the connection closes after
+        # the last request the client sent (the ones it pipelined before the EOF are served first: ending
+        # the connection after the first answer dropped them). Without one, it closes as before.
         ready = getattr(self, "_request_ready", None)
         if ready is not None and (ready.is_set() or getattr(self, "_current_request", None) is not None
                                   or getattr(self, "_finishing_calls", None)):
-            self._keepalive = 0  # gunicorn's keep-alive timeout: 0 ends the connection after this answer
+            self._peer_done = True
             return True
         return None
+
+    def _will_close(self, request, response_requires_close):
+        # after a half-close, the answer to the last request the client sent ends the connection
+        if super()._will_close(request, response_requires_close):
+            return True
+        if not self._peer_done:
+            return False
+        parser = getattr(self, "_callback_parser", None)
+        return parser is None or not parser.remaining()  # no request pipelined behind this one
+
+    def _arm_keepalive_timer(self):
+        if self._peer_done:  # idle after a half-close: no request can come
+            self._keepalive_timeout()
+            return
+        super()._arm_keepalive_timer()
 
     def _is_websocket_upgrade(self, request):
         # The API has no WebSocket route: gunicorn answered an "Upgrade: websocket" request to any route
