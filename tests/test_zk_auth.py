@@ -12,6 +12,7 @@ import requests
 from kazoo.exceptions import NoAuthError
 
 from streammanager.cloud import build_providers
+from streammanager.cloud.base import DEFAULT_BOOT_SCRIPT, render_boot_script
 from streammanager.config import ConfigError, ControllerSettings, ServerSettings
 from streammanager.registry import make_client
 from streammanager.zookeeper import free_port
@@ -75,6 +76,27 @@ def test_a_controllers_local_agents_get_the_clusters_identity(zookeeper, zk_root
         provider.destroy(instance.id, "c1")
         ours.stop()
         ours.close()
+
+
+def test_a_local_instances_stored_boot_script_with_the_zookeeper_password_is_readable_by_its_owner_only(
+        zookeeper, zk_root, tmp_path):
+    # the controller renders the password into every boot script (${zk_auth}); the local provider keeps
+    # the script beside the instance, where it was readable by every local user (mode 0644)
+    settings = ControllerSettings(zk_hosts=zookeeper.hosts, zk_root=zk_root, zk_auth=IDENTITY,
+                                  local_state_dir=str(tmp_path / "local"), local_pool="127.0.1.236-127.0.1.238",
+                                  local_http_port=free_port(), local_agent_args="--log-format text")
+    provider = build_providers(settings)["local"]
+    script = render_boot_script(DEFAULT_BOOT_SCRIPT, package="streammanager", zk_hosts=zookeeper.hosts,
+                                zk_root=zk_root, zk_auth=IDENTITY, role="edge", region="us-east-1", group="g1",
+                                capacity=10, media="none", node_id="edge-script", cluster_id="c1")
+    request = launch_request("edge-script", "c1", "us-east-1", "", "")
+    instance = provider.launch(dataclasses.replace(request, media="none", boot_script=script))
+    try:
+        stored = tmp_path / "local" / "edge-script" / "boot-script.sh"
+        assert IDENTITY in stored.read_text()  # kept for inspection, as it was
+        assert stored.stat().st_mode & 0o077 == 0, oct(stored.stat().st_mode)
+    finally:
+        provider.destroy(instance.id, "c1")
 
 
 @pytest.mark.parametrize("value", ["nopassword", "user:short", "user:has space in it!", ":no-user-0123456789"])

@@ -123,7 +123,12 @@ class LocalNodeDriver(NodeDriver):
             host = self._free_address()
             work_dir = self.state_dir / name
             work_dir.mkdir(parents=True, exist_ok=True)
-            (work_dir / "boot-script.sh").write_text(ex_userdata)
+            # the controller renders the cluster's ZooKeeper password into it (${zk_auth}): the owner's only,
+            # like a VM's user data (it was readable by every local user)
+            script = os.open(work_dir / "boot-script.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(script, 0o600)  # a script left by an earlier instance of the name kept its mode
+            with open(script, "w") as out:
+                out.write(ex_userdata)
             argv = [self.agent_bin, "--role", tags[TAG_ROLE], "--region", tags[TAG_REGION],
                     "--group", tags[TAG_GROUP], "--host", host, "--http-port", str(self.http_port),
                     "--capacity", str(ex_capacity), "--media", ex_media, "--node-id", name,
