@@ -729,7 +729,12 @@ class Agent:
         """nginx died (it is restarted next): every client it had went with it and no done hook will
         come; the next nginx numbers its clients afresh. Forget them all now, before it starts: a stale
         publisher refused the encoder's reconnection ("already being published") until the
-        reconciliation noticed, and its claim kept the stream "live" meanwhile."""
+        reconciliation noticed, and its claim kept the stream "live" meanwhile. A publish whose hook is
+        still under way was that nginx's too: its hook undoes it (no publish_done comes from a dead nginx,
+        and allowed, it was a ghost stream until the reconciliation noticed)."""
+        with self._publish_lock:
+            for pending in self._publishes_under_way:
+                self._publishes_under_way[pending] = True
         ended = []
         for key_text, clients in self.table.snapshot().items():
             key = StreamKey.parse(key_text)

@@ -1,5 +1,7 @@
 """Publish key verification against a real HTTP receiver of ours: headers, every auth mode, refusals,
 timeouts, and a real ffmpeg publisher refused at a real nginx-rtmp origin."""
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -204,3 +206,27 @@ def test_a_publisher_that_leaves_while_its_key_is_verified_never_goes_live(api, 
     # its encoder reconnecting is a publisher like any other
     assert origin.hook("publish", "ghost", clientid="p2", type="live", key="k").status_code == 200
     wait_until(lambda: live(api, "ghost"), 5, what="the stream live from its new connection")
+
+
+def test_a_publish_whose_nginx_died_while_its_key_was_verified_never_goes_live(api, spawn_agent, receiver, procs, zk,
+                                                                               zk_root, tmp_path):
+    # its publisher went with that nginx (and no publish_done comes from a dead nginx): allowing it
+    # afterwards made a ghost stream, claimed and "live", that refused its encoder's reconnection
+    asked = threading.Event()
+    receiver.answer = lambda headers: (asked.set(), 200)[1]
+    receiver.delay_s = 3.0
+    agent_proc, host, _, _ = spawn_agent("origin", "us-east-1", media="nginx", extra_env={
+        "KEY_VERIFICATION_URL": receiver.url, "AGENT_KEY_VERIFICATION_TIMEOUT_S": "6",
+        "SM_MEDIA_ROOT": str(tmp_path / "media")})
+    [nginx] = subprocess.run(["pgrep", "-P", str(agent_proc.pid), "nginx"], capture_output=True,
+                             text=True).stdout.split()
+    procs(PUBLISH + [f"rtmp://{host}/live/orphan?key=k"], log_path=tmp_path / "pub.log")
+    assert asked.wait(15), "the verifier was not asked"
+    os.kill(int(nginx), signal.SIGKILL)  # the agent restarts it, and forgets its clients
+    wait_until(lambda: "stream published" in agent_proc.log() or "before its publish was allowed" in agent_proc.log(),
+               15, what="the publish hook answered")
+    assert "stream published" not in agent_proc.log()
+    # the hook logs its refusal, then releases the claim
+    wait_until(lambda: not zk.exists(ZkPaths(zk_root).stream(StreamKey("live", "orphan"))), 5,
+               what="no claim to refuse its encoder's reconnection")
+    wait_until(lambda: not live(api, "orphan"), 5, what="the stream live nowhere")
