@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         server.shutdown()
         return 2
     except Exception as exc:
-        print(f"node-agent: cannot register in ZooKeeper at {settings.zk_hosts}: {exc}", file=sys.stderr)
+        # some of kazoo's errors have no message (a refused digest: AuthFailedError()): name them at least
+        print(f"node-agent: cannot register in ZooKeeper at {settings.zk_hosts}: {str(exc) or type(exc).__name__}",
+              file=sys.stderr)
         agent.stop()
         server.shutdown()
         return 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 
 import pytest
 import requests
@@ -14,9 +16,9 @@ from kazoo.exceptions import NoAuthError
 from streammanager.cloud import build_providers
 from streammanager.cloud.base import DEFAULT_BOOT_SCRIPT, render_boot_script
 from streammanager.config import ConfigError, ControllerSettings, ServerSettings
-from streammanager.registry import make_client
+from streammanager.registry import ZkPaths, ensure_layout, make_client
 from streammanager.zookeeper import free_port
-from tests.conftest import BIN, wait_until
+from tests.conftest import BIN, next_loopback, wait_until
 from tests.test_agent_process import NGINX_PUBLISH, post_form
 from tests.test_cloud_providers import launch_request
 
@@ -116,3 +118,23 @@ def _get(url: str) -> dict:
         return requests.get(url, timeout=2).json()
     except (requests.RequestException, ValueError):
         return {}
+
+
+def test_an_agent_with_other_credentials_says_why_it_cannot_register(zookeeper, zk_root, tmp_path):
+    ours = make_client(zookeeper.hosts, auth=IDENTITY)
+    ours.start(timeout=10)
+    try:
+        ensure_layout(ours, ZkPaths(zk_root))  # the cluster's registry, its own identity's only
+    finally:
+        ours.stop()
+        ours.close()
+    env = {**os.environ, "AGENT_ZK_HOSTS": zookeeper.hosts, "AGENT_ZK_ROOT": zk_root,
+           "AGENT_ZK_AUTH": "intruder:Zk-0123456789abcdef"}
+    result = subprocess.run([str(BIN / "node-agent"), "--role", "edge", "--region", "us-east-1", "--media", "none",
+                             "--host", next_loopback(), "--http-port", str(free_port()), "--log-format", "text",
+                             "--work-dir", str(tmp_path / "agent")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    # kazoo's NoAuthError has no message: the line ended in "...:2181: " and said nothing
+    assert "cannot register in ZooKeeper" in result.stderr and "NoAuthError" in result.stderr, result.stderr
+    assert "Zk-0123456789abcdef" not in result.stderr + result.stdout  # and never the password
