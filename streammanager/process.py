@@ -18,13 +18,16 @@ from typing import Callable, Sequence
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+try:  # looked up here, once: loading a library in the child, between fork and exec, takes the dynamic
+    # loader's lock, which another thread of the parent may have held at the fork (the child then hangs)
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _Spawner:
