@@ -50,12 +50,24 @@ def live(api, name):
     return api.get(f"{P}/event/live/{name}/stats").status_code == 200
 
 
+def publish_live(api, host, procs, zk, zk_root, tmp_path, name: str):
+    """A real ffmpeg publisher of live/<name> on the origin at ``host``, once the stream is live: its
+    process and the session's id."""
+    publisher = procs(PUBLISH + [f"rtmp://{host}/live/{name}"], log_path=tmp_path / "pub.log")
+    wait_until(lambda: live(api, name), 10, what="the stream live")
+    return publisher, session_of(zk, zk_root, name)
+
+
+def whole_session(session: str) -> list[tuple]:
+    """The events of a session that went its whole way, in order."""
+    return [("stream-available", "HLS-LIVE", session), ("stream-available", "IMG-PREVIEW", session),
+            ("stream-available", "HLS-VOD", session), ("stream-closed", None, session)]
+
+
 def test_a_session_announces_live_hls_and_previews_then_its_vod_and_closes_last(api, origin, receiver, procs, zk,
                                                                                  zk_root, tmp_path):
     (_, host, _, _), media = origin
-    publisher = procs(PUBLISH + [f"rtmp://{host}/live/art"], log_path=tmp_path / "pub.log")
-    wait_until(lambda: live(api, "art"), 10, what="the stream live")
-    session = session_of(zk, zk_root, "art")
+    publisher, session = publish_live(api, host, procs, zk, zk_root, tmp_path, "art")
     first, second = receiver.wait_for(2, 15)
     assert [event_tuple(r) for r in (first, second)] == [("stream-available", "HLS-LIVE", session),
                                                          ("stream-available", "IMG-PREVIEW", session)]
@@ -74,9 +86,7 @@ def test_a_session_announces_live_hls_and_previews_then_its_vod_and_closes_last(
 
     publisher.signal(signal.SIGINT)
     events = receiver.wait_for(4, 20)
-    assert [event_tuple(r) for r in events] == [
-        ("stream-available", "HLS-LIVE", session), ("stream-available", "IMG-PREVIEW", session),
-        ("stream-available", "HLS-VOD", session), ("stream-closed", None, session)]
+    assert [event_tuple(r) for r in events] == whole_session(session)
     vod = events[2]["x-index-file"]
     assert vod == str(media.resolve() / "sessions" / "live" / "art" / session / "vod" / "index.m3u8")
     text = open(vod).read()
@@ -88,9 +98,7 @@ def test_a_session_announces_live_hls_and_previews_then_its_vod_and_closes_last(
 def test_the_close_command_stops_a_real_publisher_and_leads_to_stream_closed(api, origin, receiver, procs, zk,
                                                                              zk_root, tmp_path):
     (agent_proc, host, _, _), _ = origin
-    publisher = procs(PUBLISH + [f"rtmp://{host}/live/closeme"], log_path=tmp_path / "pub.log")
-    wait_until(lambda: live(api, "closeme"), 10, what="the stream live")
-    session = session_of(zk, zk_root, "closeme")
+    publisher, session = publish_live(api, host, procs, zk, zk_root, tmp_path, "closeme")
     response = api.post("/commands/close", headers={"x-streaming-channel": "live/closeme",
                                                     "x-streaming-id": session})
     assert response.status_code == 200, response.get_data(as_text=True)
@@ -128,18 +136,14 @@ def test_live_hls_fragments_leave_the_disk_once_out_of_the_playlist_and_the_stre
 def test_an_origin_stopped_mid_session_ends_it_with_its_vod_then_stream_closed(api, origin, receiver, procs, zk,
                                                                               zk_root, tmp_path):
     (agent_proc, host, _, _), media = origin
-    publisher = procs(PUBLISH + [f"rtmp://{host}/live/stopme"], log_path=tmp_path / "pub.log")
-    wait_until(lambda: live(api, "stopme"), 10, what="the stream live")
-    session = session_of(zk, zk_root, "stopme")
+    publisher, session = publish_live(api, host, procs, zk, zk_root, tmp_path, "stopme")
     receiver.wait_for(2, 15)  # HLS-LIVE and IMG-PREVIEW: the session is well under way
 
     agent_proc.signal(signal.SIGTERM)
     assert agent_proc.popen.wait(25) == 0, agent_proc.log()
     assert publisher.popen.wait(10) != 0  # its publisher was dropped (its encoder would reconnect elsewhere)
     events = receiver.wait_for(4, 15)
-    assert [event_tuple(r) for r in events] == [
-        ("stream-available", "HLS-LIVE", session), ("stream-available", "IMG-PREVIEW", session),
-        ("stream-available", "HLS-VOD", session), ("stream-closed", None, session)]
+    assert [event_tuple(r) for r in events] == whole_session(session)
     vod = events[2]["x-index-file"]
     assert vod == str(media.resolve() / "sessions" / "live" / "stopme" / session / "vod" / "index.m3u8")
     assert "#EXT-X-ENDLIST" in open(vod).read()
