@@ -47,7 +47,15 @@ from streammanager.models import (
 )
 from streammanager.commands import COMMAND_CLOSE, COMMAND_DRAIN
 from streammanager.events import EventQueue
-from streammanager.registry import UNREADABLE_CLAIM, StreamClaims, ZkPaths, ensure_layout, make_client, now_ms
+from streammanager.registry import (
+    UNREADABLE_CLAIM,
+    StreamClaims,
+    ZkPaths,
+    connect,
+    ensure_layout,
+    make_client,
+    now_ms,
+)
 from streammanager.zookeeper import free_port
 
 log = logging.getLogger(__name__)
@@ -147,15 +155,17 @@ class Agent:
                                        layout=self.media_layout, preview_interval_s=settings.preview_interval_s)
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, connect_timeout_s: float = 30.0) -> None:
-        """Start the media server (if any), then register. Raises MediaError or a kazoo error."""
+    def start(self, connect_timeout_s: float = 30.0, stop: threading.Event | None = None) -> bool:
+        """Start the media server (if any), then register: True. False if ``stop`` is set while it waits
+        for ZooKeeper. Raises MediaError or a kazoo error."""
         if self.media is not None:
             self.media.start()
             log.info("nginx serving RTMP on %s:%d", self.settings.host, self.settings.rtmp_port,
                      extra=self._log_extra)
         if self.relays is not None:
             self.relays.start()
-        self.client.start(timeout=connect_timeout_s)
+        if not connect(self.client, connect_timeout_s, stop):
+            return False
         ensure_layout(self.client, self.paths)
         self.report(force=True)
         # a record removed by someone else (a peer's fence, an operator) while this agent lives is
@@ -170,6 +180,7 @@ class Agent:
             self._reconciler = threading.Thread(target=self._reconcile_loop, name="agent-reconcile", daemon=True)
             self._reconciler.start()
         log.info("agent registered", extra=self._log_extra)
+        return True
 
     def stop(self) -> None:
         """Deregister at once: closing the session makes ZooKeeper delete the node record and every

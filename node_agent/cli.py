@@ -61,19 +61,24 @@ def main(argv: list[str] | None = None) -> int:
     serving = threading.Thread(target=server.serve_forever, name="agent-http", daemon=True)
     serving.start()
     try:
-        agent.start()
+        started = agent.start(stop=stop)
     except MediaError as exc:
         print(f"node-agent: {exc}", file=sys.stderr)
         agent.stop()
         server.shutdown()
         return 2
     except Exception as exc:
-        # some of kazoo's errors have no message (a refused digest: AuthFailedError()): name them at least
+        # some of kazoo's errors have no message (an ACL that refuses this identity: NoAuthError()): name them
         print(f"node-agent: cannot register in ZooKeeper at {settings.zk_hosts}: {str(exc) or type(exc).__name__}",
               file=sys.stderr)
         agent.stop()
         server.shutdown()
         return 1
+    if not started:  # stopped while it waited for ZooKeeper: at once, not at the stop deadline
+        log.info("stopped before it registered", extra={"node_id": settings.node_id})
+        agent.stop()
+        server.shutdown()
+        return 0
     threading.Thread(target=_fence_if_stalled, args=(agent, stop), name="stall-watchdog", daemon=True).start()
     log.info("agent serving hooks on %s", settings.agent_url,
              extra={"node_id": settings.node_id, "role": settings.role, "region": settings.region})

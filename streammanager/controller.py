@@ -47,7 +47,7 @@ from streammanager.groups import (
     NodeGroup,
     new_instance_id,
 )
-from streammanager.registry import RegistryView, ZkPaths, ensure_layout, make_client, now_ms
+from streammanager.registry import RegistryView, ZkPaths, connect, ensure_layout, make_client, now_ms
 from streammanager.scaling_store import Conflict, GroupStore, InstanceStore
 
 log = logging.getLogger(__name__)
@@ -290,17 +290,11 @@ class Controller:
     def _connect(self, stop: threading.Event) -> bool:
         """Connect within CONNECT_TIMEOUT_S; False if told to stop first. kazoo's ``start(timeout)``
         raised its KazooTimeoutError as a traceback, and held a SIGTERM for its whole timeout."""
-        connected = self.client.start_async()
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while not connected.wait(0.2):
-            if stop.is_set() or time.monotonic() > deadline:
-                self.client.stop()
-                self.client.close()
-                if stop.is_set():
-                    return False
-                raise ControllerError(f"cannot connect to ZooKeeper at {self.settings.zk_hosts} (SM_ZK_HOSTS) "
-                                      f"within {CONNECT_TIMEOUT_S:.0f} s: is it running and reachable?")
-        return True
+        try:
+            return connect(self.client, CONNECT_TIMEOUT_S, stop)
+        except self.client.handler.timeout_exception:
+            raise ControllerError(f"cannot connect to ZooKeeper at {self.settings.zk_hosts} (SM_ZK_HOSTS) "
+                                  f"within {CONNECT_TIMEOUT_S:.0f} s: is it running and reachable?") from None
 
     def _on_state(self, state: str) -> None:
         if state in (KazooState.SUSPENDED, KazooState.LOST):

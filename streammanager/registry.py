@@ -175,6 +175,22 @@ def make_client(hosts: str, timeout_s: float = 4.0, auth: str | None = None) -> 
     return client
 
 
+def connect(client: KazooClient, timeout_s: float, stop: threading.Event | None = None) -> bool:
+    """Start ``client`` and wait until it is connected: True. False if ``stop`` is set first. Raises the
+    handler's timeout exception (kazoo's KazooTimeoutError) after ``timeout_s``, the client then stopped
+    and closed, as kazoo's ``start(timeout)`` does; that one also held a SIGTERM for its whole timeout."""
+    connected = client.start_async()
+    deadline = time.monotonic() + timeout_s
+    while not connected.wait(0.2) or not client.connected:
+        if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
+            client.stop()
+            client.close()
+            if stop is not None and stop.is_set():
+                return False
+            raise client.handler.timeout_exception("Connection time-out")
+    return True
+
+
 class ZxidGuard:
     """Lets a client back into an ensemble whose history is behind what the client saw.
 

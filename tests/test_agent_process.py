@@ -9,7 +9,7 @@ import time
 import requests
 
 from streammanager.zookeeper import free_port
-from tests.conftest import BIN, wait_for_nodes, wait_until
+from tests.conftest import BIN, next_loopback, wait_for_nodes, wait_until
 
 P = "/streammanager/api/2.0"
 NGINX_PUBLISH = {"call": "publish", "app": "live", "name": "cam", "clientid": "7", "addr": "127.0.0.1",
@@ -146,6 +146,26 @@ def test_agent_refuses_bad_configuration_with_a_clear_message():
     assert result.returncode == 2 and "--host" in result.stderr
     assert "AGENT_ZK_HOSTS" in subprocess.run([str(BIN / "node-agent"), "--help"], capture_output=True,
                                               text=True, timeout=30).stdout
+
+
+def test_an_agent_stopped_while_zookeeper_is_unreachable_at_start_stops_at_once(procs, tmp_path):
+    host, port = next_loopback(), free_port()
+    agent = procs([str(BIN / "node-agent"), "--role", "edge", "--region", "us-east-1", "--media", "none",
+                   "--host", host, "--http-port", str(port), "--log-format", "text"],
+                  {"AGENT_ZK_HOSTS": f"127.0.0.1:{free_port()}"}, tmp_path / "agent.log")  # nothing listens there
+    wait_until(lambda: _answers(host, port), 15, what="the agent's hook server")  # it waits for ZooKeeper now
+    agent.signal(signal.SIGTERM)
+    # it waited out its connection timeout, or its 20 s stop deadline (exit 1, "stopping took over 20 s")
+    assert agent.popen.wait(30) == 0, agent.log()
+    assert "stopped before it registered" in agent.log()
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        requests.get(f"http://{host}:{port}/healthz", timeout=0.5)
+        return True
+    except requests.RequestException:
+        return False
 
 
 def test_agent_health_endpoint_names_the_node(spawn_agent):
