@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -42,12 +43,19 @@ def test_zookeepers_heap_and_tick_must_be_positive():
         assert result.returncode == 2 and option in result.stderr and "positive" in result.stderr, result.stderr
 
 
+# `streammanager controller` with a shorter connection timeout than its 30 s, so that the test waits 2 s
+CONTROLLER_2S = ("import sys; import streammanager.controller as c; c.CONNECT_TIMEOUT_S = 2.0; "
+                 "from streammanager.cli import main; sys.exit(main(['controller']))")
+
+
 def test_a_controller_that_cannot_reach_zookeeper_says_so_and_exits(tmp_path):
     hosts = f"127.0.0.1:{free_port()}"  # nothing listens there
-    result = run(["streammanager", "controller"], {"SM_ZK_HOSTS": hosts, "SM_LOCAL_STATE_DIR": str(tmp_path / "lc")},
-                 timeout=90)
+    result = subprocess.run([sys.executable, "-c", CONTROLLER_2S], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SM_ZK_HOSTS": hosts, "SM_LOCAL_STATE_DIR": str(tmp_path / "lc")},
+                            stdin=subprocess.DEVNULL)
+    assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 1, result.stderr
-    assert "SM_ZK_HOSTS" in result.stderr and hosts in result.stderr, result.stderr
+    assert "SM_ZK_HOSTS" in result.stderr and hosts in result.stderr and "within 2 s" in result.stderr, result.stderr
 
 
 def test_a_controller_waiting_for_zookeeper_stops_cleanly_on_sigterm(procs, tmp_path):
