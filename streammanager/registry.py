@@ -181,14 +181,17 @@ def connect(client: KazooClient, timeout_s: float, stop: threading.Event | None 
     and closed, as kazoo's ``start(timeout)`` does; that one also held a SIGTERM for its whole timeout."""
     connected = client.start_async()
     deadline = time.monotonic() + timeout_s
-    while not connected.wait(0.2) or not client.connected:
+    while True:
+        if connected.wait(0.2) and client.connected:
+            return True
         if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
             client.stop()
             client.close()
             if stop is not None and stop.is_set():
                 return False
             raise client.handler.timeout_exception("Connection time-out")
-    return True
+        if connected.is_set():  # connected, and lost again at once: look again shortly, not in a busy loop
+            time.sleep(0.2)
 
 
 class ZxidGuard:
