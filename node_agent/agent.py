@@ -86,6 +86,15 @@ class Decision:
         return cls(False, status, message)
 
 
+class _UnderWay:
+    """A publish hook under way; ``left`` when its publisher left (or its nginx died) meanwhile."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = False
+
+
 class DuplicateNode(RuntimeError):
     """Another live agent holds this node id's record."""
 
@@ -116,7 +125,7 @@ class Agent:
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
         self._publish_lock = threading.Lock()
-        self._publishes_under_way: dict[tuple[str, str], bool] = {}  # (stream, client) -> its publish_done came
+        self._publishes_under_way: dict[tuple[str, str], list[_UnderWay]] = {}  # (stream, client) -> its hooks
         self._stop_begun = False
         self._reporter: threading.Thread | None = None
         self._log_extra = {"node_id": settings.node_id, "role": settings.role, "region": settings.region}
@@ -498,17 +507,23 @@ class Agent:
         # (it marks the stream published before it asks), and hooks are answered on several threads:
         # that publish_done came first, found no publisher, and the publish went live after it, a ghost
         # stream whose claim refused its encoder's reconnection and whose lookups sent viewers to nothing.
-        pending = (str(key), clientid)
+        # Each hook has its own mark: a restarted nginx numbers its clients afresh, so the same stream and
+        # client id can be a dead nginx's publish, still under way, and the new nginx's at once.
+        pending, mine = (str(key), clientid), _UnderWay()
         with self._publish_lock:
-            self._publishes_under_way[pending] = False  # True: its publish_done came meanwhile
+            self._publishes_under_way.setdefault(pending, []).append(mine)
         try:
-            decision = self._publish_on_origin(key, clientid, args, extra)
+            decision = self._publish_on_origin(key, clientid, args, extra, mine)
         finally:
             with self._publish_lock:
-                self._publishes_under_way.pop(pending, None)
+                hooks = self._publishes_under_way[pending]
+                hooks.remove(mine)
+                if not hooks:
+                    del self._publishes_under_way[pending]
         return decision
 
-    def _publish_on_origin(self, key: StreamKey, clientid: str, args: dict[str, str], extra: dict) -> Decision:
+    def _publish_on_origin(self, key: StreamKey, clientid: str, args: dict[str, str], extra: dict,
+                           mine: _UnderWay) -> Decision:
         verdict = self.verifier.verify(str(key), args.get("key", ""), args.get("addr", ""))
         if not verdict.allowed:
             return Decision.refuse(verdict.reason)
@@ -537,7 +552,7 @@ class Agent:
             self._release(key, record.session_id)
             return Decision.refuse("the registry is unreachable", 503)
         with self._publish_lock:  # with on_publish_done's: it either sees this publisher, or is seen here
-            left = self._publishes_under_way.get((str(key), clientid), False)
+            left = mine.left
             ours = self.table.session_of(key, clientid) == record.session_id
             if left and ours:
                 self.table.end_publish(key, clientid)
@@ -565,8 +580,9 @@ class Agent:
     def on_publish_done(self, key: StreamKey, clientid: str) -> None:
         with self._publish_lock:
             session = self.table.end_publish(key, clientid)
-            if session is None and (str(key), clientid) in self._publishes_under_way:
-                self._publishes_under_way[(str(key), clientid)] = True  # its publish hook undoes it
+            if session is None:
+                for hook in self._publishes_under_way.get((str(key), clientid), ()):
+                    hook.left = True  # its publish hook undoes it
         if session is None:
             return  # not the publisher (e.g. a refused duplicate)
         self._publish_ended(key, session)
@@ -744,8 +760,9 @@ class Agent:
         still under way was that nginx's too: its hook undoes it (no publish_done comes from a dead nginx,
         and allowed, it was a ghost stream until the reconciliation noticed)."""
         with self._publish_lock:
-            for pending in self._publishes_under_way:
-                self._publishes_under_way[pending] = True
+            for hooks in self._publishes_under_way.values():
+                for hook in hooks:
+                    hook.left = True
         ended = []
         for key_text, clients in self.table.snapshot().items():
             key = StreamKey.parse(key_text)

@@ -208,6 +208,40 @@ def test_a_publisher_that_leaves_while_its_key_is_verified_never_goes_live(api, 
     wait_until(lambda: live(api, "ghost"), 5, what="the stream live from its new connection")
 
 
+def test_a_dead_nginxs_publish_and_the_next_nginxs_with_the_same_client_id_are_told_apart(api, make_node, receiver,
+                                                                                       zk, zk_root):
+    # a restarted nginx numbers its clients afresh: the same stream and client id can be the dead nginx's
+    # publish, still being verified, and the new nginx's at once. The new hook's mark overwrote the old
+    # one's: the dead nginx's publish went live (a ghost), and the new publisher that left was not undone
+    arrived, release = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+    asked = iter(range(2))
+
+    def answer(headers):
+        n = next(asked)
+        arrived[n].set()
+        release[n].wait(10)
+        return 200
+
+    receiver.answer = answer
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 8.0))
+    with ThreadPoolExecutor(2) as pool:
+        dead = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
+        assert arrived[0].wait(5), "the verifier was not asked"
+        origin.agent._media_exited()  # its nginx died; the agent starts the next one
+        new = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
+        assert arrived[1].wait(5), "the verifier was not asked again"
+        release[0].set()
+        first = dead.result(10)
+        assert first.status_code == 403 and "left" in first.text  # its publisher went with that nginx
+        assert origin.hook("publish_done", "again", clientid="7").status_code == 200  # the new one leaves
+        release[1].set()
+        second = new.result(10)
+    assert second.status_code == 403 and "left" in second.text
+    assert origin.agent.table.published() == []
+    assert not zk.exists(ZkPaths(zk_root).stream(StreamKey("live", "again")))
+    assert not live(api, "again")
+
+
 def test_a_publish_whose_nginx_died_while_its_key_was_verified_never_goes_live(api, spawn_agent, receiver, procs, zk,
                                                                                zk_root, tmp_path):
     # its publisher went with that nginx (and no publish_done comes from a dead nginx): allowing it
