@@ -218,6 +218,11 @@ class GunicornLogger(glogging.Logger):
             for handler in self.error_log.handlers:
                 handler.setFormatter(JsonFormatter())
 
+    def info(self, msg, *args, **kwargs) -> None:
+        if msg.startswith("Listening at:") and args and not args[0]:
+            return  # with a socket per worker the master has none to name: _when_ready says where we listen
+        super().info(msg, *args, **kwargs)
+
 
 def _pre_request(worker, req) -> None:
     # gunicorn's own hook logs the decoded path as it is: "%0A" in a path wrote a line of the

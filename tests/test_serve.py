@@ -154,6 +154,9 @@ def test_gunicorn_workers_stop_cleanly_on_sigterm(procs, tmp_path, zookeeper, zk
     proc.signal(signal.SIGTERM)
     assert proc.popen.wait(20) == 0, proc.log()
     assert "Traceback" not in proc.log()
+    # a socket per worker: gunicorn's own line named no address ("Listening at:  (pid)"), ours does
+    assert f"streammanager API on http://127.0.0.1:{port}" in proc.log()
+    assert "Listening at" not in proc.log()
 
 
 def _up(port):
@@ -232,6 +235,7 @@ def test_serve_with_one_shared_socket_when_reuse_port_is_off(procs, tmp_path, zo
     # one listening socket, held by the master: both workers answer through it
     listeners = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
     assert len(listeners.strip().splitlines()) == 1, listeners
+    assert f"Listening at: http://127.0.0.1:{port}" in proc.log()  # the master's socket, named
     bad = subprocess.run([str(BIN / "streammanager"), "serve"], env={**os.environ, **env, "SM_REUSE_PORT": "maybe",
                          "SM_BIND": f"127.0.0.1:{free_port()}"}, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "SM_REUSE_PORT" in bad.stderr
