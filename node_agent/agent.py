@@ -706,6 +706,10 @@ class Agent:
             owner = self.claims.owner(key)
             if owner is None:
                 return None
+            if owner == UNREADABLE_CLAIM:
+                log.warning("cannot resolve the origin of %s: its claim does not decode (a newer agent's?)", key,
+                            extra=self._log_extra)
+                return None
             data, _ = self.client.get_async(self.paths.node(owner.node_id)).get(timeout=2)
             node = NodeRecord.from_json(data)
             return f"{node.relay_host}:{node.rtmp_port}"

@@ -726,11 +726,17 @@ class StreamClaims:
             return False
 
     def owner(self, key: StreamKey) -> StreamRecord | None:
+        """The stream's claim; None if there is none. A claim that does not decode (written by a newer
+        agent during an upgrade, or damaged) is :data:`UNREADABLE_CLAIM`, as in :meth:`claim`: the
+        stream is held by someone, so an edge must not turn its viewers away as "not live"."""
         try:
             data, _ = self._call("get", self._paths.stream(key))
-            return StreamRecord.from_json(data)
-        except (NoNodeError, RecordError):
+        except NoNodeError:
             return None
+        try:
+            return StreamRecord.from_json(data)
+        except RecordError:
+            return UNREADABLE_CLAIM
 
 
 def delete_children_twice_deep(client: KazooClient, parent: str, timeout_s: float = 10.0) -> int:
