@@ -225,7 +225,14 @@ class RegistryFeed:
             with sub.lock:
                 with self._lock:
                     snapshot = frame(SNAPSHOT, encode_entries(dict(self._data)))
-                    ready = frame(READY) if self._initialized and self._synced else b""
+                    # READY while disconnected too, after the STATE frame that says so: a worker that
+                    # starts (a reload, a restarted worker) while ZooKeeper is away has no view but
+                    # this one, the very one the other workers answer from; without it, it answered
+                    # 503 to every lookup until ZooKeeper came back. A worker watching by itself
+                    # still passes such a feed over (FeedCache.catch_up waits for a connected READY).
+                    # Connected but not yet read again after a reconnection: no READY (a moment).
+                    loaded = self._initialized and (self._synced or not self._state[0])
+                    ready = frame(READY) if loaded else b""
                     state = self._state_frame()
                     self._subscribers.append(sub)
                 sub.send(snapshot + state + ready)

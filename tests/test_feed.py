@@ -307,3 +307,35 @@ def test_a_switch_back_to_the_feed_never_drops_a_node_the_view_has(feed_and_view
         assert late["node"].id not in removed, "the switch reported a live node removed"
     finally:
         again.close()
+
+
+def test_a_worker_that_starts_while_the_feed_has_lost_zookeeper_answers_from_the_feeds_view(
+        make_node, zookeeper, zk_root, socket_dir):
+    """A reload (SIGHUP) or a restarted worker while ZooKeeper is away: the host's feed still holds the
+    registry it loaded, which the other workers answer from. The new worker loads it, says its view is
+    disconnected, and answers; it waited for a READY the feed sent only once it was in sync again, and
+    answered 503 to every lookup until ZooKeeper came back."""
+    node = make_node("origin", "us-east-1")
+    paths = ZkPaths(zk_root)
+    sock = os.path.join(socket_dir, "registry.sock")
+    feed = RegistryFeed(make_client(zookeeper.hosts), paths.nodes, sock)
+    feed.start()
+    view = None
+    try:
+        wait_until(lambda: feed._initialized and node.id.encode() in b"".join(feed._data.values()), 5,
+                   what="the feed loaded the registry")
+        feed._client.stop()  # the feed loses ZooKeeper, and keeps answering its socket
+        wait_until(lambda: not feed._state[0], 5, what="the feed disconnected")
+        view = RegistryView(make_client(zookeeper.hosts), paths, feed_socket=sock)
+        view.start()
+        assert view.wait_initialized(10), "a new worker's view did not load from the feed"
+        assert node_ids(view) == {node.id}
+        assert view.source == "feed"
+        assert not view.connected  # /healthz says degraded, with the view's age
+        wait_until(lambda: view._client.connected, 10, what="the worker's own client connected")  # to stop it
+    finally:
+        if view is not None:
+            view.close()
+            view._client.stop()
+            view._client.close()
+        feed.close()
