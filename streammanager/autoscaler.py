@@ -11,7 +11,7 @@ No ZooKeeper, libcloud or Flask here: the controller gathers the inputs and carr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 from streammanager.groups import (
     ACTIVE,
@@ -104,14 +104,18 @@ class Plan:
 
 
 def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, InstanceRecord],
-         nodes: Mapping[str, NodeRecord], last_evaluated: Mapping[str, int] | None = None) -> Plan:
+         nodes: Mapping[str, NodeRecord], last_evaluated: Mapping[str, int] | None = None,
+         unreadable: Collection[str] = ()) -> Plan:
     """Decide. ``last_evaluated`` (group -> ms) keeps each group's scaling decisions to its evaluation
-    interval; lifecycle changes (registration, death, drain end, timeouts) are decided every call."""
+    interval; lifecycle changes (registration, death, drain end, timeouts) are decided every call.
+    ``unreadable``: ids of nodes that are registered but whose record does not decode (another version's
+    agent during an upgrade): alive, not dead."""
     result = Plan()
     groups_by_name = {g.name: g for g in groups}
     current: dict[str, InstanceRecord] = {}
     for record in instances.values():
-        moved = _lifecycle(now_ms, record, groups_by_name.get(record.group), nodes.get(record.id), result)
+        moved = _lifecycle(now_ms, record, groups_by_name.get(record.group), nodes.get(record.id), result,
+                           record.id in unreadable)
         if moved.state == FAILED and moved is not record and not moved.provider_id:
             moved = record.moved(GONE, now_ms, moved.reason, failure=moved.failure)
             result.moves[-1] = Move(moved)
@@ -143,8 +147,9 @@ def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, Insta
 
 # -- lifecycle ---------------------------------------------------------------------------------------
 def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: NodeRecord | None,
-               result: Plan) -> InstanceRecord:
-    """Advance one instance through its lifecycle; returns the record as it will be."""
+               result: Plan, unreadable: bool = False) -> InstanceRecord:
+    """Advance one instance through its lifecycle; returns the record as it will be. ``unreadable``: its
+    node is registered, but its record does not decode (``node`` is None)."""
 
     def move(state: str, reason: str, drain: bool = False, **changes) -> InstanceRecord:
         moved = record.moved(state, now, reason, **changes)
@@ -165,6 +170,16 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
             and record.state in (STARTING, INSERVICE):  # a PUT removed its region or role: no pool owns it
         return move(DRAINING, f"its pool {record.region}/{record.role} was removed from the node group",
                     drain=True, drain_deadline_ms=now + _drain_ms(group))
+    if unreadable and record.state in (STARTING, INSERVICE, DRAINING):
+        # Its agent is registered (its session's znode is there) but writes a record this build cannot
+        # decode: a newer agent during a rolling upgrade, or a damaged write. Taken for a node that
+        # died, a healthy node and its live streams were destroyed at once, and replaced.
+        if record.state == STARTING:
+            return move(INSERVICE, "registered (its record is not readable by this controller)",
+                        registered_ms=now)
+        if record.state == DRAINING and now >= record.drain_deadline_ms:
+            return move(TERMINATING, "drain deadline passed")
+        return record
     if record.state == STARTING:
         if node is not None:
             if node.state == STATE_DRAINING:

@@ -349,7 +349,8 @@ class Controller:
             calls += self.sweep(now)
         groups = {g.name: g for g in self.groups.all()}
         nodes = {n.id: n for n in self.view.nodes()}
-        decided = autoscaler.plan(now, groups.values(), self.instances.records(), nodes, self._last_evaluated)
+        decided = autoscaler.plan(now, groups.values(), self.instances.records(), nodes, self._last_evaluated,
+                                  unreadable=self.view.unreadable())
         self._last_evaluated.update(decided.evaluated)
         calls += self._carry_out(now, decided, groups)
         self._actions.wait(calls, ACTION_WAIT_S)

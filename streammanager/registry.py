@@ -286,6 +286,9 @@ class RegistryView:
         self._connected = False
         self._disconnected_since_ms: int | None = now_ms()
         self.decode_errors = 0  # node records dropped because they did not decode
+        # nodes registered (their agent's znode exists) whose record this build cannot use: a newer or
+        # older agent's during an upgrade, or a damaged one. Lookups skip them; they are not dead.
+        self._unreadable: frozenset[str] = frozenset()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -486,6 +489,7 @@ class RegistryView:
     def _on_change(self, name: str, data: bytes | None) -> None:
         node_id = ZkPaths.decode(name)
         if data is None:
+            self._readable(node_id)
             self._apply(node_id, None)
             return
         previous = self._nodes.get(node_id)
@@ -494,11 +498,13 @@ class RegistryView:
         except RecordError as exc:
             self.decode_errors += 1
             log.warning("ignoring node record %s: %s", node_id, exc)
+            self._unreadable = self._unreadable | {node_id}
             self._apply(node_id, None)
             return
         if record.id != node_id:
             self.decode_errors += 1
             log.warning("ignoring node record %s: it names itself %s", node_id, record.id)
+            self._unreadable = self._unreadable | {node_id}
             self._apply(node_id, None)  # what it said before is no more to be trusted than what it says now
             return
         if previous is None:  # a new node: its id must be one the API takes (agents check theirs at start)
@@ -508,7 +514,12 @@ class RegistryView:
                 self.decode_errors += 1
                 log.warning("ignoring node record %r: %s", node_id[:80], exc)
                 return
+        self._readable(node_id)
         self._apply(node_id, record)
+
+    def _readable(self, node_id: str) -> None:
+        if node_id in self._unreadable:
+            self._unreadable = self._unreadable - {node_id}
 
     def _apply(self, node_id: str, record: NodeRecord | None) -> None:
         """Update the indexes for one node, touching only what changed: a node reports every second
@@ -657,6 +668,11 @@ class RegistryView:
             if stream is not None:
                 out.append(stream)
         return out
+
+    def unreadable(self) -> frozenset[str]:
+        """Ids of nodes that are registered but whose record does not decode (skipped by lookups):
+        alive all the same, so the controller must not take them for dead."""
+        return self._unreadable
 
     def node_count(self) -> int:
         return len(self._nodes)

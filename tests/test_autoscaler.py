@@ -574,3 +574,19 @@ def test_an_idle_pool_at_min_0_keeps_its_last_node_and_says_why():
     (reason,) = holds(result)
     assert "last serving node" in reason and "no load to grow on" in reason
     assert "scale-out threshold" not in reason  # what it said before: not the reason at all
+
+
+def test_an_instance_whose_node_record_does_not_decode_is_alive_not_dead():
+    """Its agent is registered (``unreadable``: its znode is there, the record another version's, e.g. a
+    newer agent's during a rolling upgrade): neither failed and destroyed, nor failed at its boot timeout;
+    a drain deadline still holds."""
+    records = {"n1": instance("n1"),
+               "n2": instance("n2", STARTING, since=NOW - 200 * S, created=NOW - 200 * S),
+               "n3": instance("n3", DRAINING, drain_deadline_ms=NOW - S)}
+    dead = plan(NOW, [group(min=1)], records, {})
+    assert sorted(destroyed(dead)) == ["n1", "n2", "n3"]  # no registration at all: dead (or drained)
+    alive = plan(NOW, [group(min=1)], records, {}, unreadable={"n1", "n2", "n3"})
+    assert destroyed(alive) == ["n3"]  # its drain deadline passed
+    assert moved(alive, "n2").record.state == INSERVICE
+    assert "n1" not in {m.record.id for m in alive.moves}
+    assert alive.launches == []

@@ -723,3 +723,40 @@ def test_a_local_agent_whose_controller_died_before_recording_its_pid_is_listed_
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_node_whose_record_another_version_wrote_is_not_taken_for_dead(api, zk, zk_root, controller_settings):
+    """During a rolling upgrade a newer agent writes a record this controller cannot decode. Its node is
+    registered all the same (its session's znode is there): the controller took it for a node that died,
+    destroyed it with its live streams and launched a replacement, one step after the write."""
+    import orjson
+
+    from streammanager.registry import now_ms
+
+    assert admin(api, "post", GROUP, json=group_doc(edge=(1, 2, 1))).status_code == 201
+    controller = _stepping_controller(controller_settings, zk)
+    try:
+        def one_in_service():
+            controller.run_once(now_ms())
+            serving = group_instances(zk, zk_root, states=("inservice",))
+            return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} \
+                else None
+        instance = wait_until(one_in_service, 30, what="an edge in service")[0]
+        path = ZkPaths(zk_root).node(instance.id)
+        doc = orjson.loads(zk.get(path)[0])
+        newer = orjson.dumps({**doc, "schema": doc["schema"] + 1, "a_newer_field": {"x": 1}})
+        for _ in range(3):  # the agent itself may rewrite its record meanwhile (a load change): again
+            zk.set(path, newer)
+            wait_until(lambda: instance.id in controller.view.unreadable(), 10, what="the record skipped")
+            plan = controller.run_once(now_ms())
+            if instance.id in controller.view.unreadable() or zk.exists(path) is None:
+                break
+        assert not plan.destroys and not plan.launches
+        assert instance.id in controller.view.unreadable()
+        (record,) = [r for r in group_instances(zk, zk_root) if r.id == instance.id]
+        assert record.state == "inservice"
+        assert zk.exists(path) is not None  # the agent still runs: its session's znode is there
+        assert [i.name for i in build_providers(controller_settings)["local"].list_instances("test-cluster")] \
+            == [instance.id]
+    finally:
+        _close_stepping(controller, controller_settings)
