@@ -65,6 +65,9 @@ class _ChannelState:
     delivered: collections.deque = field(default_factory=lambda: collections.deque(maxlen=DELIVERED_MEMORY))
 
 
+UNREADABLE_NODE = object()  # a registered node whose record does not decode (see _node_starts)
+
+
 class CallbackDispatcher:
     name = "callbacks"
 
@@ -309,7 +312,8 @@ class CallbackDispatcher:
             if name not in sessions:
                 del self._orphans[name]
         for name, session in sessions.items():
-            if node_starts.get(session.node_id) == session.node_started_ms or self._still_claimed(session):
+            start = node_starts.get(session.node_id)
+            if start is UNREADABLE_NODE or start == session.node_started_ms or self._still_claimed(session):
                 self._orphans.pop(name, None)
                 continue
             since = self._orphans.setdefault(name, now)
@@ -341,14 +345,22 @@ class CallbackDispatcher:
             if stat is not None and stat.ctime < oldest_ms:
                 self._delete(f"{self._paths.callback_reaped}/{name}")
 
-    def _node_starts(self, node_ids: set[str]) -> dict[str, int]:
+    def _node_starts(self, node_ids: set[str]) -> dict[str, int | object]:
+        """When each registered node's agent started; UNREADABLE_NODE for a node registered with a record
+        this build cannot decode (another version's agent during an upgrade): its sessions are not
+        orphans. Taken for a node that is gone, a newer origin's live sessions got stream-closed sent and
+        were reaped (their claims, of the newer schema, did not decode either)."""
         reads = {n: self._client.get_async(self._paths.node(n)) for n in node_ids}
-        starts = {}
+        starts: dict[str, int | object] = {}
         for node_id, pending in reads.items():
             try:
-                starts[node_id] = NodeRecord.from_json(pending.get(timeout=5)[0]).started_ms
-            except (NoNodeError, RecordError):
+                data = pending.get(timeout=5)[0]
+            except NoNodeError:
                 continue
+            try:
+                starts[node_id] = NodeRecord.from_json(data).started_ms
+            except RecordError:
+                starts[node_id] = UNREADABLE_NODE
         return starts
 
     def _still_claimed(self, session: OpenSession) -> bool:

@@ -341,3 +341,29 @@ def test_a_netrc_entry_for_the_applications_host_never_replaces_or_adds_the_even
     run_dispatcher(CallbackTarget(receiver.url, auth, 2.0))
     [request] = receiver.wait_for(1)
     assert request["authorization"] == expected
+
+
+def test_the_reaper_leaves_alone_a_session_of_an_origin_registered_with_a_newer_record(zk, paths, queue, receiver):
+    """During a rolling upgrade a newer origin writes its node record and its stream claims in a schema this
+    controller cannot decode. It is registered (its znode is there): its live sessions are not orphans.
+    Taken for gone, each got a stream-closed while live and was reaped."""
+    import orjson
+
+    from streammanager.registry import ensure_layout
+
+    ensure_layout(zk, paths)
+    zk.create(paths.node("origin-newer"), orjson.dumps({"schema": 2, "id": "origin-newer", "started_ms": 123}),
+              ephemeral=True)
+    zk.create(paths.stream(StreamKey("live", "upgraded")), orjson.dumps({"schema": 2, "node_id": "origin-newer",
+                                                                         "session_id": "s-new"}),
+              ephemeral=True, makepath=True)
+    queue.open_session(OpenSession("live/upgraded", "s-new", "origin-newer", 123, 456))
+    queue.open_session(OpenSession("live/orphan", "s-dead", "origin-that-died", 123, 456))
+    dispatcher = CallbackDispatcher(zk, paths, EventCallbackSettings(CallbackTarget(receiver.url)),
+                                    orphan_grace_s=1.0)
+    assert dispatcher.reap(now=100.0) == 0  # both seen for the first time: the grace begins
+    assert dispatcher.reap(now=102.0) == 1  # the dead origin's session only
+    live = paths.callback_session("live/upgraded", "s-new").rsplit("/", 1)[1]
+    assert zk.get_children(paths.callback_sessions) == [live]  # still open
+    assert queued(zk, paths) == 1  # the dead origin's stream-closed, no other
+    assert dispatcher.reap(now=200.0) == 0
