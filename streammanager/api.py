@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from streammanager.commands_api import commands_api
 from streammanager.config import ServerSettings
-from streammanager.errors import ApiError, BadRequest, Forbidden, NotFound, ServiceUnavailable, Unauthorized
+from streammanager.errors import ApiError, BadRequest, Forbidden, NoCapacity, NotFound, ServiceUnavailable, Unauthorized
 from streammanager.lookupstats import LookupStats
 from streammanager.models import NodeRecord, RecordError, StreamKey, validate_name
 from streammanager.placement import Housekeeper, Placement
@@ -69,7 +69,9 @@ _changes_lock = threading.Lock()
 LOOKUP_ACTIONS = ("broadcast", "subscribe")
 # every series exists from the start (zero until a lookup of its kind); lookups add to them in batches
 for _action in LOOKUP_ACTIONS:
-    for _outcome in ("ok", "bad_request", "not_found", "error"):
+    # no_capacity: answered 400 like a bad request, but no node could take it (full, drained, none in a
+    # strict region): the operator's problem, not the client's, so not counted among bad requests
+    for _outcome in ("ok", "bad_request", "no_capacity", "not_found", "error"):
         LOOKUPS.labels(_action, _outcome)
 LOOKUP_STATS = LookupStats(LOOKUPS, LOOKUP_SECONDS, LOOKUP_ACTIONS)
 
@@ -348,7 +350,8 @@ def answer_lookup(svc: "Services", scope: str, stream: str, action: str | None, 
                                                                                           is_strict)
         return 200, orjson.dumps(answer.to_json())
     except ApiError as exc:
-        outcome = {400: "bad_request", 404: "not_found"}.get(exc.status, "error")
+        outcome = "no_capacity" if isinstance(exc, NoCapacity) else \
+            {400: "bad_request", 404: "not_found"}.get(exc.status, "error")
         return exc.status, error_body(exc.message)
     finally:
         LOOKUP_STATS.record(action, outcome, time.perf_counter() - started)

@@ -14,6 +14,11 @@ class BadRequest(ApiError):
     status = 400
 
 
+class NoCapacity(BadRequest):
+    """400, as the 2.0 API answers it: no node can take the request (every one full, drained, stale, or
+    none in a strict region). Not the client's mistake: the lookup metrics count it apart."""
+
+
 class Unauthorized(ApiError):
     """401: with the challenge HTTP asks of it (``WWW-Authenticate``, RFC 9110 section 11.6.1)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import deque
 from functools import partial
 from typing import Mapping, NamedTuple
@@ -16,7 +17,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 
 from streammanager import regions
-from streammanager.errors import BadRequest, NotFound
+from streammanager.errors import BadRequest, NoCapacity, NotFound
 from streammanager.models import (
     ROLE_EDGE,
     ROLE_ORIGIN,
@@ -32,6 +33,7 @@ from streammanager.selection import LookupRequest, select
 log = logging.getLogger(__name__)
 
 RESERVATION_WRITE_TIMEOUT_S = 1.0
+REFUSAL_LOG_INTERVAL_S = 10.0  # a lookup no node could take is logged at most this often per (role, region)
 
 
 class Answer(NamedTuple):
@@ -124,6 +126,8 @@ class Placement:
         self.assignments = Assignments(int(assignment_ttl_s * 1000))
         self._own_reservations: dict[str, int] = {}  # path -> expires_ms, for housekeeping
         self._own_lock = threading.Lock()
+        self._refusals: dict[tuple[str, str | None], tuple[float, int]] = {}  # -> (last logged, since)
+        self._refusals_lock = threading.Lock()
         self._candidates_in = {role: partial(view.candidates, role) for role in (ROLE_ORIGIN, ROLE_EDGE)}
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ class Placement:
         now = now_ms()
         try:
             chosen = self._select(ROLE_ORIGIN, key, skey, region, strict, None, None, now)
-        except BadRequest:
+        except NoCapacity:
             # Every origin looks full, counting the answers given meanwhile: but a stream another lookup
             # reserved already holds its place there (a retrying encoder, a second lookup of the same
             # stream); it is answered its reservation, not refused.
@@ -178,10 +182,25 @@ class Placement:
         result = select(req, self._candidates_in[role], view.regions(role), self._rng,
                         best_few=self._best_few, preferred=preferred)
         if result.node is None:
-            log.info("no node for lookup: %s", result.reason,
-                     extra={"scope": key.scope, "stream": key.name, "role": role, "region": region})
-            raise BadRequest(result.reason)
+            self._log_refusal(role, region, key, result.reason)
+            raise NoCapacity(result.reason)
         return result.node
+
+    def _log_refusal(self, role: str, region: str | None, key: StreamKey, reason: str) -> None:
+        """Log a lookup no node could take, once per ``REFUSAL_LOG_INTERVAL_S`` per (role, region) with
+        how many more were refused meanwhile: a line per lookup was thousands a second exactly when
+        capacity ran out (``sm_lookups_total{outcome="no_capacity"}`` counts each one). Regions here
+        are known ones (``_check_region``), so the table stays small."""
+        now = time.monotonic()
+        with self._refusals_lock:
+            last_s, suppressed = self._refusals.get((role, region), (None, 0))
+            if last_s is not None and now - last_s < REFUSAL_LOG_INTERVAL_S:
+                self._refusals[(role, region)] = (last_s, suppressed + 1)
+                return
+            self._refusals[(role, region)] = (now, 0)
+        more = f" ({suppressed} more refused like it in the last {now - last_s:.0f} s)" if suppressed else ""
+        log.info("no node for lookup: %s%s", reason, more,
+                 extra={"scope": key.scope, "stream": key.name, "role": role, "region": region})
 
     # -- reservations ----------------------------------------------------------------------------
     def _usable(self, node: NodeRecord | None, now: int) -> bool:

@@ -547,3 +547,23 @@ def test_a_head_lookup_changes_nothing(api, make_node, zk, zk_root):
         assert response.status_code == 405 and response.headers["Allow"] == "GET"
     assert zk.exists(ZkPaths(zk_root).reservation(StreamKey("live", "probe"))) is None
     assert lookup(api, "real", "broadcast").status_code == 200  # the one place is still free
+
+
+def test_lookups_no_node_can_take_are_counted_apart_and_logged_once_not_per_lookup(api, cluster, caplog):
+    """A strict lookup in a region without edges is a 400, as the 2.0 API answers it, but it is the
+    operator's capacity problem: it was counted as a bad request, and every refused lookup logged a line
+    (thousands a second exactly when capacity ran out)."""
+    assert cluster["us_origin"].publish("full").status_code == 200
+    wait_until(lambda: lookup(api, "full", "subscribe").status_code == 200, 5, what="the stream live")
+    before = api.get("/metrics").get_data(as_text=True)
+    caplog.set_level(logging.INFO, logger="streammanager.placement")
+    for _ in range(5):
+        assert_error(lookup(api, "full", "subscribe", region="ap-south-1", strict="true"), 400, "no edge")
+    assert_error(lookup(api, "full", "subscribe", region="nowhere-1"), 400, "unknown region")
+    text = api.get("/metrics").get_data(as_text=True)
+    refused = 'sm_lookups_total{action="subscribe",outcome="no_capacity"}'
+    bad = 'sm_lookups_total{action="subscribe",outcome="bad_request"}'
+    assert metric(text, refused) - metric(before, refused) == 5
+    assert metric(text, bad) - metric(before, bad) == 1
+    logged = [r for r in caplog.records if r.getMessage().startswith("no node for lookup")]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
