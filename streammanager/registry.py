@@ -285,6 +285,7 @@ class RegistryView:
         self._retrying = False  # a thread looks for the feed to come back
         self._connected = False
         self._disconnected_since_ms: int | None = now_ms()
+        self._lost_since_ms: int | None = None  # set while a connection logged as lost is not back
         self.decode_errors = 0  # node records dropped because they did not decode
         # nodes registered (their agent's znode exists) whose record this build cannot use: a newer or
         # older agent's during an upgrade, or a damaged one. Lookups skip them; they are not dead.
@@ -329,10 +330,20 @@ class RegistryView:
         self._cache = cache
 
     def _on_feed_state(self, connected: bool, since_ms: int | None) -> None:
+        lost_since = self._lost_since_ms
         self._connected = connected
         self._disconnected_since_ms = since_ms
         if not connected:
             log.warning("the registry feed lost ZooKeeper: answering from the last view")
+            self._lost_since_ms = lost_since or since_ms or now_ms()
+        elif lost_since is not None:
+            self._log_back("the registry feed has ZooKeeper again", lost_since)
+
+    def _log_back(self, what: str, lost_since_ms: int) -> None:
+        """Say that the connection lost (and logged as lost) is back: without this line, the last word of
+        an outage in the log was that the view was answering from its last content."""
+        self._lost_since_ms = None
+        log.info("%s after %.1f s: the view is current", what, max(0, now_ms() - lost_since_ms) / 1000)
 
     def _on_feed_lost(self) -> None:
         """On the feed's reader thread, after its last change: watch ZooKeeper from here on, starting
@@ -451,10 +462,14 @@ class RegistryView:
         if state == KazooState.CONNECTED:
             self._connected = True
             self._disconnected_since_ms = None
+            if self._lost_since_ms is not None:
+                self._log_back("registry connection back", self._lost_since_ms)
         else:
             self._connected = False
             if self._disconnected_since_ms is None:
                 self._disconnected_since_ms = now_ms()
+            if self._lost_since_ms is None:
+                self._lost_since_ms = self._disconnected_since_ms
             log.warning("registry connection %s: answering from the last view", state.lower())
 
     @property

@@ -339,3 +339,39 @@ def test_a_worker_that_starts_while_the_feed_has_lost_zookeeper_answers_from_the
             view._client.stop()
             view._client.close()
         feed.close()
+
+
+def test_the_log_says_when_a_fed_view_has_zookeeper_again_not_only_when_it_lost_it(feed_and_view, make_node,
+                                                                                  caplog):
+    """After an outage the last line in the log was "the registry feed lost ZooKeeper: answering from the
+    last view": an operator reading it could not tell whether, or when, the view became current again."""
+    import logging
+
+    make_node("origin", "us-east-1")
+    feed, view = feed_and_view()
+    caplog.set_level(logging.INFO, logger="streammanager.registry")
+    feed._client.stop()
+    wait_until(lambda: not view.connected, 5, what="the view told the feed lost ZooKeeper")
+    assert any("lost ZooKeeper" in r.getMessage() for r in caplog.records)
+    feed._client.start(timeout=10)
+    wait_until(lambda: view.connected, 10, what="the view told the feed is back")
+    wait_until(lambda: any("has ZooKeeper again" in r.getMessage() for r in caplog.records), 5,
+               what="a line saying the view is current again")
+    back = [r for r in caplog.records if "has ZooKeeper again" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO, [r.getMessage() for r in back]
+
+
+def test_the_log_says_when_a_view_watching_by_itself_has_zookeeper_again(feed_and_view, make_node, caplog):
+    import logging
+
+    make_node("origin", "us-east-1")
+    _, view = feed_and_view(with_feed=False)
+    caplog.set_level(logging.INFO, logger="streammanager.registry")
+    view._client.stop()
+    wait_until(lambda: not view.connected, 5, what="the view's own connection lost")
+    view._client.start(timeout=10)
+    wait_until(lambda: view.connected, 10, what="the view's own connection back")
+    wait_until(lambda: any("registry connection back" in r.getMessage() for r in caplog.records), 5,
+               what="a line saying the view is current again")
+    back = [r for r in caplog.records if "registry connection back" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO, caplog.text
