@@ -253,6 +253,12 @@ class Agent:
             private_host=s.host if s.advertise_host and s.advertise_host != s.host else "",
         )
 
+    def registered_on_current_session(self) -> bool:
+        """Whether the node record was written by the client's current session (after a session
+        expired, the record is gone until the next report registers it again)."""
+        client_id = self.client.client_id
+        return client_id is not None and client_id[0] == self._registered_session
+
     def report(self, force: bool = False) -> bool:
         """Write the node record if it changed, or if a heartbeat is due, or with ``force``; after a
         new session, register it again and reclaim streams; claim again streams whose claim someone
@@ -277,6 +283,8 @@ class Agent:
         if session != self._registered_session:
             self._register(path, data)
             self._back_after_absence()
+            if self._registered_session is not None:  # the log said only "Session has expired" before
+                log.info("agent registered again on a new ZooKeeper session", extra=self._log_extra)
             self._registered_session = session
         else:
             try:

@@ -230,11 +230,17 @@ def create_hooks_app(agent: Agent) -> Flask:
 
     @app.get("/healthz")
     def healthz():
-        """200 once the node is registered (hooks are served from the start: nginx calls them early)."""
+        """200 once the node is registered (hooks are served from the start: nginx calls them early).
+        ``status`` is ``ok`` while the node's record is its current session's, ``degraded`` while the agent
+        is cut off from ZooKeeper (past the session timeout the node has left every answer) or is
+        registering again on a new session, ``starting`` (503) before its first registration."""
         registered = agent.registered.is_set()
-        body = {"status": "ok" if registered else "starting", "nodeId": agent.settings.node_id,
-                "role": agent.settings.role,
-                "zookeeper": "connected" if agent.client.connected else "disconnected"}
+        connected = agent.client.connected
+        status = "starting"
+        if registered:
+            status = "ok" if connected and agent.registered_on_current_session() else "degraded"
+        body = {"status": status, "nodeId": agent.settings.node_id, "role": agent.settings.role,
+                "zookeeper": "connected" if connected else "disconnected"}
         return jsonify(body), (200 if registered else 503)
 
     return app

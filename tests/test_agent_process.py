@@ -288,3 +288,21 @@ def test_the_hook_server_closes_stalled_connections_and_refuses_unreadable_bodie
         while chunk := conn.recv(65536):
             answer += chunk
     assert answer.split(b"\r\n", 1)[0].split()[1] == b"400" and b"malformed hook" in answer, answer
+
+
+def test_an_agent_cut_off_from_zookeeper_says_so_in_its_health_and_ok_again_once_registered_anew(make_node,
+                                                                                                 caplog):
+    """Its /healthz said "status": "ok" all through a ZooKeeper outage, when past its session timeout
+    the node had left every answer; and after the outage, nothing in its log said it registered again."""
+    import logging
+
+    node = make_node("edge", "us-east-1")
+    caplog.set_level(logging.INFO, logger="node_agent.agent")
+    assert node.hooks.get("/healthz").get_json()["status"] == "ok"
+    node.agent.client.stop()  # its session is gone, as after an outage longer than the timeout
+    cut_off = node.hooks.get("/healthz")
+    assert cut_off.status_code == 200  # it still answers its media server's hooks
+    assert cut_off.get_json()["status"] == "degraded" and cut_off.get_json()["zookeeper"] == "disconnected"
+    node.agent.client.start(timeout=10)
+    wait_until(lambda: node.hooks.get("/healthz").get_json()["status"] == "ok", 10, what="registered again")
+    assert any("registered again" in r.getMessage() for r in caplog.records), caplog.text
