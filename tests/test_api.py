@@ -567,3 +567,15 @@ def test_lookups_no_node_can_take_are_counted_apart_and_logged_once_not_per_look
     assert metric(text, bad) - metric(before, bad) == 1
     logged = [r for r in caplog.records if r.getMessage().startswith("no node for lookup")]
     assert len(logged) == 1, [r.getMessage() for r in logged]
+
+
+def test_the_lookup_histogram_tells_apart_lookups_answered_from_memory(api, cluster):
+    """A subscribe lookup takes tens of microseconds: with 0.5 ms as the first bound, nearly all of them
+    fell in it, so a lookup ten times slower did not show in sm_lookup_seconds."""
+    assert cluster["us_origin"].publish("timed").status_code == 200
+    wait_until(lambda: lookup(api, "timed", "subscribe").status_code == 200, 5, what="the stream live")
+    text = api.get("/metrics").get_data(as_text=True)
+    bounds = sorted(float(b) for b in re.findall(r'^sm_lookup_seconds_bucket\{action="subscribe",le="([0-9.e-]+)"\}',
+                                                 text, re.M))
+    assert bounds[0] <= 0.0001 and len([b for b in bounds if b < 0.0005]) >= 2, bounds
+    assert bounds[-1] >= 1.0, bounds  # a broadcast's reservation write may take up to its 1 s timeout
