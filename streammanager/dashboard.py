@@ -11,7 +11,7 @@ import heapq
 import time
 from dataclasses import dataclass
 
-from flask import Blueprint, Response, render_template_string, request
+from flask import Blueprint, Response, current_app, render_template, request
 
 from streammanager.api import require_admin, services
 from streammanager.errors import BadRequest
@@ -52,13 +52,23 @@ def show():
     busiest = []
     if stream_count <= RANKED_UP_TO:
         busiest = heapq.nsmallest(TOP_STREAMS, view.live_streams(), key=lambda s: (-s.subscribers, str(s.key)))
-    page = render_template_string(
-        PAGE, view=view, regions=regions, streams=busiest, stream_count=stream_count, now=now,
+    page = render_template(
+        _page_template(), view=view, regions=regions, streams=busiest, stream_count=stream_count, now=now,
         ranked_up_to=RANKED_UP_TO,
         root=svc.settings.zk_root, refresh=int(refresh), age_s=view.age_ms() / 1000,
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now / 1000)))
     return Response(page, mimetype="text/html", headers={"Cache-Control": "no-store",
                                                          "Referrer-Policy": "no-referrer"})
+
+
+def _page_template():
+    """The page's template, compiled once per app: ``render_template_string`` compiled it again on every
+    view (tens of milliseconds of a worker's CPU, holding the GIL from its lookups, at every refresh of
+    every open dashboard). A template from a string has no file name: Flask autoescapes it."""
+    template = current_app.extensions.get("dashboard_page")
+    if template is None:
+        template = current_app.extensions["dashboard_page"] = current_app.jinja_env.from_string(PAGE)
+    return template
 
 
 PAGE = """<!doctype html>

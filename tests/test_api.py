@@ -579,3 +579,24 @@ def test_the_lookup_histogram_tells_apart_lookups_answered_from_memory(api, clus
                                                  text, re.M))
     assert bounds[0] <= 0.0001 and len([b for b in bounds if b < 0.0005]) >= 2, bounds
     assert bounds[-1] >= 1.0, bounds  # a broadcast's reservation write may take up to its 1 s timeout
+
+
+def test_the_dashboard_compiles_its_page_once_not_at_every_view(api, cluster, monkeypatch):
+    """render_template_string compiled the page again at every view: tens of milliseconds of the
+    worker's CPU, holding the GIL from its lookups, at every refresh of every open dashboard."""
+    import jinja2
+
+    compiled = []
+    compile_ = jinja2.Environment.compile
+
+    def counting(self, *args, **kwargs):
+        compiled.append(1)
+        return compile_(self, *args, **kwargs)
+    monkeypatch.setattr(jinja2.Environment, "compile", counting)
+    first = api.get("/dashboard?accessToken=s3cret-token")
+    assert first.status_code == 200
+    compiled.clear()
+    for _ in range(3):
+        page = api.get("/dashboard?accessToken=s3cret-token")
+        assert page.status_code == 200 and cluster["us_edge"].id in page.get_data(as_text=True)
+    assert compiled == []
