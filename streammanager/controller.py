@@ -299,6 +299,19 @@ class Controller:
     def _on_state(self, state: str) -> None:
         if state in (KazooState.SUSPENDED, KazooState.LOST):
             self._lost.set()  # a leader that cannot see ZooKeeper must stop acting at once
+            if self.leading.is_set():
+                # and stop saying it leads at once: the leading thread may be held in a ZooKeeper call
+                # for the whole outage, and its own clean-up (below, in _lead) comes only after it;
+                # meanwhile another controller may lead, and both counted every pool
+                self._clear_leader_metrics()
+
+    def _clear_leader_metrics(self) -> None:
+        LEADER.set(0)
+        # a follower reports no pools or instances: the leader does (summed over the controllers,
+        # the last numbers of a former leader counted every pool twice)
+        POOL_NODES.clear()
+        POOL_UTILIZATION.clear()
+        INSTANCES.clear()
 
     def _lead(self, stop: threading.Event) -> None:
         self._lost.clear()
@@ -331,12 +344,7 @@ class Controller:
                 thread.join(10)
             self.instances.close()
             self.leading.clear()
-            LEADER.set(0)
-            # a follower reports no pools or instances: the leader does (summed over the controllers,
-            # the last numbers of a former leader counted every pool twice)
-            POOL_NODES.clear()
-            POOL_UTILIZATION.clear()
-            INSTANCES.clear()
+            self._clear_leader_metrics()
             self._pools_reported = set()
             log.info("controller %s stopped leading", self.identity)
 
