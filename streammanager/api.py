@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from streammanager.commands_api import commands_api
 from streammanager.config import ServerSettings
 from streammanager.errors import ApiError, BadRequest, Forbidden, NoCapacity, NotFound, ServiceUnavailable, Unauthorized
+from streammanager.logs import Throttle, held_back
 from streammanager.lookupstats import LookupStats
 from streammanager.models import NodeRecord, RecordError, StreamKey, validate_name
 from streammanager.placement import Housekeeper, Placement
@@ -120,6 +121,9 @@ class Services:
         self.paths = paths
         self.housekeeper = housekeeper
         self.listings = ListingCache()
+        # refused credentials are logged at most every 10 s each: any client can make them at any rate
+        self.wrong_token_log = Throttle()
+        self.refused_command_log = Throttle()
 
     def close(self) -> None:
         if self.housekeeper is not None:
@@ -255,8 +259,10 @@ def require_admin() -> None:
         raise Unauthorized("missing accessToken")
     if not hmac.compare_digest(given.encode(), expected.encode()):
         # who tried, never what they gave: a guessing client shows in the log (the commands API logs its own)
-        log.warning("refused an admin call with a wrong access token: %s %s from %s", request.method,
-                    request.path[:120], request.remote_addr)
+        held = services().wrong_token_log.allow()
+        if held is not None:
+            log.warning("refused an admin call with a wrong access token: %s %s from %s%s", request.method,
+                        request.path[:120], request.remote_addr, held_back(held))
         raise Unauthorized("invalid accessToken")
 
 

@@ -17,6 +17,7 @@ from kazoo.exceptions import KazooException, NoNodeError
 
 from streammanager.commands import COMMAND_CLOSE, send_command, wait_consumed, withdraw
 from streammanager.errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized
+from streammanager.logs import held_back
 from streammanager.models import RecordError, StreamKey, StreamRecord
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,10 @@ def _require_auth() -> None:
     if auth is None or auth.method is None:
         return
     if not auth.accepts(request.headers.get("Authorization")):
-        log.info("refused a command with missing or wrong credentials from %s", request.remote_addr)
+        held = current_app.extensions["sm"].refused_command_log.allow()
+        if held is not None:
+            log.info("refused a command with missing or wrong credentials from %s%s", request.remote_addr,
+                     held_back(held))
         raise Unauthorized(f"this command API needs {auth.method} credentials (COMMANDS_API_AUTH)", auth.method)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 
 # Fields a log call may pass with ``extra=``; they are emitted under these names.
@@ -48,3 +49,29 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     # urllib3's debug lines carry whole URLs, query included: a KEY_VERIFICATION_URL or
     # EVENT_CALLBACK_URL with a token in its query (``?apikey=...``) was written to the log at DEBUG
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
+
+
+class Throttle:
+    """Lets a line that any client can repeat (a refused credential) through at most once per
+    ``interval_s``: :meth:`allow` answers None to hold it back, or how many were held back since the
+    last one let through. At thousands of requests a second, a line each filled the log."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._held = 0
+
+    def allow(self) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last < self._interval_s:
+                self._held += 1
+                return None
+            held, self._held, self._last = self._held, 0, now
+            return held
+
+
+def held_back(count: int) -> str:
+    """The suffix of a throttled line: how many like it were not logged."""
+    return f" ({count} more like it not logged)" if count else ""

@@ -600,3 +600,14 @@ def test_the_dashboard_compiles_its_page_once_not_at_every_view(api, cluster, mo
         page = api.get("/dashboard?accessToken=s3cret-token")
         assert page.status_code == 200 and cluster["us_edge"].id in page.get_data(as_text=True)
     assert compiled == []
+
+
+def test_a_client_guessing_the_token_fills_no_log(api, cluster, caplog):
+    """Each refused admin call logged a warning: a client guessing at thousands of requests a second
+    wrote as many lines. The first is logged, the next ones are counted into the next line."""
+    caplog.set_level(logging.INFO)
+    for i in range(50):
+        assert_error(api.get(f"/dashboard?accessToken=guess-{i}"), 401, "invalid")
+    refused = [r for r in caplog.records if "wrong access token" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING, [r.getMessage() for r in refused]
+    assert "guess-" not in caplog.text

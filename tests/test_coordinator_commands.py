@@ -183,3 +183,14 @@ def test_close_commands_waiting_on_a_stuck_origin_never_hold_back_stats_and_list
     for thread in closers:
         thread.join(10)
     assert statuses == [503, 503]
+
+
+def test_a_client_guessing_the_commands_credentials_fills_no_log(make_app, caplog):
+    import logging
+
+    api = make_app(commands_auth=HttpAuth("Bearer", token="cmd-token")).test_client()
+    caplog.set_level(logging.INFO, logger="streammanager.commands_api")
+    for i in range(30):
+        assert close(api, "live/any", "*", f"Bearer guess-{i}").status_code == 401
+    refused = [r for r in caplog.records if "refused a command" in r.getMessage()]
+    assert len(refused) == 1, [r.getMessage() for r in refused]
