@@ -31,6 +31,10 @@ from streammanager.models import STATE_DRAINING, STATE_INSERVICE, NodeRecord
 
 REQUEST_TIMEOUT_MS = 60_000  # a launch the provider never confirmed
 TERMINATE_RETRY_MS = 10_000  # how often a failing destroy is retried
+# An in-service node whose registration is gone is taken for dead (destroyed, replaced) only after this
+# long: a ZooKeeper outage longer than the session timeout expires every agent's session at once, and
+# the agents register again on new ones a second or two after it; the controller destroyed them all.
+ABSENCE_GRACE_MS = 15_000
 GONE_KEPT_MS = 60_000  # a gone instance without failure is listed this long, then forgotten
 DESTROY_FAILED = "destroy failed"  # reason prefix the controller writes after a failed attempt
 
@@ -105,17 +109,20 @@ class Plan:
 
 def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, InstanceRecord],
          nodes: Mapping[str, NodeRecord], last_evaluated: Mapping[str, int] | None = None,
-         unreadable: Collection[str] = ()) -> Plan:
+         unreadable: Collection[str] = (), absent_since: Mapping[str, int] | None = None) -> Plan:
     """Decide. ``last_evaluated`` (group -> ms) keeps each group's scaling decisions to its evaluation
     interval; lifecycle changes (registration, death, drain end, timeouts) are decided every call.
     ``unreadable``: ids of nodes that are registered but whose record does not decode (another version's
-    agent during an upgrade): alive, not dead."""
+    agent during an upgrade): alive, not dead. ``absent_since`` (id -> ms): since when an in-service
+    instance's node has been missing from the registry, as the caller saw it; one missing for less than
+    ``ABSENCE_GRACE_MS`` (or not in it: just missed) is waited for."""
     result = Plan()
     groups_by_name = {g.name: g for g in groups}
     current: dict[str, InstanceRecord] = {}
     for record in instances.values():
+        absent_ms = now_ms - (absent_since or {}).get(record.id, now_ms)
         moved = _lifecycle(now_ms, record, groups_by_name.get(record.group), nodes.get(record.id), result,
-                           record.id in unreadable)
+                           record.id in unreadable, absent_ms)
         if moved.state == FAILED and moved is not record and not moved.provider_id:
             moved = record.moved(GONE, now_ms, moved.reason, failure=moved.failure)
             result.moves[-1] = Move(moved)
@@ -147,9 +154,10 @@ def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, Insta
 
 # -- lifecycle ---------------------------------------------------------------------------------------
 def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: NodeRecord | None,
-               result: Plan, unreadable: bool = False) -> InstanceRecord:
+               result: Plan, unreadable: bool = False, absent_ms: int = 0) -> InstanceRecord:
     """Advance one instance through its lifecycle; returns the record as it will be. ``unreadable``: its
-    node is registered, but its record does not decode (``node`` is None)."""
+    node is registered, but its record does not decode (``node`` is None). ``absent_ms``: how long its
+    node has been missing from the registry."""
 
     def move(state: str, reason: str, drain: bool = False, **changes) -> InstanceRecord:
         moved = record.moved(state, now, reason, **changes)
@@ -192,7 +200,10 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
         return record
     if record.state == INSERVICE:
         if node is None:
-            return move(FAILED, "its registration vanished (node died)", failure="node died")
+            if absent_ms < ABSENCE_GRACE_MS:
+                return record  # it may be registering again on a new session
+            return move(FAILED, f"its registration vanished {absent_ms / 1000:.0f} s ago (node died)",
+                        failure="node died")
         if node.state == STATE_DRAINING:
             return move(DRAINING, "sunset by an operator", drain_deadline_ms=now + _drain_ms(group))
         return record

@@ -40,6 +40,7 @@ from streammanager.coordinator_config import EventCallbackSettings
 from streammanager.groups import (
     FAILED,
     GONE,
+    INSERVICE,
     REQUESTED,
     STARTING,
     TERMINATING,
@@ -255,6 +256,7 @@ class Controller:
         self._pools_reported: set[tuple[str, str, str]] = set()  # the pool series the last step set
         self._holds: dict[tuple[str, str, str], tuple[str, float]] = {}  # pool -> (kind of hold, logged at)
         self._drain_asked: dict[str, float] = {}  # instance id -> when its agent was last asked to drain
+        self._absent_since: dict[str, int] = {}  # in-service instance id -> when its node left the registry
         self.leading = threading.Event()
         self._lost = threading.Event()
         self._actions = CloudActions(self._lost)
@@ -318,6 +320,7 @@ class Controller:
         if not self.client.connected:
             return
         log.info("controller %s leads", self.identity)
+        self._absent_since = {}  # what a former term saw missing is not known to be missing still
         LEADER.set(1)
         self.leading.set()
         ended = threading.Event()
@@ -349,6 +352,21 @@ class Controller:
             log.info("controller %s stopped leading", self.identity)
 
     # -- one step ------------------------------------------------------------------------------------
+    def _track_absent(self, now: int, records: Mapping[str, InstanceRecord], nodes: Mapping[str, object],
+                      unreadable: Iterable[str]) -> None:
+        """Since when each in-service instance's node has been missing from the registry: it is taken for
+        dead only after ``autoscaler.ABSENCE_GRACE_MS`` (its agent may be registering on a new session)."""
+        unreadable = set(unreadable)
+        missing = {i for i, r in records.items() if r.state == INSERVICE and i not in nodes and i not in unreadable}
+        for instance_id in missing - self._absent_since.keys():
+            self._absent_since[instance_id] = now
+            log.warning("node %s left the registry: replaced if it does not register again within %.0f s",
+                        instance_id, autoscaler.ABSENCE_GRACE_MS / 1000)
+        for instance_id in self._absent_since.keys() - missing:
+            since = self._absent_since.pop(instance_id)
+            if instance_id in nodes:
+                log.info("node %s registered again after %.1f s away", instance_id, (now - since) / 1000)
+
     def run_once(self, now: int) -> autoscaler.Plan:
         started = time.perf_counter()
         calls: list[Future | None] = []
@@ -357,8 +375,10 @@ class Controller:
             calls += self.sweep(now)
         groups = {g.name: g for g in self.groups.all()}
         nodes = {n.id: n for n in self.view.nodes()}
-        decided = autoscaler.plan(now, groups.values(), self.instances.records(), nodes, self._last_evaluated,
-                                  unreadable=self.view.unreadable())
+        records, unreadable = self.instances.records(), self.view.unreadable()
+        self._track_absent(now, records, nodes, unreadable)
+        decided = autoscaler.plan(now, groups.values(), records, nodes, self._last_evaluated,
+                                  unreadable=unreadable, absent_since=self._absent_since)
         self._last_evaluated.update(decided.evaluated)
         calls += self._carry_out(now, decided, groups)
         self._actions.wait(calls, ACTION_WAIT_S)

@@ -6,7 +6,14 @@ import pytest
 
 from dataclasses import replace
 
-from streammanager.autoscaler import DESTROY_FAILED, GONE_KEPT_MS, REQUEST_TIMEOUT_MS, TERMINATE_RETRY_MS, plan
+from streammanager.autoscaler import (
+    ABSENCE_GRACE_MS,
+    DESTROY_FAILED,
+    GONE_KEPT_MS,
+    REQUEST_TIMEOUT_MS,
+    TERMINATE_RETRY_MS,
+    plan,
+)
 from streammanager.groups import (
     DRAINING,
     FAILED,
@@ -204,11 +211,20 @@ def test_a_starting_instance_that_never_registers_fails_at_its_boot_timeout_and_
 
 def test_an_inservice_instance_whose_node_vanished_fails_is_destroyed_and_is_replaced_in_the_same_plan():
     records, nodes = serving(3)
-    result = decide(group(min=1), records, {})
+    result = plan(NOW, [group(min=1)], records, {}, absent_since={"n1": NOW - ABSENCE_GRACE_MS})
     move = moved(result, "n1")
-    assert move.record.state == FAILED and "vanished" in move.record.reason
+    assert move.record.state == FAILED and "vanished 15 s ago" in move.record.reason
     assert destroyed(result) == ["n1"]
     assert len(result.launches) == 1 and "below min" in result.launches[0].reason
+
+
+@pytest.mark.parametrize("absent_since", [None, {}, {"n1": NOW - ABSENCE_GRACE_MS + 1}])
+def test_an_inservice_node_missing_from_the_registry_for_less_than_the_grace_is_waited_for(absent_since):
+    # a ZooKeeper outage longer than the session timeout expires every agent's session at once; they
+    # register again on new ones moments later: taken for dead, every node was destroyed and replaced
+    records, _ = serving(3)
+    result = plan(NOW, [group(min=1)], records, {}, absent_since=absent_since)
+    assert not result.moves and not result.destroys
 
 
 def test_a_request_the_provider_never_confirmed_is_given_up_and_counted_as_a_failure():
@@ -583,9 +599,10 @@ def test_an_instance_whose_node_record_does_not_decode_is_alive_not_dead():
     records = {"n1": instance("n1"),
                "n2": instance("n2", STARTING, since=NOW - 200 * S, created=NOW - 200 * S),
                "n3": instance("n3", DRAINING, drain_deadline_ms=NOW - S)}
-    dead = plan(NOW, [group(min=1)], records, {})
+    long_gone = {"n1": NOW - ABSENCE_GRACE_MS}
+    dead = plan(NOW, [group(min=1)], records, {}, absent_since=long_gone)
     assert sorted(destroyed(dead)) == ["n1", "n2", "n3"]  # no registration at all: dead (or drained)
-    alive = plan(NOW, [group(min=1)], records, {}, unreadable={"n1", "n2", "n3"})
+    alive = plan(NOW, [group(min=1)], records, {}, unreadable={"n1", "n2", "n3"}, absent_since=long_gone)
     assert destroyed(alive) == ["n3"]  # its drain deadline passed
     assert moved(alive, "n2").record.state == INSERVICE
     assert "n1" not in {m.record.id for m in alive.moves}

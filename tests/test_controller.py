@@ -160,7 +160,8 @@ def test_a_dead_node_is_replaced(api, zk, zk_root, start_controller, controller_
     provider = build_providers(controller_settings)["local"]
     instance = next(i for i in provider.list_instances("test-cluster") if i.name == first["id"])
     os.killpg(instance.extra["pid"], signal.SIGKILL)  # the machine dies
-    replaced = wait_until(lambda: [n for n in in_service_nodes(api) if n["id"] != first["id"]], 30,
+    # its session expires (4 s), then the controller waits ABSENCE_GRACE_MS for it to register again
+    replaced = wait_until(lambda: [n for n in in_service_nodes(api) if n["id"] != first["id"]], 60,
                           what="a replacement edge")
     assert len(replaced) == 1
     failed = [r for r in group_instances(zk, zk_root) if r.id == first["id"]][0]
@@ -723,6 +724,49 @@ def test_a_local_agent_whose_controller_died_before_recording_its_pid_is_listed_
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_node_that_registers_again_on_a_new_session_is_not_taken_for_dead(api, zk, zk_root, controller_settings):
+    """A ZooKeeper outage longer than the session timeout expires every agent's session at once, and each
+    registers again on a new one moments after: the controller took every node for dead in between,
+    destroyed it with its live streams and launched a replacement. A hung machine does the same to one."""
+    from streammanager.registry import now_ms
+
+    assert admin(api, "post", GROUP, json=group_doc(edge=(1, 2, 1))).status_code == 201
+    controller = _stepping_controller(controller_settings, zk)
+    plans = []
+
+    def step():
+        plans.append(controller.run_once(now_ms()))
+        return plans[-1]
+    try:
+        def one_in_service():
+            step()
+            serving = group_instances(zk, zk_root, states=("inservice",))
+            return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} \
+                else None
+        instance = wait_until(one_in_service, 30, what="an edge in service")[0]
+        provider = build_providers(controller_settings)["local"]
+        [pid] = [i.extra["pid"] for i in provider.list_instances("test-cluster") if i.name == instance.id]
+        path = ZkPaths(zk_root).node(instance.id)
+        plans.clear()
+        os.killpg(pid, signal.SIGSTOP)  # its agent hangs past its session timeout
+        try:
+            wait_until(lambda: step() and instance.id not in {n.id for n in controller.view.nodes()}, 20,
+                       what="its session expired")
+            for _ in range(5):
+                step()
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        wait_until(lambda: step() and instance.id in {n.id for n in controller.view.nodes()}, 20,
+                   what="its agent registered again")
+        assert not [d for p in plans for d in p.destroys] and not [lc for p in plans for lc in p.launches]
+        (record,) = [r for r in group_instances(zk, zk_root) if r.id == instance.id]
+        assert record.state == "inservice"
+        assert zk.exists(path) is not None
+        assert [i.name for i in provider.list_instances("test-cluster")] == [instance.id]
+    finally:
+        _close_stepping(controller, controller_settings)
 
 
 def test_a_node_whose_record_another_version_wrote_is_not_taken_for_dead(api, zk, zk_root, controller_settings):
