@@ -14,7 +14,7 @@ from functools import partial
 from typing import Mapping, NamedTuple
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError, NotEmptyError
 
 from streammanager import regions
 from streammanager.errors import BadRequest, NoCapacity, NotFound
@@ -241,6 +241,8 @@ class Placement:
                     return chosen, True
                 except NodeExistsError:
                     pass
+                except NoNodeError:  # its scope's znode was removed (emptied) between makepath's steps
+                    continue
                 try:
                     data, stat = self._client.get_async(path).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
                 except NoNodeError:
@@ -281,6 +283,15 @@ class Placement:
                 pass
             except KazooException as exc:
                 log.warning("could not expire reservation %s: %s", path, exc)
+        # a reservation's scope znode is persistent (makepath): remove the ones left empty, or every
+        # scope any client ever named in a broadcast lookup stays in ZooKeeper for good
+        for scope in {path.rsplit("/", 1)[0] for path in due}:
+            try:
+                self._client.delete(scope)
+            except (NoNodeError, NotEmptyError):
+                pass  # gone already, or other reservations (or one made meanwhile) still in it
+            except KazooException as exc:
+                log.warning("could not remove the emptied reservation scope %s: %s", scope, exc)
         return removed
 
 

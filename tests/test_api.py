@@ -7,6 +7,7 @@ import time
 import pytest
 
 from streammanager.models import StreamKey
+from streammanager.registry import now_ms
 from tests.conftest import asgi_get, wait_for_nodes, wait_until
 
 P = "/streammanager/api/2.0"
@@ -611,3 +612,17 @@ def test_a_client_guessing_the_token_fills_no_log(api, cluster, caplog):
     refused = [r for r in caplog.records if "wrong access token" in r.getMessage()]
     assert len(refused) == 1 and refused[0].levelno == logging.WARNING, [r.getMessage() for r in refused]
     assert "guess-" not in caplog.text
+
+
+def test_expired_reservations_leave_no_scope_znode_behind(api, cluster, zk, zk_root):
+    """Lookups are public: every scope a broadcast lookup named used to stay in ZooKeeper for good."""
+    for scope, name in (("app-a", "s1"), ("app-b", "s2"), ("app-b", "s3")):
+        assert api.get(f"{P}/event/{scope}/{name}?action=broadcast").status_code == 200
+    reservations = f"{zk_root}/v1/reservations"
+    assert sorted(zk.get_children(reservations)) == ["app-a", "app-b"]
+    placement = api.application.extensions["sm"].placement
+    assert placement.expire_reservations(now=now_ms() + 3_600_000) == 3
+    assert zk.get_children(reservations) == []
+    # a scope removed is made again by the next broadcast lookup
+    assert api.get(f"{P}/event/app-a/s4?action=broadcast").status_code == 200
+    assert zk.get_children(f"{reservations}/app-a") == ["s4"]
