@@ -66,6 +66,8 @@ LOOP_TICK_S = 2.0  # the report loop runs at least this often, written or not
 CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher's publish_done
 REAPED_CHECK_S = 30.0  # after registering again, how long the reaper's tombstones are looked for
 FINISH_ON_STOP_S = 10.0  # a stop with publishers on gives their sessions this long to make their VOD and events
+RECORD_FULL_SHARE = 0.9  # from this share of --max-record-bytes on, the node takes no new stream
+RECORD_TOO_LARGE_LOG_EVERY_S = 30.0
 REGISTER_WAIT_S = 10.0  # at start, how long a record of another session of this node id is waited out (at least)
 
 
@@ -119,6 +121,8 @@ class Agent:
         self.started_ms = now_ms()
         self._registered_session: int | None = None
         self._last_content: tuple | None = None
+        self.record_bytes = 0  # size of the last node record built
+        self._too_large_logged_at = self._full_logged_at = -RECORD_TOO_LARGE_LOG_EVERY_S
         self._last_write = 0.0
         self._wake = threading.Event()
         self._urgent = threading.Event()
@@ -279,6 +283,16 @@ class Agent:
                 and not (heartbeat_due or force or missing):
             return False
         data = record.to_json()
+        self.record_bytes = len(data)
+        if len(data) > self.settings.max_record_bytes:
+            # ZooKeeper would drop the connection (jute.maxbuffer) at every attempt, and with it every
+            # claim and session write of this node's hooks: keep the last record written, and say why
+            if time.monotonic() - self._too_large_logged_at >= RECORD_TOO_LARGE_LOG_EVERY_S:
+                self._too_large_logged_at = time.monotonic()
+                log.error("node record not written: %d bytes (%d streams) is over --max-record-bytes %d "
+                          "(ZooKeeper's jute.maxbuffer): the node takes no new stream until it carries fewer",
+                          len(data), len(record.streams), self.settings.max_record_bytes, extra=self._log_extra)
+            return False
         path = self.paths.node(self.settings.node_id)
         if session != self._registered_session:
             self._register(path, data)
@@ -491,8 +505,20 @@ class Agent:
                 log.exception("load report failed", extra=self._log_extra)
 
     # -- hook decisions --------------------------------------------------------------------------
+    def record_full(self, key: StreamKey) -> bool:
+        """Whether a stream this node does not carry yet would take its record too near the size
+        ZooKeeper accepts (``--max-record-bytes``)."""
+        return (self.record_bytes >= RECORD_FULL_SHARE * self.settings.max_record_bytes
+                and str(key) not in self.table.loads())
+
     def on_publish(self, key: StreamKey, clientid: str, args: dict[str, str]) -> Decision:
         extra = {**self._log_extra, "scope": key.scope, "stream": key.name, "action": "publish"}
+        if self.record_full(key):
+            if time.monotonic() - self._full_logged_at >= RECORD_TOO_LARGE_LOG_EVERY_S:  # a burst: one line
+                self._full_logged_at = time.monotonic()
+                log.warning("refusing new streams: the node record (%d bytes) is near --max-record-bytes",
+                            self.record_bytes, extra=extra)
+            return Decision.refuse("node carries as many streams as its registry record can hold", 503)
         if self.settings.role == ROLE_EDGE:
             ours = False
             if self.settings.relay == "nginx" and args.get("flashver") == NGINX_RELAY_FLASHVER:
@@ -637,6 +663,8 @@ class Agent:
         self.changed(urgent=True)  # the reporter writes the record at once
 
     def on_play(self, key: StreamKey, clientid: str, relay: bool) -> Decision:
+        if self.record_full(key):
+            return Decision.refuse("node carries as many streams as its registry record can hold", 503)
         if self.settings.role == ROLE_ORIGIN:
             if self.table.publisher_of(key) is None:
                 return Decision.refuse(f"stream {key} is not published on this origin", 404)

@@ -69,6 +69,10 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("viewer_wait_s", "AGENT_VIEWER_WAIT_S", 60.0,
            "an edge drops the viewers of a stream that has been live nowhere for this long (its publisher "
            "stopped and did not come back); until then they wait for it", positive(float)),
+    Option("max_record_bytes", "AGENT_MAX_RECORD_BYTES", 1_000_000,
+           "the largest node record the agent writes: ZooKeeper drops the connection of a request over its "
+           "jute.maxbuffer (1 MiB unless raised on every server and client); from 90 %% of it on, the node "
+           "takes no new stream", positive(int)),
     Option("work_dir", "AGENT_WORK_DIR", None, "directory for the agent's files (default: a temp dir)"),
     Option("log_level", "AGENT_LOG_LEVEL", "INFO", "log level", str.upper, ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_format", "AGENT_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
@@ -102,6 +106,7 @@ class AgentSettings:
     heartbeat_interval_s: float = 60.0
     stall_timeout_s: float = 15.0
     viewer_wait_s: float = 60.0
+    max_record_bytes: int = 1_000_000  # ZooKeeper's default jute.maxbuffer is 1 MiB, request included
     work_dir: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"

@@ -626,3 +626,30 @@ def test_expired_reservations_leave_no_scope_znode_behind(api, cluster, zk, zk_r
     # a scope removed is made again by the next broadcast lookup
     assert api.get(f"{P}/event/app-a/s4?action=broadcast").status_code == 200
     assert zk.get_children(f"{reservations}/app-a") == ["s4"]
+
+
+def test_a_node_whose_record_nears_the_zookeeper_limit_takes_no_new_stream(make_node, zk, zk_root):
+    """ZooKeeper drops the connection of a request over its jute.maxbuffer (1 MiB by default): an origin
+    with some 20 000 streams wrote such a record, then lost its connection at every report, its hooks'
+    claims failing with it, and its record went stale. Near --max-record-bytes it takes no new stream."""
+    limit = 4000
+    origin = make_node("origin", "us-east-1", capacity=10_000, max_record_bytes=limit)
+    path = f"{zk_root}/v1/nodes/{origin.id}"
+    accepted = []
+    for i in range(100):
+        name = f"s{i:03d}-" + "x" * 100
+        answer = origin.publish(name, clientid=f"c{i}")
+        if answer.status_code != 200:
+            break
+        accepted.append(name)
+        wait_until(lambda: name.encode() in zk.get(path)[0], what=f"{name} in the node record")
+    assert answer.status_code == 503 and "record" in answer.get_data(as_text=True)
+    assert 20 <= len(accepted) < 100
+    data = zk.get(path)[0]
+    assert len(data) <= limit and all(name.encode() in data for name in accepted)
+    # a stream it carries is still answered (a reconnecting encoder's duplicate is refused as before)
+    assert origin.play(accepted[0], clientid="v1").status_code == 200
+    origin.hook("play_done", accepted[0], clientid="v1")
+    origin.hook("publish_done", accepted[0], clientid="c0")
+    wait_until(lambda: accepted[0].encode() not in zk.get(path)[0], what="the ended stream gone from the record")
+    assert origin.publish("after-one-ended", clientid="late").status_code == 200
