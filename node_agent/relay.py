@@ -57,6 +57,10 @@ class RelayKeys:
         token = secrets.token_urlsafe(18)
         now = time.monotonic()
         with self._lock:
+            # forget every expired key, not only this stream's: a relay that never published (its origin
+            # went) left its key behind for good, one per stream name
+            for stream in [s for s, keys in self._issued.items() if all(until <= now for _, until in keys)]:
+                del self._issued[stream]
             live = [(t, until) for t, until in self._issued.get(str(key), ()) if until > now]
             self._issued[str(key)] = live + [(token, now + self.TTL_S)]
         return token

@@ -107,6 +107,20 @@ def test_a_relay_key_opens_one_publish_of_its_own_stream_on_the_edge_and_nothing
     assert edge.hook("publish", "mine", clientid="x3", type="live", relaykey="").status_code == 403
 
 
+
+def test_relay_keys_that_expired_unused_are_forgotten_whatever_their_stream(make_node):
+    # a relay whose ffmpeg never published (its origin went) left its key for good, one per stream name
+    edge = make_node("edge", "us-east-1")
+    keys = edge.agent.relay_keys
+    keys.TTL_S = 0.0  # every key expires at once
+    for i in range(1000):
+        keys.issue(StreamKey("live", f"never-published-{i}"))
+    assert len(keys._issued) == 1  # the last one's
+    keys.TTL_S = 60.0
+    key = keys.issue(StreamKey("live", "relayed"))
+    assert list(keys._issued) == ["live/relayed"]
+    assert edge.hook("publish", "relayed", clientid="r1", type="live", relaykey=key).status_code == 200
+
 def test_a_refused_key_stops_a_real_ffmpeg_publisher_and_the_right_key_goes_live(api, spawn_agent, receiver, procs,
                                                                               tmp_path):
     receiver.answer = lambda headers: 200 if headers.get("x-streaming-key") == "good" else 403
