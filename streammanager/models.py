@@ -101,9 +101,10 @@ class StreamLoad(NamedTuple):
 
     @classmethod
     def from_json(cls, raw: Any) -> "StreamLoad":
-        if not isinstance(raw, list) or len(raw) != 4:
+        # more than four: what a later release appends (an additive change needs no new schema version)
+        if not isinstance(raw, list) or len(raw) < 4:
             raise RecordError("stream load must be [subscribers, relays, publishing, start_ms]")
-        subs, relays, publishing, start_ms = raw
+        subs, relays, publishing, start_ms = raw[:4]
         for value in (subs, relays, start_ms):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RecordError("stream load counts must be non-negative integers")
@@ -138,8 +139,12 @@ class NodeRecord:
             raise RecordError(f"role must be one of {ROLES}, not {self.role!r}")
         if self.state not in NODE_STATES:
             raise RecordError(f"state must be one of {NODE_STATES}, not {self.state!r}")
-        if not isinstance(self.capacity, int) or self.capacity < 0:
+        if not isinstance(self.capacity, int) or isinstance(self.capacity, bool) or self.capacity < 0:
             raise RecordError("capacity must be a non-negative integer")
+        if not isinstance(self.rtmp_port, int) or isinstance(self.rtmp_port, bool) or not 0 < self.rtmp_port < 65536:
+            raise RecordError("rtmp_port must be a port number (1 to 65535)")
+        if not isinstance(self.agent_url, str):
+            raise RecordError("agent_url must be a string")
         for name in ("id", "group", "region", "host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RecordError(f"{name} must be a non-empty string")
@@ -206,7 +211,7 @@ class NodeRecord:
                 region=doc["region"],
                 role=doc["role"],
                 host=doc["host"],
-                rtmp_port=int(doc["rtmp_port"]),
+                rtmp_port=doc["rtmp_port"],
                 agent_url=doc.get("agent_url", ""),
                 capacity=doc["capacity"],
                 state=doc.get("state", STATE_INSERVICE),

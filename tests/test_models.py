@@ -57,6 +57,26 @@ def test_a_stream_load_with_negative_counts_is_refused():
         NodeRecord.from_json(json.dumps(doc).encode())
 
 
+@pytest.mark.parametrize("field,value", [("capacity", True), ("rtmp_port", "1935"), ("rtmp_port", True),
+                                         ("rtmp_port", 0), ("rtmp_port", 70000), ("agent_url", 123)])
+def test_a_node_record_with_a_field_of_the_wrong_type_is_refused(field, value):
+    # they were taken (true as a capacity of 1, a number as the agent's URL) and shown by the admin API
+    doc = json.loads(node().to_json())
+    doc[field] = value
+    with pytest.raises(RecordError, match=field):
+        NodeRecord.from_json(json.dumps(doc).encode())
+
+
+def test_a_stream_load_with_more_elements_than_this_release_writes_is_read():
+    # what a later release may append: refused, the whole node left every answer during an upgrade
+    doc = json.loads(node().to_json())
+    doc["streams"] = {"live/a": [3, 1, 1, 1700000000000, "later"], "live/b": [1, 0, 0]}
+    with pytest.raises(RecordError):  # fewer than four: not a load
+        NodeRecord.from_json(json.dumps(doc).encode())
+    del doc["streams"]["live/b"]
+    assert NodeRecord.from_json(json.dumps(doc).encode()).streams == {"live/a": StreamLoad(3, 1, True, 1700000000000)}
+
+
 def test_load_counts_publishers_on_an_origin_and_viewers_on_an_edge():
     streams = {"live/a": StreamLoad(5, 2, True, 1), "live/b": StreamLoad(7, 0, True, 1)}
     assert node(streams=streams).used == 2
