@@ -67,7 +67,8 @@ VIEW_AGE = Gauge("sm_view_age_seconds", "Age of this worker's registry view (0 w
 # Registry churn is what costs a worker most at scale (README, Benchmarks): its rate next to the lookup
 # latency says when to add API servers. Each worker applies every change, so the sum counts a change once
 # per worker.
-VIEW_CHANGES = Counter("sm_view_changes", "Node record changes applied to the registry views (once per worker)")
+VIEW_CHANGES = Counter("sm_view_changes", "Node record changes applied to the registry views (once per worker, "
+                       "from its first load on)")
 _changes_counted: "weakref.WeakKeyDictionary[RegistryView, int]" = weakref.WeakKeyDictionary()
 _changes_lock = threading.Lock()
 
@@ -463,8 +464,11 @@ def health(view: RegistryView) -> tuple[int, dict]:
 
 def _count_view_changes(view: RegistryView) -> None:
     """Bring the counter up to the view's own count (read at scrape time: nothing on the update path)."""
+    if view.changes_at_load is None:
+        return  # not loaded yet
     with _changes_lock:
-        applied, counted = view.changes, _changes_counted.get(view, 0)
+        # from the load on: a restarted worker's first load (the whole registry) is no change of it
+        applied, counted = view.changes, _changes_counted.get(view, view.changes_at_load)
         if applied > counted:
             VIEW_CHANGES.inc(applied - counted)
             _changes_counted[view] = applied

@@ -6,8 +6,9 @@ histogram's sum and bucket): a fifth of a lookup's instructions (callgrind at 10
 batched, 122k in all).
 Here a lookup appends its action, outcome and time to a queue (no lock: a deque's append and popleft
 are atomic); :meth:`LookupStats.flush` counts them and adds them to the metrics, every second (the
-placement's housekeeper), before this worker answers a scrape, and when it stops. The metrics stay
-exact; another worker's latest second may be missing from one scrape.
+placement's housekeeper), before this worker answers a scrape, and when it stops. A scrape may miss
+another worker's latest second; a worker that is killed (SIGKILL: the kernel's OOM killer, gunicorn's
+timeout) loses the lookups of its last second from the counts.
 """
 from __future__ import annotations
 

@@ -287,6 +287,7 @@ class RegistryView:
         self._disconnected_since_ms: int | None = now_ms()
         self._lost_since_ms: int | None = None  # set while a connection logged as lost is not back
         self.decode_errors = 0  # node records dropped because they did not decode
+        self.changes_at_load: int | None = None  # ``changes`` when the view was first loaded
         # nodes registered (their agent's znode exists) whose record this build cannot use: a newer or
         # older agent's during an upgrade, or a damaged one. Lookups skip them; they are not dead.
         self._unreadable: frozenset[str] = frozenset()
@@ -497,6 +498,7 @@ class RegistryView:
     def _on_initialized(self) -> None:
         if self._loaded:
             return  # a later source (the direct watch after the feed) loaded again what the view has
+        self.changes_at_load = self._version
         self._loaded = True
         self._initialized.set()
         log.info("registry view initialised: %d nodes, %d live streams", len(self._nodes), len(self._origin_of))
