@@ -230,7 +230,7 @@ class Agent:
         the session's VOD, and HLS-VOD then stream-closed are queued. The encoders reconnect elsewhere.
         Before, the recording was left in the media root, never made a VOD, and the controller's
         reaper sent stream-closed alone once the node had gone."""
-        if self.settings.role != ROLE_ORIGIN or self.media is None or not self.client.connected:
+        if self.settings.role != ROLE_ORIGIN or not self.client.connected:
             return
         published = self.table.published()
         if not published:
@@ -239,7 +239,10 @@ class Agent:
         self.state = STATE_DRAINING
         self.changed(urgent=True)
         for stream in published:
-            self.media.drop_publisher(stream.key.scope, stream.key.name)
+            if self.media is not None:
+                self.media.drop_publisher(stream.key.scope, stream.key.name)
+            elif stream.publisher is not None:  # a simulated node: its publishers leave as they would
+                self.on_publish_done(stream.key, stream.publisher)
         if not self.sessions.wait_finished(timeout_s):
             log.warning("stopping: sessions still open after %.0f s; the controller's reaper closes them",
                         timeout_s, extra=self._log_extra)

@@ -197,6 +197,20 @@ def test_a_copy_queued_by_a_retried_create_is_not_delivered_twice(zk, paths, que
     assert [r["x-streaming-id"] for r in receiver.requests()] == ["d1", "d2"]
 
 
+def test_a_simulated_origin_stopped_with_a_publisher_on_closes_its_session_itself(api, make_node, zk, paths):
+    # as an origin with nginx does (it drops its publishers and their sessions end as usual); a simulated
+    # one left its open sessions to the controller's reaper, which closed them only once the node was gone
+    origin = make_node("origin", "us-east-1")
+    assert origin.publish("stopped").status_code == 200
+    [stream] = origin.agent.table.published()
+    wait_until(lambda: len(zk.get_children(paths.callback_sessions)) == 1, 5, what="the session's marker")
+    origin.agent.stop()
+    assert zk.get_children(paths.callback_sessions) == []  # closed by the origin, not left for a reaper
+    events = [zk.get(f"{paths.callback_channel('live/stopped')}/{name}")[0]
+              for name in zk.get_children(paths.callback_channel("live/stopped"))]
+    assert len(events) == 1 and b"stream-closed" in events[0] and stream.session_id.encode() in events[0]
+
+
 def test_the_session_of_a_dead_origin_is_closed_by_the_reaper(zk, paths, queue, run_dispatcher, receiver):
     queue.open_session(OpenSession("live/orphan", "o1", "origin-that-died", 123, 456))
     run_dispatcher(CallbackTarget(receiver.url), reap_interval_s=0.2, orphan_grace_s=0.5)
