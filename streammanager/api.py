@@ -86,18 +86,21 @@ ops = Blueprint("ops", __name__)
 
 
 class ListingCache:
-    """The stream listings (``/event/list`` and ``/event/list/stats``), built and serialised once and shared
-    while the view has not changed, or for ``ttl_s`` after a change.
+    """The stream listings (``/event/list`` and ``/event/list/stats``) and the dashboard's page, built and
+    serialised once and shared while the view has not changed, or for ``ttl_s`` after a change.
 
     At 100 000 live streams a listing is about a second of a worker's CPU, holding the GIL from the
-    lookups; without sharing, one client polling it would stall every lookup on the worker. The price is
-    a listing up to ``ttl_s`` old (the per-stream ``/stats`` is never cached).
+    lookups, and the dashboard at 1000 nodes up to two; without sharing, one client polling them would
+    stall every lookup on the worker. The price is a listing up to ``ttl_s`` old (the per-stream
+    ``/stats`` is never cached).
     """
+
+    KINDS = ("list", "stats", "dashboard")
 
     def __init__(self, ttl_s: float = 1.0):
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[float, int, bytes]] = {}  # kind -> (built at, view changes, body)
-        self._locks = {"list": threading.Lock(), "stats": threading.Lock()}
+        self._locks = {kind: threading.Lock() for kind in self.KINDS}
 
     def get(self, kind: str, view: RegistryView, build) -> bytes:
         with self._locks[kind]:  # callers arriving during a build wait for it instead of building again

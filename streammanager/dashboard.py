@@ -43,6 +43,15 @@ def show():
     if not (refresh.isascii() and refresh.isdigit()) or not 0 <= int(refresh) <= 3600:  # "²" is a digit
         raise BadRequest("refresh must be a number of seconds from 0 (off) to 3600")
     svc = services()
+    if int(refresh) == DEFAULT_REFRESH_S:  # what open dashboards reload: one page a second for them all
+        page = svc.listings.get("dashboard", svc.view, lambda: _page(svc, DEFAULT_REFRESH_S))
+    else:
+        page = _page(svc, int(refresh))
+    return Response(page, mimetype="text/html", headers={"Cache-Control": "no-store",
+                                                         "Referrer-Policy": "no-referrer"})
+
+
+def _page(svc, refresh: int) -> str:
     view = svc.view
     now = int(time.time() * 1000)
     regions: dict[str, list[NodeRow]] = {}
@@ -52,13 +61,11 @@ def show():
     busiest = []
     if stream_count <= RANKED_UP_TO:
         busiest = heapq.nsmallest(TOP_STREAMS, view.live_streams(), key=lambda s: (-s.subscribers, str(s.key)))
-    page = render_template(
+    return render_template(
         _page_template(), view=view, regions=regions, streams=busiest, stream_count=stream_count, now=now,
         ranked_up_to=RANKED_UP_TO,
-        root=svc.settings.zk_root, refresh=int(refresh), age_s=view.age_ms() / 1000,
+        root=svc.settings.zk_root, refresh=refresh, age_s=view.age_ms() / 1000,
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now / 1000)))
-    return Response(page, mimetype="text/html", headers={"Cache-Control": "no-store",
-                                                         "Referrer-Policy": "no-referrer"})
 
 
 def _page_template():
