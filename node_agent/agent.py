@@ -29,6 +29,7 @@ from node_agent.commands import CommandWatcher
 from node_agent.config import AgentSettings
 from node_agent.fencing import OriginFence
 from node_agent.media import NginxConfig, NginxServer
+from node_agent.metrics import HookCounts
 from node_agent.relay import RelayKeys, RelayManager
 from node_agent.sessions import SessionTracker
 from node_agent.state import StreamTable
@@ -122,6 +123,8 @@ class Agent:
         self._registered_session: int | None = None
         self._last_content: tuple | None = None
         self.record_bytes = 0  # size of the last node record built
+        self.report_failures = 0  # node record writes that failed (sm_agent_report_failures_total)
+        self.hook_counts = HookCounts()  # sm_agent_hooks_total
         self._too_large_logged_at = self._full_logged_at = -RECORD_TOO_LARGE_LOG_EVERY_S
         self._last_write = 0.0
         self._wake = threading.Event()
@@ -288,6 +291,7 @@ class Agent:
         data = record.to_json()
         self.record_bytes = len(data)
         if len(data) > self.settings.max_record_bytes:
+            self.report_failures += 1
             # ZooKeeper would drop the connection (jute.maxbuffer) at every attempt, and with it every
             # claim and session write of this node's hooks: keep the last record written, and say why
             if time.monotonic() - self._too_large_logged_at >= RECORD_TOO_LARGE_LOG_EVERY_S:
@@ -501,10 +505,13 @@ class Agent:
                 if self.report():
                     self._urgent.wait(self.settings.report_interval_s)
             except KazooException as exc:
+                self.report_failures += 1
                 log.warning("load report failed: %s", exc, extra=self._log_extra)
             except DuplicateNode as exc:
+                self.report_failures += 1
                 log.error("%s", exc, extra=self._log_extra)
             except Exception:
+                self.report_failures += 1
                 log.exception("load report failed", extra=self._log_extra)
 
     # -- hook decisions --------------------------------------------------------------------------

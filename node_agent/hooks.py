@@ -13,9 +13,11 @@ import time
 from urllib.parse import parse_qsl, urlsplit
 
 from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import ClientDisconnected
 
 from node_agent.agent import NGINX_RELAY_FLASHVER, Agent, Decision
+from node_agent.metrics import agent_registry
 from streammanager.models import RecordError, StreamKey
 
 log = logging.getLogger(__name__)
@@ -134,9 +136,11 @@ def create_hooks_app(agent: Agent) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_HOOK_BODY_BYTES
     connects = ConnectArgs()
     callers = HookCallers(agent.settings)
+    metrics_registry = agent_registry(agent)
 
     @app.errorhandler(MalformedHook)
     def malformed(exc: MalformedHook):
+        agent.hook_counts.add("unknown", "malformed")
         log.warning("refused a malformed hook on %s: %s", request.path, exc,
                     extra={"node_id": agent.settings.node_id})
         return Response(f"malformed hook: {exc}\n", status=400, mimetype="text/plain")
@@ -183,6 +187,7 @@ def create_hooks_app(agent: Agent) -> Flask:
         if call not in NGINX_CALLS:
             raise MalformedHook(f"unknown call {str(call)[:40]!r}")
         if call in ("connect", "update_publish", "update_play"):
+            agent.hook_counts.add(call, "allowed")
             return _nginx_answer(Decision.allow())
         app_name = form.get("app")
         if not app_name and form.get("flashver") == NGINX_RELAY_FLASHVER:
@@ -211,6 +216,7 @@ def create_hooks_app(agent: Agent) -> Flask:
             # the key may be only here (tcUrl): remember it for this client's on_publish
             if body.get("client_id") is not None and tc_args:
                 connects.remember(_client_id(body.get("client_id")), tc_args)
+            agent.hook_counts.add("connect", "allowed")
             return _srs_answer(Decision.allow())
         clientid = _client_id(body.get("client_id"))
         if action == "on_close":
@@ -218,6 +224,7 @@ def create_hooks_app(agent: Agent) -> Flask:
             connects.forget(clientid)
             for key in agent_streams_of(agent):
                 agent.on_done(key, clientid)
+            agent.hook_counts.add("done", "allowed")
             return _srs_answer(Decision.allow())
         key = _key(body.get("app"), body.get("stream"))
         ip = body.get("ip") or ""
@@ -243,6 +250,11 @@ def create_hooks_app(agent: Agent) -> Flask:
                 "zookeeper": "connected" if connected else "disconnected"}
         return jsonify(body), (200 if registered else 503)
 
+    @app.get("/metrics")
+    def metrics():
+        # content_type, not mimetype: Flask would add a second charset parameter (Prometheus 3 refuses it)
+        return Response(generate_latest(metrics_registry), content_type=CONTENT_TYPE_LATEST)
+
     return app
 
 
@@ -254,6 +266,13 @@ SRS_ACTIONS = {"on_connect": "connect", "on_close": "done", "on_publish": "publi
 
 def dispatch(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[str, str],
              relay: bool) -> Decision:
+    decision = _decide(agent, call, key, clientid, args, relay)
+    agent.hook_counts.add(call, "allowed" if decision.allowed else "refused")
+    return decision
+
+
+def _decide(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[str, str],
+            relay: bool) -> Decision:
     log.debug("hook %s client %s%s", call, clientid, " (relay)" if relay else "",
               extra={"node_id": agent.settings.node_id, "scope": key.scope, "stream": key.name})
     if call == "publish":

@@ -184,6 +184,7 @@ class NginxServer:
         self._on_exit = on_exit
         self._on_serving = on_serving
         self.serving = False
+        self.restarts = 0  # nginx restarted after it exited or hung
 
     def _set_serving(self, serving: bool) -> None:
         if serving != self.serving:
@@ -270,6 +271,7 @@ class NginxServer:
             if self._stopping.wait(backoff):
                 return
             try:
+                self.restarts += 1
                 self._spawn()
                 self._wait_ready(10)
                 backoff = 1.0

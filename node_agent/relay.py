@@ -119,6 +119,11 @@ class RelayManager:
     def start(self) -> None:
         self._thread.start()
 
+    def running(self) -> int:
+        """How many relays have a running ffmpeg."""
+        with self._lock:
+            return sum(1 for relay in self._relays.values() if relay.proc is not None and relay.proc.running)
+
     def ensure(self, key: StreamKey) -> None:
         with self._lock:
             relay = self._relays.setdefault(str(key), _Relay(key))

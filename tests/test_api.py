@@ -371,6 +371,38 @@ def test_a_new_workers_first_load_of_the_registry_is_not_counted_as_changes(api,
         view._client.close()
 
 
+def test_an_agent_serves_metrics_of_its_hooks_and_load(make_node):
+    # the agent had no /metrics: a node's hooks, refusals and ZooKeeper state showed only in its log
+    from prometheus_client.parser import text_string_to_metric_families
+
+    origin = make_node("origin", "us-east-1", capacity=5)
+    assert origin.publish("m", clientid="p1").status_code == 200
+    assert origin.publish("m", clientid="p2").status_code == 403  # a second publisher
+    for viewer in ("v1", "v2"):
+        assert origin.play("m", clientid=viewer).status_code == 200
+    assert origin.hook("publish", "bad name!").status_code == 400
+    wait_until(lambda: origin.agent.record_bytes > 0 and origin.agent.registered_on_current_session(), 5,
+               what="the record written")
+    response = origin.hooks.get("/metrics")
+    assert response.status_code == 200 and response.headers["Content-Type"].count("charset") == 1
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.get_data(as_text=True))
+               for s in family.samples}
+
+    def hooks(call, outcome):
+        return samples.get(("sm_agent_hooks_total", (("call", call), ("outcome", outcome))), 0)
+    assert (hooks("publish", "allowed"), hooks("publish", "refused"), hooks("play", "allowed"),
+            hooks("unknown", "malformed")) == (1, 1, 2, 1)
+    assert samples[("sm_agent_streams", ())] == 1 and samples[("sm_agent_publishers", ())] == 1
+    assert samples[("sm_agent_subscribers", ())] == 2 and samples[("sm_agent_capacity", ())] == 5
+    assert samples[("sm_agent_state", (("state", "inservice"),))] == 1
+    assert samples[("sm_agent_state", (("state", "draining"),))] == 0
+    assert samples[("sm_agent_zookeeper_connected", ())] == 1 and samples[("sm_agent_registered", ())] == 1
+    assert samples[("sm_agent_record_bytes", ())] == origin.agent.record_bytes > 0
+    assert samples[("sm_agent_report_failures_total", ())] == 0
+    assert not any("m" == v for key in samples for _, v in key[1])  # no stream name is a label
+
+
 def test_an_idle_agent_only_heartbeats_but_reports_a_change_at_once(api, make_node, zk, zk_root):
     node = make_node("edge", "us-east-1", report_interval_s=0.2, heartbeat_interval_s=1.0)
     path = f"{zk_root}/v1/nodes/{node.id}"

@@ -26,6 +26,7 @@ class _View:
     connected = True
     initialized = True
     changes = 0
+    changes_at_load = 0
     decode_errors = 0
     source = "zookeeper"
 
