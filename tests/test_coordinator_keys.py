@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from streammanager.coordinator_config import CallbackTarget, HttpAuth
 from streammanager.models import StreamKey
@@ -263,7 +264,7 @@ def test_a_publish_whose_nginx_died_while_its_key_was_verified_never_goes_live(a
     asked = threading.Event()
     receiver.answer = lambda headers: (asked.set(), 200)[1]
     receiver.delay_s = 3.0
-    agent_proc, host, _, _ = spawn_agent("origin", "us-east-1", media="nginx", extra_env={
+    agent_proc, host, http_port, _ = spawn_agent("origin", "us-east-1", media="nginx", extra_env={
         "KEY_VERIFICATION_URL": receiver.url, "AGENT_KEY_VERIFICATION_TIMEOUT_S": "6",
         "SM_MEDIA_ROOT": str(tmp_path / "media")})
     [nginx] = subprocess.run(["pgrep", "-P", str(agent_proc.pid), "nginx"], capture_output=True,
@@ -278,3 +279,8 @@ def test_a_publish_whose_nginx_died_while_its_key_was_verified_never_goes_live(a
     wait_until(lambda: not zk.exists(ZkPaths(zk_root).stream(StreamKey("live", "orphan"))), 5,
                what="no claim to refuse its encoder's reconnection")
     wait_until(lambda: not live(api, "orphan"), 5, what="the stream live nowhere")
+    # what the agent's metrics say of it: nginx restarted once, and serves again
+    metrics = requests.get(f"http://{host}:{http_port}/metrics", timeout=5).text
+    assert "sm_agent_media_restarts_total 1.0" in metrics
+    wait_until(lambda: "sm_agent_media_serving 1.0" in requests.get(f"http://{host}:{http_port}/metrics",
+                                                                   timeout=5).text, 15, what="nginx serving again")
