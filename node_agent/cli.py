@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"node-agent: {exc}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, context={"node_id": settings.node_id})
     try:
         agent = Agent(settings)
     except RuntimeError as exc:

@@ -38,9 +38,27 @@ class TextFormatter(logging.Formatter):
         return f"{line} {' '.join(extras)}" if extras else line
 
 
-def configure(level: str = "INFO", fmt: str = "json") -> None:
+class _Context(logging.Filter):
+    """Gives every line the process's own fields (a node agent's ``node_id``) where the call passed none:
+    the lines of libraries (kazoo's "Session has expired", the connection's retries) named no node."""
+
+    def __init__(self, fields: dict[str, str]):
+        super().__init__()
+        self._fields = fields
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self._fields.items():
+            if getattr(record, name, None) is None:
+                setattr(record, name, value)
+        return True
+
+
+def configure(level: str = "INFO", fmt: str = "json", context: dict[str, str] | None = None) -> None:
+    """Log to stderr in ``fmt``; ``context``: fields (of :data:`FIELDS`) that every line carries."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if context:
+        handler.addFilter(_Context(dict(context)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

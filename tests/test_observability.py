@@ -178,3 +178,20 @@ def test_a_deleted_pool_leaves_the_controller_metrics():
     controller._report(autoscaler.Plan(pools=[pool("kept-g", "us-east-1")]))
     assert REGISTRY.get_sample_value("sm_pool_nodes", {"group": "gone-g", "region": "us-east-1", "role": "edge"}) is None
     assert REGISTRY.get_sample_value("sm_pool_nodes", {"group": "kept-g", "region": "us-east-1", "role": "edge"}) == 3
+
+
+def test_every_line_of_a_node_agent_names_its_node_library_lines_too(capsys):
+    """kazoo's own lines ("Session has expired", connection retries) named no node: in a log pipeline
+    fed by many agents they could not be told apart."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("INFO", "json", context={"node_id": "edge-7"})
+        logging.getLogger("kazoo.client").warning("Session has expired")
+        logging.getLogger("node_agent.agent").info("stream published", extra={"node_id": "its-own", "stream": "s"})
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    library, ours = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert (library["logger"], library["node_id"]) == ("kazoo.client", "edge-7")
+    assert (ours["node_id"], ours["stream"]) == ("its-own", "s")  # what a call passes is kept
