@@ -571,7 +571,15 @@ class Agent:
         verdict = self.verifier.verify(str(key), args.get("key", ""), args.get("addr", ""))
         if not verdict.allowed:
             return Decision.refuse(verdict.reason)
-        started = self.table.start_publish(key, clientid, now_ms())
+        with self._publish_lock:
+            # a hook whose publisher left meanwhile (its publish_done came, or its nginx died) starts
+            # nothing: after a restart of nginx, the table's entry under this client id can be the next
+            # nginx's publisher, whose session this hook took for its own and then undid (a live stream
+            # gone from the registry while its encoder went on publishing)
+            if mine.left:
+                log.info("the publisher left before its publish was allowed", extra=extra)
+                return Decision.refuse("the publisher left")
+            started = self.table.start_publish(key, clientid, now_ms())
         if started is None:
             log.info("refused a second publisher", extra=extra)
             return Decision.refuse(f"stream {key} is already being published on this node")

@@ -284,3 +284,37 @@ def test_a_publish_whose_nginx_died_while_its_key_was_verified_never_goes_live(a
     assert "sm_agent_media_restarts_total 1.0" in metrics
     wait_until(lambda: "sm_agent_media_serving 1.0" in requests.get(f"http://{host}:{http_port}/metrics",
                                                                    timeout=5).text, 15, what="nginx serving again")
+
+
+def test_a_dead_nginxs_publish_allowed_late_does_not_end_the_next_nginxs_live_publisher(api, make_node, receiver,
+                                                                                      zk, zk_root):
+    # the same stream and client id, the dead nginx's publish still being verified when the restarted
+    # nginx's is allowed (the verifier answered it first): the dead one's hook found the new publisher
+    # in the table under its client id, took its session for its own, and undid it (claim released,
+    # session discarded) while its encoder went on publishing: a live stream no lookup could find
+    arrived, release = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+    asked = iter(range(2))
+
+    def answer(headers):
+        n = next(asked)
+        arrived[n].set()
+        release[n].wait(10)
+        return 200
+
+    receiver.answer = answer
+    origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 8.0))
+    with ThreadPoolExecutor(2) as pool:
+        dead = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
+        assert arrived[0].wait(5), "the verifier was not asked"
+        origin.agent._media_exited()  # its nginx died; the agent starts the next one
+        new = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
+        assert arrived[1].wait(5), "the verifier was not asked again"
+        release[1].set()
+        assert new.result(10).status_code == 200  # the new nginx's publisher is live
+        release[0].set()
+        first = dead.result(10)
+    assert first.status_code == 403  # its publisher went with that nginx
+    assert [s.publisher for s in origin.agent.table.published()] == ["7"]
+    assert zk.exists(ZkPaths(zk_root).stream(StreamKey("live", "again")))
+    wait_until(lambda: live(api, "again"), 5, what="the new publisher's stream live")
+    assert not origin.agent._publishes_under_way
