@@ -96,6 +96,10 @@ class ListingCache:
     """
 
     KINDS = ("list", "stats", "dashboard")
+    # pages that show more than the view's content (the connection's state, the view's age, report ages,
+    # the time): shared for ``ttl_s`` only, never for as long as the view has no change (an outage
+    # brings none: the dashboard said "connected" all through one)
+    TIMED = frozenset({"dashboard"})
 
     def __init__(self, ttl_s: float = 1.0):
         self._ttl_s = ttl_s
@@ -106,7 +110,8 @@ class ListingCache:
         with self._locks[kind]:  # callers arriving during a build wait for it instead of building again
             entry = self._entries.get(kind)
             now, changes = time.monotonic(), view.changes
-            if entry is not None and (entry[1] == changes or now - entry[0] < self._ttl_s):
+            unchanged = entry is not None and entry[1] == changes and kind not in self.TIMED
+            if entry is not None and (unchanged or now - entry[0] < self._ttl_s):
                 return entry[2]
             body = build()
             self._entries[kind] = (now, changes, body)

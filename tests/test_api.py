@@ -523,6 +523,18 @@ def test_open_dashboards_share_one_page_and_it_follows_changes(api, cluster, mon
     assert len(built) == 2
 
 
+def test_the_shared_dashboard_page_says_so_when_its_worker_loses_zookeeper(api, cluster):
+    # the shared page was kept while the view had no change: an outage brings none, so every open
+    # dashboard went on saying "connected" (and the same report ages, the same time) all through it
+    wait_for_nodes(api, 4)
+    assert ">connected<" in api.get("/dashboard?accessToken=s3cret-token").get_data(as_text=True)
+    changes = api.application.extensions["sm"].view.changes
+    api.application.extensions["sm"].client.stop()  # this worker's session is gone
+    wait_until(lambda: "disconnected" in api.get("/dashboard?accessToken=s3cret-token").get_data(as_text=True), 5,
+               what="the dashboard saying ZooKeeper is disconnected")
+    assert api.application.extensions["sm"].view.changes == changes  # no change of the view said it
+
+
 def test_the_stream_listings_follow_changes_within_a_second_or_so(api, cluster):
     assert api.get(f"{P}/event/list/stats").get_json() == []  # built, then shared while nothing changes
     assert cluster["us_origin"].publish("fresh").status_code == 200
