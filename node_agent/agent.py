@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 
@@ -68,6 +69,7 @@ CLOSE_WAIT_S = 3.0  # a close command waits this long for the dropped publisher'
 REAPED_CHECK_S = 30.0  # after registering again, how long the reaper's tombstones are looked for
 FINISH_ON_STOP_S = 10.0  # a stop with publishers on gives their sessions this long to make their VOD and events
 RECORD_FULL_SHARE = 0.9  # from this share of --max-record-bytes on, the node takes no new stream
+RECORD_ENTRY_BYTES = 40  # a stream's entry in the node record, beyond its quoted name: [subs, relays, pub, start_ms]
 RECORD_TOO_LARGE_LOG_EVERY_S = 30.0
 REGISTER_WAIT_S = 10.0  # at start, how long a record of another session of this node id is waited out (at least)
 
@@ -87,6 +89,9 @@ class Decision:
     @classmethod
     def refuse(cls, message: str, status: int = 403) -> "Decision":
         return cls(False, status, message)
+
+
+NO_ROOM = object()  # Agent._let_in: the node record has no room for a new stream
 
 
 class _UnderWay:
@@ -132,6 +137,12 @@ class Agent:
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        # streams let in since the last record was built, which that record's size does not count yet
+        # (-> their estimated bytes in a record): without them, a burst of hooks all passed the check of
+        # one record's size and the next record grew past --max-record-bytes, never to be written
+        self._room_lock = threading.Lock()
+        self._record_keys: frozenset[str] = frozenset()
+        self._unreported: dict[str, int] = {}
         self._publishes_under_way: dict[tuple[str, str], list[_UnderWay]] = {}  # (stream, client) -> its hooks
         self._stop_begun = False
         self._reporter: threading.Thread | None = None
@@ -281,6 +292,7 @@ class Agent:
             self._check_claims()
         if self._releases_owed and session == self._registered_session:
             self._release_owed()
+        self._forget_unreported(self._record_keys)  # let in, then refused or gone: no room taken
         record = self.record()
         content = (record.state, record.capacity, dict(record.streams), round(record.cpu, 1))
         heartbeat_due = time.monotonic() - self._last_write >= self.settings.heartbeat_interval_s
@@ -289,7 +301,10 @@ class Agent:
                 and not (heartbeat_due or force or missing):
             return False
         data = record.to_json()
-        self.record_bytes = len(data)
+        with self._room_lock:
+            self.record_bytes = len(data)
+            self._record_keys = frozenset(record.streams)
+        self._forget_unreported(self._record_keys)
         if len(data) > self.settings.max_record_bytes:
             self.report_failures += 1
             # ZooKeeper would drop the connection (jute.maxbuffer) at every attempt, and with it every
@@ -519,7 +534,28 @@ class Agent:
         """Whether a stream this node does not carry yet would take its record too near the size
         ZooKeeper accepts (``--max-record-bytes``)."""
         return (self.record_bytes >= RECORD_FULL_SHARE * self.settings.max_record_bytes
-                and str(key) not in self.table.loads())
+                and not self.table.carries(key))
+
+    def _let_in(self, key: StreamKey, enter):
+        """``enter()`` (which puts ``key`` in the table), unless ``key`` is a new stream the record has no
+        room for, counting the streams let in since the last record was built: then :data:`NO_ROOM`."""
+        text = str(key)
+        with self._room_lock:
+            new = text not in self._record_keys and text not in self._unreported and not self.table.carries(key)
+            size = len(orjson.dumps(text)) + RECORD_ENTRY_BYTES
+            if new and self.record_bytes + sum(self._unreported.values()) + size \
+                    > RECORD_FULL_SHARE * self.settings.max_record_bytes:
+                return NO_ROOM
+            entered = enter()
+            if new:
+                self._unreported[text] = size
+            return entered
+
+    def _forget_unreported(self, reported: frozenset[str]) -> None:
+        with self._room_lock:
+            if self._unreported:
+                self._unreported = {k: v for k, v in self._unreported.items()
+                                    if k not in reported and self.table.carries(StreamKey.parse(k))}
 
     def on_publish(self, key: StreamKey, clientid: str, args: dict[str, str]) -> Decision:
         extra = {**self._log_extra, "scope": key.scope, "stream": key.name, "action": "publish"}
@@ -541,7 +577,8 @@ class Agent:
                 log.info("refused a publisher on an edge (addr %s, flashver %s)", args.get("addr", "")[:80],
                          args.get("flashver", "")[:40], extra=extra)
                 return Decision.refuse("edges accept no publishers: ask the stream manager for an origin")
-            self.table.start_publish(key, clientid, now_ms())
+            if self._let_in(key, lambda: self.table.start_publish(key, clientid, now_ms())) is NO_ROOM:
+                return Decision.refuse("node carries as many streams as its registry record can hold", 503)
             self._end_pull(key)
             self.changed()
             return Decision.allow()
@@ -579,7 +616,9 @@ class Agent:
             if mine.left:
                 log.info("the publisher left before its publish was allowed", extra=extra)
                 return Decision.refuse("the publisher left")
-            started = self.table.start_publish(key, clientid, now_ms())
+            started = self._let_in(key, lambda: self.table.start_publish(key, clientid, now_ms()))
+            if started is NO_ROOM:
+                return Decision.refuse("node carries as many streams as its registry record can hold", 503)
         if started is None:
             log.info("refused a second publisher", extra=extra)
             return Decision.refuse(f"stream {key} is already being published on this node")
@@ -692,7 +731,8 @@ class Agent:
                     return Decision.refuse(f"stream {key} is not live", 404)
             except KazooException:
                 pass  # registry unreachable: let the player wait for the stream
-        self.table.add_player(key, clientid, relay)
+        if self._let_in(key, lambda: self.table.add_player(key, clientid, relay)) is NO_ROOM:
+            return Decision.refuse("node carries as many streams as its registry record can hold", 503)
         self.changed()
         if self.settings.role == ROLE_EDGE and self.settings.relay == "nginx" and self.media is not None \
                 and self._claim_pull(key):

@@ -47,6 +47,10 @@ class StreamTable:
             state = self._streams.get(str(key))
             return state.publisher if state else None
 
+    def carries(self, key: StreamKey) -> bool:
+        with self._lock:
+            return str(key) in self._streams
+
     def session_of(self, key: StreamKey, clientid: str) -> str | None:
         """The publish session of ``clientid`` on ``key``; None if it is not the stream's publisher."""
         with self._lock:

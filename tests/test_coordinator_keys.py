@@ -318,3 +318,34 @@ def test_a_dead_nginxs_publish_allowed_late_does_not_end_the_next_nginxs_live_pu
     assert zk.exists(ZkPaths(zk_root).stream(StreamKey("live", "again")))
     wait_until(lambda: live(api, "again"), 5, what="the new publisher's stream live")
     assert not origin.agent._publishes_under_way
+
+
+def test_a_burst_of_new_streams_never_takes_the_node_record_past_its_limit(make_node, receiver, zk, zk_root):
+    # every publish of a burst passed the check of the last record's size (the burst's streams are in
+    # none yet): all were let in, the next record was over --max-record-bytes, and it was never written.
+    # The streams were live (claimed, their encoders publishing) and in no lookup's answer
+    limit, burst = 4000, 40  # 40 entries of some 145 bytes: half as much again as the limit
+    arrived, release, lock = [], threading.Event(), threading.Lock()
+
+    def answer(headers):
+        with lock:
+            arrived.append(1)
+        release.wait(20)
+        return 200
+
+    receiver.answer = answer
+    origin = make_node("origin", "us-east-1", capacity=10_000, max_record_bytes=limit,
+                       key_verification=CallbackTarget(receiver.url, HttpAuth(), 30.0))
+    path = ZkPaths(zk_root).node(origin.id)
+    names = [f"b{i:02d}-" + "x" * 100 for i in range(burst)]
+    with ThreadPoolExecutor(burst) as pool:
+        answers = [pool.submit(origin.hook, "publish", name, clientid=f"c{i}", type="live", key="k")
+                   for i, name in enumerate(names)]
+        wait_until(lambda: len(arrived) == burst, 10, what="every publish being verified")
+        release.set()
+        statuses = [a.result(30).status_code for a in answers]
+    accepted = [name for name, status in zip(names, statuses) if status == 200]
+    assert accepted and set(statuses) == {200, 503}
+    wait_until(lambda: all(name.encode() in zk.get(path)[0] for name in accepted), 10,
+               what="every stream let in shown in the node record")
+    assert len(zk.get(path)[0]) <= limit
