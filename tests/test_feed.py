@@ -375,3 +375,22 @@ def test_the_log_says_when_a_view_watching_by_itself_has_zookeeper_again(feed_an
                what="a line saying the view is current again")
     back = [r for r in caplog.records if "registry connection back" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO, caplog.text
+
+
+def test_the_direct_watch_after_the_feed_went_reads_no_change_into_records_that_did_not_change(
+        feed_and_view, make_node, zk, zk_root):
+    # the fall-back's first read applied every record again as a change: each switch (and each return to
+    # the feed) made sm_view_changes_total jump by the registry's size, as a worker's first load did
+    nodes = [make_node("origin", "us-east-1") for _ in range(3)]
+    feed, view = feed_and_view()
+    wait_until(lambda: node_ids(view) == {n.id for n in nodes}, 5, what="the nodes, fed")
+    paths = ZkPaths(zk_root)
+
+    def writes() -> int:
+        return sum(zk.exists(paths.node(n.id)).version for n in nodes)
+
+    before, written = view.changes, writes()
+    feed.close()
+    wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
+    wait_until(lambda: view._cache is not None and view._cache.initialized, 5, what="the direct watch's first read")
+    assert view.changes - before <= writes() - written  # only what the agents wrote meanwhile
