@@ -268,30 +268,35 @@ class Placement:
     def expire_reservations(self, now: int | None = None) -> int:
         """Delete this process's expired reservations; return how many went."""
         now = now if now is not None else now_ms()
+        if not self._client.connected:
+            # kept for when it is back: a call now would wait for the connection, and hold up the
+            # housekeeper's other tasks (the lookup metrics' flush) for the whole outage
+            return 0
         with self._own_lock:
             due = [p for p, exp in self._own_reservations.items() if exp <= now]
             for path in due:
                 del self._own_reservations[path]
         removed = 0
+        timeout = (KazooException, self._client.handler.timeout_exception)
         for path in due:
             try:
-                data, stat = self._client.get(path)
+                data, stat = self._client.get_async(path).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
                 if Reservation.from_json(data).expires_ms <= now:
-                    self._client.delete(path, version=stat.version)
+                    self._client.delete_async(path, version=stat.version).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
                     removed += 1
             except (NoNodeError, BadVersionError, RecordError):
                 pass
-            except KazooException as exc:
-                log.warning("could not expire reservation %s: %s", path, exc)
+            except timeout as exc:
+                log.warning("could not expire reservation %s: %s", path, exc or type(exc).__name__)
         # a reservation's scope znode is persistent (makepath): remove the ones left empty, or every
         # scope any client ever named in a broadcast lookup stays in ZooKeeper for good
         for scope in {path.rsplit("/", 1)[0] for path in due}:
             try:
-                self._client.delete(scope)
+                self._client.delete_async(scope).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
             except (NoNodeError, NotEmptyError):
                 pass  # gone already, or other reservations (or one made meanwhile) still in it
-            except KazooException as exc:
-                log.warning("could not remove the emptied reservation scope %s: %s", scope, exc)
+            except timeout as exc:
+                log.warning("could not remove the emptied reservation scope %s: %s", scope, exc or type(exc).__name__)
         return removed
 
 

@@ -532,7 +532,7 @@ class RegistryView:
                 log.warning("ignoring node record %r: %s", node_id[:80], exc)
                 return
         self._readable(node_id)
-        if previous is not None and previous.node == record:
+        if previous is not None and previous.node.updated_ms == record.updated_ms and previous.node == record:
             # the record the view has, read again (a new source's first read: the direct watch after the
             # feed went, the feed again after it): no change. Counted, each switch made
             # sm_view_changes_total jump by the registry's size, as a worker's first load did

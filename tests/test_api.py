@@ -719,6 +719,23 @@ def test_expired_reservations_leave_no_scope_znode_behind(api, cluster, zk, zk_r
     assert zk.get_children(f"{reservations}/app-a") == ["s4"]
 
 
+def test_reservations_due_while_zookeeper_is_away_are_expired_once_it_is_back(api, cluster, zk, zk_root):
+    """The housekeeper expired them with calls that wait for the connection (holding up the lookup
+    metrics' flush for the whole outage), or failed and forgot them: their scope stayed for good."""
+    assert api.get(f"{P}/event/away/s1?action=broadcast").status_code == 200
+    reservations = f"{zk_root}/v1/reservations"
+    placement = api.application.extensions["sm"].placement
+    client = placement._client
+    client.stop()  # cut off: the session and its reservations go
+    try:
+        assert placement.expire_reservations(now=now_ms() + 3_600_000) == 0  # at once, and kept for later
+    finally:
+        client.start(timeout=10)
+    wait_until(lambda: zk.get_children(f"{reservations}/away") == [], 5, what="the session's reservation gone")
+    placement.expire_reservations(now=now_ms() + 3_600_000)
+    assert "away" not in zk.get_children(reservations)
+
+
 def test_a_node_whose_record_nears_the_zookeeper_limit_takes_no_new_stream(make_node, zk, zk_root):
     """ZooKeeper drops the connection of a request over its jute.maxbuffer (1 MiB by default): an origin
     with some 20 000 streams wrote such a record, then lost its connection at every report, its hooks'
