@@ -114,7 +114,7 @@ def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, Insta
     interval; lifecycle changes (registration, death, drain end, timeouts) are decided every call.
     ``unreadable``: ids of nodes that are registered but whose record does not decode (another version's
     agent during an upgrade): alive, not dead. ``absent_since`` (id -> ms): since when an in-service
-    instance's node has been missing from the registry, as the caller saw it; one missing for less than
+    or draining instance's node has been missing from the registry, as the caller saw it; one missing for less than
     ``ABSENCE_GRACE_MS`` (or not in it: just missed) is waited for."""
     result = Plan()
     groups_by_name = {g.name: g for g in groups}
@@ -209,6 +209,11 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
         return record
     if record.state == DRAINING:
         if node is None:
+            # a draining node still has its publishers or viewers (it ends when empty): one whose session a
+            # ZooKeeper outage expired is registering again on a new one, like an in-service node, and was
+            # destroyed with its live streams in the step that found it missing
+            if absent_ms < ABSENCE_GRACE_MS and now < record.drain_deadline_ms:
+                return record
             return move(TERMINATING, "drained: its node left")
         if node.used == 0 and node.state == STATE_DRAINING:
             return move(TERMINATING, "drained: empty")

@@ -38,6 +38,7 @@ from streammanager.cloud.base import (
 from streammanager.config import ControllerSettings
 from streammanager.coordinator_config import EventCallbackSettings
 from streammanager.groups import (
+    DRAINING,
     FAILED,
     GONE,
     INSERVICE,
@@ -256,7 +257,7 @@ class Controller:
         self._pools_reported: set[tuple[str, str, str]] = set()  # the pool series the last step set
         self._holds: dict[tuple[str, str, str], tuple[str, float]] = {}  # pool -> (kind of hold, logged at)
         self._drain_asked: dict[str, float] = {}  # instance id -> when its agent was last asked to drain
-        self._absent_since: dict[str, int] = {}  # in-service instance id -> when its node left the registry
+        self._absent_since: dict[str, int] = {}  # in-service or draining instance id -> when its node left
         self.leading = threading.Event()
         self._lost = threading.Event()
         self._actions = CloudActions(self._lost)
@@ -357,11 +358,15 @@ class Controller:
         """Since when each in-service instance's node has been missing from the registry: it is taken for
         dead only after ``autoscaler.ABSENCE_GRACE_MS`` (its agent may be registering on a new session)."""
         unreadable = set(unreadable)
-        missing = {i for i, r in records.items() if r.state == INSERVICE and i not in nodes and i not in unreadable}
+        # draining too: a draining node still serves (it ends when empty), and its agent registers again
+        # after an outage like an in-service one's
+        missing = {i for i, r in records.items()
+                   if r.state in (INSERVICE, DRAINING) and i not in nodes and i not in unreadable}
         for instance_id in missing - self._absent_since.keys():
             self._absent_since[instance_id] = now
-            log.warning("node %s left the registry: replaced if it does not register again within %.0f s",
-                        instance_id, autoscaler.ABSENCE_GRACE_MS / 1000)
+            log.warning("node %s left the registry: %s if it does not register again within %.0f s", instance_id,
+                        "replaced" if records[instance_id].state == INSERVICE else "terminated",
+                        autoscaler.ABSENCE_GRACE_MS / 1000)
         for instance_id in self._absent_since.keys() - missing:
             since = self._absent_since.pop(instance_id)
             if instance_id in nodes:

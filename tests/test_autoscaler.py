@@ -263,6 +263,24 @@ def test_a_draining_instance_is_terminated_when_its_node_is_empty():
     assert destroyed(result) == ["d1"]
 
 
+@pytest.mark.parametrize("absent_since", [None, {}, {"d1": NOW - ABSENCE_GRACE_MS + 1}])
+def test_a_draining_node_missing_from_the_registry_for_less_than_the_grace_is_waited_for(absent_since):
+    # a draining node still serves (it ends when empty); a ZooKeeper outage past the session timeout
+    # expires its session like any other's, and it registers again moments later: it was terminated
+    # ("drained: its node left") with its live streams in the step that found it missing
+    records = {"d1": instance("d1", DRAINING, since=NOW - 5 * S, drain_deadline_ms=NOW + 55 * S)}
+    result = plan(NOW, [group(min=0)], records, {}, absent_since=absent_since)
+    assert not result.moves and not result.destroys
+
+
+def test_a_draining_node_missing_from_the_registry_past_the_grace_or_its_deadline_is_terminated():
+    records = {"d1": instance("d1", DRAINING, since=NOW - 5 * S, drain_deadline_ms=NOW + 55 * S)}
+    gone = plan(NOW, [group(min=0)], records, {}, absent_since={"d1": NOW - ABSENCE_GRACE_MS})
+    assert moved(gone, "d1").record.state == TERMINATING and destroyed(gone) == ["d1"]
+    late = plan(NOW + 55 * S, [group(min=0)], records, {}, absent_since={"d1": NOW + 55 * S - 1})
+    assert moved(late, "d1").record.state == TERMINATING and destroyed(late) == ["d1"]
+
+
 def test_a_draining_instance_with_viewers_left_is_kept_until_its_drain_deadline():
     records = {"d1": instance("d1", DRAINING, since=NOW - 5 * S, drain_deadline_ms=NOW + 55 * S)}
     nodes = [node("d1", used=3, state="draining")]
@@ -275,7 +293,7 @@ def test_a_draining_instance_with_viewers_left_is_kept_until_its_drain_deadline(
 
 def test_a_draining_instance_whose_node_left_is_terminated():
     records = {"d1": instance("d1", DRAINING, since=NOW - 5 * S, drain_deadline_ms=NOW + 55 * S)}
-    result = decide(group(min=0), records)
+    result = plan(NOW, [group(min=0)], records, {}, absent_since={"d1": NOW - ABSENCE_GRACE_MS})
     assert moved(result, "d1").record.state == TERMINATING and destroyed(result) == ["d1"]
 
 

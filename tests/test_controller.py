@@ -769,6 +769,58 @@ def test_a_node_that_registers_again_on_a_new_session_is_not_taken_for_dead(api,
         _close_stepping(controller, controller_settings)
 
 
+def test_a_draining_node_that_registers_again_on_a_new_session_is_not_terminated(api, zk, zk_root,
+                                                                                 controller_settings):
+    """A draining node still serves what it drains (it ends when empty, or at its deadline). A ZooKeeper
+    outage past the session timeout expires its session like every agent's, and it registers again moments
+    after: the controller terminated it in the step that found it missing ("drained: its node left"), and
+    its viewers and publishers with it."""
+    from streammanager.registry import now_ms
+
+    doc = group_doc(edge=(0, 1, 1), origin=(1, 2, 1), drainTimeoutS=300)
+    assert admin(api, "post", GROUP, json=doc).status_code == 201
+    controller = _stepping_controller(controller_settings, zk)
+    plans = []
+
+    def step():
+        plans.append(controller.run_once(now_ms()))
+        return plans[-1]
+
+    def record_of(instance_id):
+        return [r for r in group_instances(zk, zk_root) if r.id == instance_id][0]
+    try:
+        def one_in_service():
+            step()
+            serving = group_instances(zk, zk_root, states=("inservice",))
+            return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} \
+                else None
+        instance = wait_until(one_in_service, 30, what="an origin in service")[0]
+        origin = [n for n in in_service_nodes(api) if n["id"] == instance.id][0]
+        publish(origin, "drained-slowly")  # not empty: it drains until its deadline
+        assert admin(api, "post", f"/streammanager/api/2.0/admin/node/{instance.id}/sunset").status_code == 200
+        wait_until(lambda: step() and record_of(instance.id).state == "draining"
+                   and any(n.id == instance.id and n.state == "draining" and n.used for n in controller.view.nodes()),
+                   20, what="the origin draining with its publisher")
+        provider = build_providers(controller_settings)["local"]
+        [pid] = [i.extra["pid"] for i in provider.list_instances("test-cluster") if i.name == instance.id]
+        plans.clear()
+        os.killpg(pid, signal.SIGSTOP)  # its agent hangs past its session timeout (as in an outage)
+        try:
+            wait_until(lambda: step() and instance.id not in {n.id for n in controller.view.nodes()}, 20,
+                       what="its session expired")
+            for _ in range(5):
+                step()
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        wait_until(lambda: step() and instance.id in {n.id for n in controller.view.nodes()}, 20,
+                   what="its agent registered again")
+        assert not [d for p in plans for d in p.destroys]
+        assert record_of(instance.id).state == "draining"
+        assert instance.id in [i.name for i in provider.list_instances("test-cluster")]  # beside its replacement
+    finally:
+        _close_stepping(controller, controller_settings)
+
+
 def test_a_node_whose_record_another_version_wrote_is_not_taken_for_dead(api, zk, zk_root, controller_settings):
     """During a rolling upgrade a newer agent writes a record this controller cannot decode. Its node is
     registered all the same (its session's znode is there): the controller took it for a node that died,
