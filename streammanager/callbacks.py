@@ -104,6 +104,12 @@ class CallbackDispatcher:
         running = threading.Event()
         running.set()
 
+        def on_stop() -> None:  # at once: a delivery under way must not post another event once told to stop
+            stop.wait()
+            self._stopping.set()
+            self._wake.set()
+        threading.Thread(target=on_stop, name="callbacks-stop", daemon=True).start()
+
         def on_channels(children: list[str]) -> bool:  # a new channel: deliver at once
             if not running.is_set():
                 return False  # ends this watch
@@ -237,6 +243,8 @@ class CallbackDispatcher:
                 if event.event_id and event.event_id in state.delivered:
                     self._delete(path)  # a copy from a retried create: already delivered
                     continue
+                if self._stopping.is_set():  # told to stop while reading it (held through an outage): the
+                    return  # next leader delivers it; posting it here as well sent it twice
                 if self._target.enabled and not self._post(event, state):
                     return
                 if event.event_id:

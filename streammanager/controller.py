@@ -260,6 +260,7 @@ class Controller:
         self._absent_since: dict[str, int] = {}  # in-service or draining instance id -> when its node left
         self.leading = threading.Event()
         self._lost = threading.Event()
+        self._term_ended: threading.Event | None = None  # the leader-only duties of the term under way stop on it
         self._actions = CloudActions(self._lost)
         self._unreachable = CloudBackoff()
 
@@ -302,6 +303,12 @@ class Controller:
     def _on_state(self, state: str) -> None:
         if state in (KazooState.SUSPENDED, KazooState.LOST):
             self._lost.set()  # a leader that cannot see ZooKeeper must stop acting at once
+            term_ended = self._term_ended
+            if term_ended is not None:
+                # its duties too (the event callbacks): they stopped only at the clean-up in _lead, after the
+                # leading thread's ZooKeeper call returned, at the end of the outage; meanwhile another
+                # controller led, and both delivered the queued events (each one twice)
+                term_ended.set()
             if self.leading.is_set():
                 # and stop saying it leads at once: the leading thread may be held in a ZooKeeper call
                 # for the whole outage, and its own clean-up (below, in _lead) comes only after it;
@@ -325,6 +332,9 @@ class Controller:
         LEADER.set(1)
         self.leading.set()
         ended = threading.Event()
+        self._term_ended = ended
+        if self._lost.is_set():  # lost between the check above and now: no duty starts in this term
+            ended.set()
         threads = []
         try:
             self.instances.start()
