@@ -5,6 +5,7 @@ edge reports it; lookups go through the real API.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -726,6 +727,31 @@ def test_a_local_agent_whose_controller_died_before_recording_its_pid_is_listed_
             pass
 
 
+def _first_in_service(controller, zk, zk_root, step, what: str):
+    """Steps until the group's one instance is in service and in the controller's view; returns it."""
+    def one_in_service():
+        step()
+        serving = group_instances(zk, zk_root, states=("inservice",))
+        return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} else None
+    return wait_until(one_in_service, 30, what=f"{what} in service")[0]
+
+
+def _hang_past_its_session(provider, controller, instance_id: str, step) -> None:
+    """Freeze the instance's agent until its session expired (its node left the view) and a few more
+    steps were made, then let it go on, stepping until it registered again on a new session."""
+    [pid] = [i.extra["pid"] for i in provider.list_instances("test-cluster") if i.name == instance_id]
+    os.killpg(pid, signal.SIGSTOP)  # as a ZooKeeper outage past the session timeout does to every agent
+    try:
+        wait_until(lambda: step() and instance_id not in {n.id for n in controller.view.nodes()}, 20,
+                   what="its session expired")
+        for _ in range(5):
+            step()
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    wait_until(lambda: step() and instance_id in {n.id for n in controller.view.nodes()}, 20,
+               what="its agent registered again")
+
+
 def test_a_node_that_registers_again_on_a_new_session_is_not_taken_for_dead(api, zk, zk_root, controller_settings):
     """A ZooKeeper outage longer than the session timeout expires every agent's session at once, and each
     registers again on a new one moments after: the controller took every node for dead in between,
@@ -740,26 +766,11 @@ def test_a_node_that_registers_again_on_a_new_session_is_not_taken_for_dead(api,
         plans.append(controller.run_once(now_ms()))
         return plans[-1]
     try:
-        def one_in_service():
-            step()
-            serving = group_instances(zk, zk_root, states=("inservice",))
-            return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} \
-                else None
-        instance = wait_until(one_in_service, 30, what="an edge in service")[0]
+        instance = _first_in_service(controller, zk, zk_root, step, "an edge")
         provider = build_providers(controller_settings)["local"]
-        [pid] = [i.extra["pid"] for i in provider.list_instances("test-cluster") if i.name == instance.id]
         path = ZkPaths(zk_root).node(instance.id)
         plans.clear()
-        os.killpg(pid, signal.SIGSTOP)  # its agent hangs past its session timeout
-        try:
-            wait_until(lambda: step() and instance.id not in {n.id for n in controller.view.nodes()}, 20,
-                       what="its session expired")
-            for _ in range(5):
-                step()
-        finally:
-            os.killpg(pid, signal.SIGCONT)
-        wait_until(lambda: step() and instance.id in {n.id for n in controller.view.nodes()}, 20,
-                   what="its agent registered again")
+        _hang_past_its_session(provider, controller, instance.id, step)
         assert not [d for p in plans for d in p.destroys] and not [lc for p in plans for lc in p.launches]
         (record,) = [r for r in group_instances(zk, zk_root) if r.id == instance.id]
         assert record.state == "inservice"
@@ -789,12 +800,7 @@ def test_a_draining_node_that_registers_again_on_a_new_session_is_not_terminated
     def record_of(instance_id):
         return [r for r in group_instances(zk, zk_root) if r.id == instance_id][0]
     try:
-        def one_in_service():
-            step()
-            serving = group_instances(zk, zk_root, states=("inservice",))
-            return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} \
-                else None
-        instance = wait_until(one_in_service, 30, what="an origin in service")[0]
+        instance = _first_in_service(controller, zk, zk_root, step, "an origin")
         origin = [n for n in in_service_nodes(api) if n["id"] == instance.id][0]
         publish(origin, "drained-slowly")  # not empty: it drains until its deadline
         assert admin(api, "post", f"/streammanager/api/2.0/admin/node/{instance.id}/sunset").status_code == 200
@@ -802,18 +808,8 @@ def test_a_draining_node_that_registers_again_on_a_new_session_is_not_terminated
                    and any(n.id == instance.id and n.state == "draining" and n.used for n in controller.view.nodes()),
                    20, what="the origin draining with its publisher")
         provider = build_providers(controller_settings)["local"]
-        [pid] = [i.extra["pid"] for i in provider.list_instances("test-cluster") if i.name == instance.id]
         plans.clear()
-        os.killpg(pid, signal.SIGSTOP)  # its agent hangs past its session timeout (as in an outage)
-        try:
-            wait_until(lambda: step() and instance.id not in {n.id for n in controller.view.nodes()}, 20,
-                       what="its session expired")
-            for _ in range(5):
-                step()
-        finally:
-            os.killpg(pid, signal.SIGCONT)
-        wait_until(lambda: step() and instance.id in {n.id for n in controller.view.nodes()}, 20,
-                   what="its agent registered again")
+        _hang_past_its_session(provider, controller, instance.id, step)
         assert not [d for p in plans for d in p.destroys]
         assert record_of(instance.id).state == "draining"
         assert instance.id in [i.name for i in provider.list_instances("test-cluster")]  # beside its replacement
@@ -832,12 +828,7 @@ def test_a_node_whose_record_another_version_wrote_is_not_taken_for_dead(api, zk
     assert admin(api, "post", GROUP, json=group_doc(edge=(1, 2, 1))).status_code == 201
     controller = _stepping_controller(controller_settings, zk)
     try:
-        def one_in_service():
-            controller.run_once(now_ms())
-            serving = group_instances(zk, zk_root, states=("inservice",))
-            return serving if len(serving) == 1 and serving[0].id in {n.id for n in controller.view.nodes()} \
-                else None
-        instance = wait_until(one_in_service, 30, what="an edge in service")[0]
+        instance = _first_in_service(controller, zk, zk_root, lambda: controller.run_once(now_ms()), "an edge")
         path = ZkPaths(zk_root).node(instance.id)
         doc = orjson.loads(zk.get(path)[0])
         newer = orjson.dumps({**doc, "schema": doc["schema"] + 1, "a_newer_field": {"x": 1}})
@@ -858,37 +849,51 @@ def test_a_node_whose_record_another_version_wrote_is_not_taken_for_dead(api, zk
         _close_stepping(controller, controller_settings)
 
 
-def test_a_leader_cut_off_from_zookeeper_stops_saying_it_leads_at_once(tmp_path, controller_settings):
-    """sm_controller_leader stayed 1 through a whole ZooKeeper outage (24 s measured), with its pools'
-    numbers: the leading thread waited in a ZooKeeper call, and the gauges were cleared only after it.
-    Meanwhile another controller may lead, and the metrics showed two leaders counting every pool."""
-    from prometheus_client import REGISTRY
-
+@contextlib.contextmanager
+def _controller_on_its_own_zookeeper(tmp_path, controller_settings, **controller_kw):
+    """A running controller on a ZooKeeper of the test's own, which ``freeze()`` hangs (SIGSTOP) and
+    ``thaw()`` lets go on; everything is stopped at the end."""
     from streammanager.zookeeper import ZooKeeperConfig, ZooKeeperServer
 
     server = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "own-zk", port=free_port(), tick_ms=500,
                                              heap_mb=128))
     server.start()
     settings = ControllerSettings(**{**controller_settings.__dict__, "zk_hosts": server.hosts, "zk_timeout_s": 4.0})
-    run = Running(Controller(settings, build_providers(settings)))
+    run = Running(Controller(settings, build_providers(settings), **controller_kw))
     run.thread.start()
-    stopped = False
-    try:
-        wait_until(lambda: run.controller.leading.is_set(), 15, what="the controller leads")
-        wait_until(lambda: REGISTRY.get_sample_value("sm_controller_leader") == 1, 5, what="the gauge says so")
-        os.kill(server.pid, signal.SIGSTOP)  # ZooKeeper hangs: the controller cannot know who leads
-        stopped = True
-        wait_until(lambda: REGISTRY.get_sample_value("sm_controller_leader") == 0, 15,
-                   what="the gauge to stop saying this controller leads")
+    frozen = []
+
+    def freeze():
+        os.kill(server.pid, signal.SIGSTOP)
+        frozen.append(True)
+
+    def thaw():
         os.kill(server.pid, signal.SIGCONT)
-        stopped = False
-        wait_until(lambda: run.controller.leading.is_set() and REGISTRY.get_sample_value("sm_controller_leader") == 1,
-                   20, what="the controller leading again, and saying so")
+        frozen.clear()
+    try:
+        yield run, freeze, thaw
     finally:
-        if stopped:
-            os.kill(server.pid, signal.SIGCONT)
+        if frozen:
+            thaw()
         run.close()
         server.stop()
+
+
+def test_a_leader_cut_off_from_zookeeper_stops_saying_it_leads_at_once(tmp_path, controller_settings):
+    """sm_controller_leader stayed 1 through a whole ZooKeeper outage (24 s measured), with its pools'
+    numbers: the leading thread waited in a ZooKeeper call, and the gauges were cleared only after it.
+    Meanwhile another controller may lead, and the metrics showed two leaders counting every pool."""
+    from prometheus_client import REGISTRY
+
+    with _controller_on_its_own_zookeeper(tmp_path, controller_settings) as (run, freeze, thaw):
+        wait_until(lambda: run.controller.leading.is_set(), 15, what="the controller leads")
+        wait_until(lambda: REGISTRY.get_sample_value("sm_controller_leader") == 1, 5, what="the gauge says so")
+        freeze()  # ZooKeeper hangs: the controller cannot know who leads
+        wait_until(lambda: REGISTRY.get_sample_value("sm_controller_leader") == 0, 15,
+                   what="the gauge to stop saying this controller leads")
+        thaw()
+        wait_until(lambda: run.controller.leading.is_set() and REGISTRY.get_sample_value("sm_controller_leader") == 1,
+                   20, what="the controller leading again, and saying so")
 
 
 def test_a_leader_cut_off_from_zookeeper_stops_its_duties_at_once(tmp_path, controller_settings):
@@ -897,7 +902,6 @@ def test_a_leader_cut_off_from_zookeeper_stops_its_duties_at_once(tmp_path, cont
     returns only when ZooKeeper is back. By then another controller led, and both delivered the queued
     events: after a 10 s outage, 8 of 12 stream-closed events were posted twice (measured)."""
     from streammanager.controller import leader_duties
-    from streammanager.zookeeper import ZooKeeperConfig, ZooKeeperServer
 
     class Probe:
         name = "probe"
@@ -916,25 +920,11 @@ def test_a_leader_cut_off_from_zookeeper_stops_its_duties_at_once(tmp_path, cont
         probes.append(Probe())
         return [*leader_duties(client, paths, settings), probes[-1]]
 
-    server = ZooKeeperServer(ZooKeeperConfig(data_dir=tmp_path / "own-zk", port=free_port(), tick_ms=500,
-                                             heap_mb=128))
-    server.start()
-    settings = ControllerSettings(**{**controller_settings.__dict__, "zk_hosts": server.hosts, "zk_timeout_s": 4.0})
-    run = Running(Controller(settings, build_providers(settings), duties=duties))
-    run.thread.start()
-    stopped = False
-    try:
+    with _controller_on_its_own_zookeeper(tmp_path, controller_settings, duties=duties) as (run, freeze, thaw):
         wait_until(lambda: run.controller.leading.is_set() and probes and probes[0].started.is_set(), 15,
                    what="the controller leads, its duties running")
-        os.kill(server.pid, signal.SIGSTOP)  # ZooKeeper hangs: another controller may lead meanwhile
-        stopped = True
+        freeze()  # ZooKeeper hangs: another controller may lead meanwhile
         wait_until(lambda: probes[0].stopped.is_set(), 15, what="the duties of the cut-off leader to be stopped")
-        os.kill(server.pid, signal.SIGCONT)
-        stopped = False
+        thaw()
         wait_until(lambda: run.controller.leading.is_set() and len(probes) > 1 and probes[-1].started.is_set(),
                    20, what="the controller leading again, with its duties")
-    finally:
-        if stopped:
-            os.kill(server.pid, signal.SIGCONT)
-        run.close()
-        server.stop()

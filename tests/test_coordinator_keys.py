@@ -223,28 +223,43 @@ def test_a_publisher_that_leaves_while_its_key_is_verified_never_goes_live(api, 
     wait_until(lambda: live(api, "ghost"), 5, what="the stream live from its new connection")
 
 
+def _verifications_held(receiver, count: int) -> list:
+    """The verifier answers its n-th request (200) once ``release[n]`` is set; ``release[n].arrived`` is
+    set when that request came."""
+    release = [threading.Event() for _ in range(count)]
+    for gate in release:
+        gate.arrived = threading.Event()
+    asked = iter(range(count))
+
+    def answer(headers):
+        gate = release[next(asked)]
+        gate.arrived.set()
+        gate.wait(10)
+        return 200
+    receiver.answer = answer
+    return release
+
+
+def _publishes_of_a_dead_and_a_new_nginx(origin, pool, release):
+    """A publish of ``live/again`` by client 7 held in verification, its nginx dying, then the restarted
+    nginx's publish of the same stream by its own client 7, held too."""
+    dead = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
+    assert release[0].arrived.wait(5), "the verifier was not asked"
+    origin.agent._media_exited()  # its nginx died; the agent starts the next one
+    new = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
+    assert release[1].arrived.wait(5), "the verifier was not asked again"
+    return dead, new
+
+
 def test_a_dead_nginxs_publish_and_the_next_nginxs_with_the_same_client_id_are_told_apart(api, make_node, receiver,
                                                                                        zk, zk_root):
     # a restarted nginx numbers its clients afresh: the same stream and client id can be the dead nginx's
     # publish, still being verified, and the new nginx's at once. The new hook's mark overwrote the old
     # one's: the dead nginx's publish went live (a ghost), and the new publisher that left was not undone
-    arrived, release = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
-    asked = iter(range(2))
-
-    def answer(headers):
-        n = next(asked)
-        arrived[n].set()
-        release[n].wait(10)
-        return 200
-
-    receiver.answer = answer
+    release = _verifications_held(receiver, 2)
     origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 8.0))
     with ThreadPoolExecutor(2) as pool:
-        dead = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
-        assert arrived[0].wait(5), "the verifier was not asked"
-        origin.agent._media_exited()  # its nginx died; the agent starts the next one
-        new = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
-        assert arrived[1].wait(5), "the verifier was not asked again"
+        dead, new = _publishes_of_a_dead_and_a_new_nginx(origin, pool, release)
         release[0].set()
         first = dead.result(10)
         assert first.status_code == 403 and "left" in first.text  # its publisher went with that nginx
@@ -292,23 +307,10 @@ def test_a_dead_nginxs_publish_allowed_late_does_not_end_the_next_nginxs_live_pu
     # nginx's is allowed (the verifier answered it first): the dead one's hook found the new publisher
     # in the table under its client id, took its session for its own, and undid it (claim released,
     # session discarded) while its encoder went on publishing: a live stream no lookup could find
-    arrived, release = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
-    asked = iter(range(2))
-
-    def answer(headers):
-        n = next(asked)
-        arrived[n].set()
-        release[n].wait(10)
-        return 200
-
-    receiver.answer = answer
+    release = _verifications_held(receiver, 2)
     origin = make_node("origin", "us-east-1", key_verification=CallbackTarget(receiver.url, HttpAuth(), 8.0))
     with ThreadPoolExecutor(2) as pool:
-        dead = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
-        assert arrived[0].wait(5), "the verifier was not asked"
-        origin.agent._media_exited()  # its nginx died; the agent starts the next one
-        new = pool.submit(origin.hook, "publish", "again", clientid="7", type="live", key="k")
-        assert arrived[1].wait(5), "the verifier was not asked again"
+        dead, new = _publishes_of_a_dead_and_a_new_nginx(origin, pool, release)
         release[1].set()
         assert new.result(10).status_code == 200  # the new nginx's publisher is live
         release[0].set()
