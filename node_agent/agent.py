@@ -30,7 +30,7 @@ from node_agent.commands import CommandWatcher
 from node_agent.config import AgentSettings
 from node_agent.fencing import OriginFence
 from node_agent.media import NginxConfig, NginxServer
-from node_agent.metrics import HookCounts
+from node_agent.metrics import AgentMetrics
 from node_agent.relay import RelayKeys, RelayManager
 from node_agent.sessions import SessionTracker
 from node_agent.state import StreamTable
@@ -49,6 +49,7 @@ from streammanager.models import (
 )
 from streammanager.commands import COMMAND_CLOSE, COMMAND_DRAIN
 from streammanager.events import EventQueue
+from streammanager.logs import Throttle
 from streammanager.registry import (
     UNREADABLE_CLAIM,
     StreamClaims,
@@ -92,6 +93,7 @@ class Decision:
 
 
 NO_ROOM = object()  # Agent._let_in: the node record has no room for a new stream
+_NO_ROOM_REFUSAL = Decision.refuse("node carries as many streams as its registry record can hold", 503)
 
 
 class _UnderWay:
@@ -128,9 +130,9 @@ class Agent:
         self._registered_session: int | None = None
         self._last_content: tuple | None = None
         self.record_bytes = 0  # size of the last node record built
-        self.report_failures = 0  # node record writes that failed (sm_agent_report_failures_total)
-        self.hook_counts = HookCounts()  # sm_agent_hooks_total
-        self._too_large_logged_at = self._full_logged_at = -RECORD_TOO_LARGE_LOG_EVERY_S
+        self.metrics = AgentMetrics(self)
+        self._too_large_log = Throttle(RECORD_TOO_LARGE_LOG_EVERY_S)
+        self._full_log = Throttle(RECORD_TOO_LARGE_LOG_EVERY_S)
         self._last_write = 0.0
         self._wake = threading.Event()
         self._urgent = threading.Event()
@@ -306,11 +308,10 @@ class Agent:
             self._record_keys = frozenset(record.streams)
         self._forget_unreported(self._record_keys)
         if len(data) > self.settings.max_record_bytes:
-            self.report_failures += 1
+            self.metrics.report_failures.inc()
             # ZooKeeper would drop the connection (jute.maxbuffer) at every attempt, and with it every
             # claim and session write of this node's hooks: keep the last record written, and say why
-            if time.monotonic() - self._too_large_logged_at >= RECORD_TOO_LARGE_LOG_EVERY_S:
-                self._too_large_logged_at = time.monotonic()
+            if self._too_large_log.allow() is not None:
                 log.error("node record not written: %d bytes (%d streams) is over --max-record-bytes %d "
                           "(ZooKeeper's jute.maxbuffer): the node takes no new stream until it carries fewer",
                           len(data), len(record.streams), self.settings.max_record_bytes, extra=self._log_extra)
@@ -520,35 +521,45 @@ class Agent:
                 if self.report():
                     self._urgent.wait(self.settings.report_interval_s)
             except KazooException as exc:
-                self.report_failures += 1
+                self.metrics.report_failures.inc()
                 log.warning("load report failed: %s", exc, extra=self._log_extra)
             except DuplicateNode as exc:
-                self.report_failures += 1
+                self.metrics.report_failures.inc()
                 log.error("%s", exc, extra=self._log_extra)
             except Exception:
-                self.report_failures += 1
+                self.metrics.report_failures.inc()
                 log.exception("load report failed", extra=self._log_extra)
 
     # -- hook decisions --------------------------------------------------------------------------
+    def _new_entry_bytes(self, key: StreamKey) -> int:
+        """What ``key`` would add to the node record: 0 if the node carries it already (its last record,
+        or since). With ``_room_lock`` held."""
+        text = str(key)
+        if text in self._record_keys or text in self._unreported or self.table.carries(key):
+            return 0
+        return len(orjson.dumps(text)) + RECORD_ENTRY_BYTES
+
+    def _over_the_limit(self, added: int) -> bool:
+        """Whether ``added`` bytes take the record, with the streams let in since it was built, past
+        RECORD_FULL_SHARE of ``--max-record-bytes``. With ``_room_lock`` held."""
+        return added > 0 and self.record_bytes + sum(self._unreported.values()) + added \
+            > RECORD_FULL_SHARE * self.settings.max_record_bytes
+
     def record_full(self, key: StreamKey) -> bool:
-        """Whether a stream this node does not carry yet would take its record too near the size
-        ZooKeeper accepts (``--max-record-bytes``)."""
-        return (self.record_bytes >= RECORD_FULL_SHARE * self.settings.max_record_bytes
-                and not self.table.carries(key))
+        """Whether the node record has no room for ``key``, a stream this node does not carry yet."""
+        with self._room_lock:
+            return self._over_the_limit(self._new_entry_bytes(key))
 
     def _let_in(self, key: StreamKey, enter):
-        """``enter()`` (which puts ``key`` in the table), unless ``key`` is a new stream the record has no
-        room for, counting the streams let in since the last record was built: then :data:`NO_ROOM`."""
-        text = str(key)
+        """``enter()`` (which puts ``key`` in the table), unless the record has no room for it (then
+        :data:`NO_ROOM`); a new stream let in counts against the record until a record includes it."""
         with self._room_lock:
-            new = text not in self._record_keys and text not in self._unreported and not self.table.carries(key)
-            size = len(orjson.dumps(text)) + RECORD_ENTRY_BYTES
-            if new and self.record_bytes + sum(self._unreported.values()) + size \
-                    > RECORD_FULL_SHARE * self.settings.max_record_bytes:
+            added = self._new_entry_bytes(key)
+            if self._over_the_limit(added):
                 return NO_ROOM
             entered = enter()
-            if new:
-                self._unreported[text] = size
+            if added:
+                self._unreported[str(key)] = added
             return entered
 
     def _forget_unreported(self, reported: frozenset[str]) -> None:
@@ -559,12 +570,11 @@ class Agent:
 
     def on_publish(self, key: StreamKey, clientid: str, args: dict[str, str]) -> Decision:
         extra = {**self._log_extra, "scope": key.scope, "stream": key.name, "action": "publish"}
-        if self.record_full(key):
-            if time.monotonic() - self._full_logged_at >= RECORD_TOO_LARGE_LOG_EVERY_S:  # a burst: one line
-                self._full_logged_at = time.monotonic()
+        if self.record_full(key):  # before its key is verified: refused all the same
+            if self._full_log.allow() is not None:  # a burst: one line
                 log.warning("refusing new streams: the node record (%d bytes) is near --max-record-bytes",
                             self.record_bytes, extra=extra)
-            return Decision.refuse("node carries as many streams as its registry record can hold", 503)
+            return _NO_ROOM_REFUSAL
         if self.settings.role == ROLE_EDGE:
             ours = False
             if self.settings.relay == "nginx" and args.get("flashver") == NGINX_RELAY_FLASHVER:
@@ -578,7 +588,7 @@ class Agent:
                          args.get("flashver", "")[:40], extra=extra)
                 return Decision.refuse("edges accept no publishers: ask the stream manager for an origin")
             if self._let_in(key, lambda: self.table.start_publish(key, clientid, now_ms())) is NO_ROOM:
-                return Decision.refuse("node carries as many streams as its registry record can hold", 503)
+                return _NO_ROOM_REFUSAL
             self._end_pull(key)
             self.changed()
             return Decision.allow()
@@ -618,7 +628,7 @@ class Agent:
                 return Decision.refuse("the publisher left")
             started = self._let_in(key, lambda: self.table.start_publish(key, clientid, now_ms()))
             if started is NO_ROOM:
-                return Decision.refuse("node carries as many streams as its registry record can hold", 503)
+                return _NO_ROOM_REFUSAL
         if started is None:
             log.info("refused a second publisher", extra=extra)
             return Decision.refuse(f"stream {key} is already being published on this node")
@@ -720,8 +730,6 @@ class Agent:
         self.changed(urgent=True)  # the reporter writes the record at once
 
     def on_play(self, key: StreamKey, clientid: str, relay: bool) -> Decision:
-        if self.record_full(key):
-            return Decision.refuse("node carries as many streams as its registry record can hold", 503)
         if self.settings.role == ROLE_ORIGIN:
             if self.table.publisher_of(key) is None:
                 return Decision.refuse(f"stream {key} is not published on this origin", 404)
@@ -732,7 +740,7 @@ class Agent:
             except KazooException:
                 pass  # registry unreachable: let the player wait for the stream
         if self._let_in(key, lambda: self.table.add_player(key, clientid, relay)) is NO_ROOM:
-            return Decision.refuse("node carries as many streams as its registry record can hold", 503)
+            return _NO_ROOM_REFUSAL
         self.changed()
         if self.settings.role == ROLE_EDGE and self.settings.relay == "nginx" and self.media is not None \
                 and self._claim_pull(key):

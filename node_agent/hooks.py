@@ -9,7 +9,6 @@ import collections
 import ipaddress
 import logging
 import threading
-import time
 from urllib.parse import parse_qsl, urlsplit
 
 from flask import Flask, Response, jsonify, request
@@ -17,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import ClientDisconnected
 
 from node_agent.agent import NGINX_RELAY_FLASHVER, Agent, Decision
-from node_agent.metrics import agent_registry
+from streammanager.logs import Throttle
 from streammanager.models import RecordError, StreamKey
 
 log = logging.getLogger(__name__)
@@ -106,20 +105,12 @@ class HookCallers:
         own = {"127.0.0.1", "::1", settings.host, settings.http_host}
         self._addresses = {ipaddress.ip_address(a) for a in own if a}
         self._networks = tuple(ipaddress.ip_network(n) for n in settings.hook_clients)
-        self._lock = threading.Lock()
-        self._logged_at = -self.REFUSAL_LOG_EVERY_S
-        self._unlogged = 0
+        self._refusals = Throttle(self.REFUSAL_LOG_EVERY_S)
 
     def refused(self) -> int | None:
         """Count a refusal; the number of refusals not logged since the last one that was, when this one
         is to be logged (None: not)."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._logged_at < self.REFUSAL_LOG_EVERY_S:
-                self._unlogged += 1
-                return None
-            suppressed, self._unlogged, self._logged_at = self._unlogged, 0, now
-            return suppressed
+        return self._refusals.allow()
 
     def allows(self, remote: str | None) -> bool:
         try:
@@ -136,11 +127,10 @@ def create_hooks_app(agent: Agent) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_HOOK_BODY_BYTES
     connects = ConnectArgs()
     callers = HookCallers(agent.settings)
-    metrics_registry = agent_registry(agent)
 
     @app.errorhandler(MalformedHook)
     def malformed(exc: MalformedHook):
-        agent.hook_counts.add("unknown", "malformed")
+        agent.metrics.hooks.labels("unknown", "malformed").inc()
         log.warning("refused a malformed hook on %s: %s", request.path, exc,
                     extra={"node_id": agent.settings.node_id})
         return Response(f"malformed hook: {exc}\n", status=400, mimetype="text/plain")
@@ -187,7 +177,7 @@ def create_hooks_app(agent: Agent) -> Flask:
         if call not in NGINX_CALLS:
             raise MalformedHook(f"unknown call {str(call)[:40]!r}")
         if call in ("connect", "update_publish", "update_play"):
-            agent.hook_counts.add(call, "allowed")
+            agent.metrics.hooks.labels(call, "allowed").inc()
             return _nginx_answer(Decision.allow())
         app_name = form.get("app")
         if not app_name and form.get("flashver") == NGINX_RELAY_FLASHVER:
@@ -216,7 +206,7 @@ def create_hooks_app(agent: Agent) -> Flask:
             # the key may be only here (tcUrl): remember it for this client's on_publish
             if body.get("client_id") is not None and tc_args:
                 connects.remember(_client_id(body.get("client_id")), tc_args)
-            agent.hook_counts.add("connect", "allowed")
+            agent.metrics.hooks.labels("connect", "allowed").inc()
             return _srs_answer(Decision.allow())
         clientid = _client_id(body.get("client_id"))
         if action == "on_close":
@@ -224,7 +214,7 @@ def create_hooks_app(agent: Agent) -> Flask:
             connects.forget(clientid)
             for key in agent_streams_of(agent):
                 agent.on_done(key, clientid)
-            agent.hook_counts.add("done", "allowed")
+            agent.metrics.hooks.labels("done", "allowed").inc()
             return _srs_answer(Decision.allow())
         key = _key(body.get("app"), body.get("stream"))
         ip = body.get("ip") or ""
@@ -253,7 +243,7 @@ def create_hooks_app(agent: Agent) -> Flask:
     @app.get("/metrics")
     def metrics():
         # content_type, not mimetype: Flask would add a second charset parameter (Prometheus 3 refuses it)
-        return Response(generate_latest(metrics_registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(agent.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -267,7 +257,7 @@ SRS_ACTIONS = {"on_connect": "connect", "on_close": "done", "on_publish": "publi
 def dispatch(agent: Agent, call: str, key: StreamKey, clientid: str, args: dict[str, str],
              relay: bool) -> Decision:
     decision = _decide(agent, call, key, clientid, args, relay)
-    agent.hook_counts.add(call, "allowed" if decision.allowed else "refused")
+    agent.metrics.hooks.labels(call, "allowed" if decision.allowed else "refused").inc()
     return decision
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections import deque
 from functools import partial
 from typing import Mapping, NamedTuple
@@ -18,6 +17,7 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 
 from streammanager import regions
 from streammanager.errors import BadRequest, NoCapacity, NotFound
+from streammanager.logs import Throttle, held_back
 from streammanager.models import (
     ROLE_EDGE,
     ROLE_ORIGIN,
@@ -126,7 +126,7 @@ class Placement:
         self.assignments = Assignments(int(assignment_ttl_s * 1000))
         self._own_reservations: dict[str, int] = {}  # path -> expires_ms, for housekeeping
         self._own_lock = threading.Lock()
-        self._refusals: dict[tuple[str, str | None], tuple[float, int]] = {}  # -> (last logged, since)
+        self._refusals: dict[tuple[str, str | None], Throttle] = {}  # (role, region) -> its log line's
         self._refusals_lock = threading.Lock()
         self._candidates_in = {role: partial(view.candidates, role) for role in (ROLE_ORIGIN, ROLE_EDGE)}
 
@@ -191,16 +191,12 @@ class Placement:
         how many more were refused meanwhile: a line per lookup was thousands a second exactly when
         capacity ran out (``sm_lookups_total{outcome="no_capacity"}`` counts each one). Regions here
         are known ones (``_check_region``), so the table stays small."""
-        now = time.monotonic()
         with self._refusals_lock:
-            last_s, suppressed = self._refusals.get((role, region), (None, 0))
-            if last_s is not None and now - last_s < REFUSAL_LOG_INTERVAL_S:
-                self._refusals[(role, region)] = (last_s, suppressed + 1)
-                return
-            self._refusals[(role, region)] = (now, 0)
-        more = f" ({suppressed} more refused like it in the last {now - last_s:.0f} s)" if suppressed else ""
-        log.info("no node for lookup: %s%s", reason, more,
-                 extra={"scope": key.scope, "stream": key.name, "role": role, "region": region})
+            throttle = self._refusals.setdefault((role, region), Throttle(REFUSAL_LOG_INTERVAL_S))
+        held = throttle.allow()
+        if held is not None:
+            log.info("no node for lookup: %s%s", reason, held_back(held),
+                     extra={"scope": key.scope, "stream": key.name, "role": role, "region": region})
 
     # -- reservations ----------------------------------------------------------------------------
     def _usable(self, node: NodeRecord | None, now: int) -> bool:
