@@ -172,7 +172,8 @@ class Agent:
             self.media = NginxServer(NginxConfig(
                 work_dir=self.work_dir, host=settings.host, rtmp_port=settings.rtmp_port, stat_port=free_port(),
                 hook_url=f"{settings.agent_url}/hooks/nginx", idle_streams=settings.role == ROLE_EDGE,
-                media_root=self.media_layout.root if self.media_layout else None),
+                media_root=self.media_layout.root if self.media_layout else None,
+                hls_fragment_s=settings.hls_fragment_s, hls_playlist_s=settings.hls_playlist_s),
                 on_exit=self._media_exited, on_serving=self._media_serving)
             if settings.role == ROLE_EDGE and settings.relay == "ffmpeg":
                 self.relays = RelayManager(edge_host=settings.host, rtmp_port=settings.rtmp_port,
@@ -935,7 +936,7 @@ class Agent:
             if self.media_layout is not None and self.media is not None:
                 try:
                     sweep_live_hls(self.media_layout, self.media.config.applications,
-                                   {s.key for s in self.table.published()})
+                                   {s.key for s in self.table.published()}, playlist_s=self.settings.hls_playlist_s)
                 except Exception:
                     log.exception("sweeping old live HLS fragments failed", extra=self._log_extra)
 

@@ -73,6 +73,12 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "the largest node record the agent writes: ZooKeeper drops the connection of a request over its "
            "jute.maxbuffer (1 MiB unless raised on every server and client); from 90 %% of it on, the node "
            "takes no new stream", positive(int)),
+    Option("hls_fragment_s", "AGENT_HLS_FRAGMENT_S", 2.0,
+           "an origin's live HLS fragment length, seconds (nginx cuts at the next keyframe after it)",
+           positive(float)),
+    Option("hls_playlist_s", "AGENT_HLS_PLAYLIST_S", 10.0,
+           "how much of the stream an origin's live HLS playlist lists, seconds (at least one fragment); a "
+           "fragment stays on disk twice this long, then the agent deletes it", positive(float)),
     Option("work_dir", "AGENT_WORK_DIR", None, "directory for the agent's files (default: a temp dir)"),
     Option("log_level", "AGENT_LOG_LEVEL", "INFO", "log level", str.upper, ("DEBUG", "INFO", "WARNING", "ERROR")),
     Option("log_format", "AGENT_LOG_FORMAT", "json", "log format", str.lower, ("json", "text")),
@@ -107,6 +113,8 @@ class AgentSettings:
     stall_timeout_s: float = 15.0
     viewer_wait_s: float = 60.0
     max_record_bytes: int = 1_000_000  # ZooKeeper's default jute.maxbuffer is 1 MiB, request included
+    hls_fragment_s: float = 2.0
+    hls_playlist_s: float = 10.0
     work_dir: str | None = None
     log_level: str = "INFO"
     log_format: str = "json"
@@ -137,6 +145,9 @@ class AgentSettings:
         values["http_host"] = values["http_host"] or values["host"]
         values["capacity"] = values["capacity"] or DEFAULT_CAPACITY[values["role"]]
         values["node_id"] = values["node_id"] or f"{values['role']}-{values['host']}-{values['http_port']}"
+        if values["hls_playlist_s"] < values["hls_fragment_s"]:
+            raise ConfigError(f"--hls-playlist-s (AGENT_HLS_PLAYLIST_S, {values['hls_playlist_s']:g}) must be at "
+                              f"least --hls-fragment-s (AGENT_HLS_FRAGMENT_S, {values['hls_fragment_s']:g})")
         for kind in ("region", "group", "node_id"):
             try:
                 validate_name(kind, values[kind])

@@ -42,6 +42,11 @@ def check_installed() -> None:
         raise MediaError(f"the nginx RTMP module is missing ({RTMP_MODULE}): apt-get install libnginx-mod-rtmp")
 
 
+def _ms(seconds: float) -> int:
+    """nginx takes whole numbers in its time settings: 1.5 s is written 1500ms."""
+    return max(1, round(seconds * 1000))
+
+
 @dataclass(frozen=True)
 class NginxConfig:
     work_dir: Path
@@ -52,6 +57,8 @@ class NginxConfig:
     applications: tuple[str, ...] = ("live",)
     idle_streams: bool = True  # edges hold players until the relay publishes; origins end relays at once
     media_root: Path | None = None  # origins: live HLS and recordings there (node_agent.artifacts)
+    hls_fragment_s: float = HLS_FRAGMENT_S
+    hls_playlist_s: float = HLS_PLAYLIST_S
 
     def _media_lines(self, app: str) -> str:
         if self.media_root is None:
@@ -60,8 +67,8 @@ class NginxConfig:
         return f"""            hls on;
             hls_path {layout.hls_dir(app)};
             hls_nested on;
-            hls_fragment {HLS_FRAGMENT_S}s;
-            hls_playlist_length {HLS_PLAYLIST_S}s;
+            hls_fragment {_ms(self.hls_fragment_s)}ms;
+            hls_playlist_length {_ms(self.hls_playlist_s)}ms;
             record all;
             record_path {layout.record_dir(app)};
             record_unique on;

@@ -113,24 +113,45 @@ def test_the_close_command_stops_a_real_publisher_and_leads_to_stream_closed(api
 
 
 def test_live_hls_fragments_leave_the_disk_once_out_of_the_playlist_and_the_stream_directory_after_the_end(
-        api, origin, procs):
+        api, spawn_agent, tmp_path, procs):
     """nginx-rtmp's own hls_cleanup runs only in a cache manager process, which the agent's single-process
     nginx has none of: without the agent's sweep every fragment of every stream stayed on disk."""
     from node_agent.artifacts import playlist_segments
 
-    (_, host, _, _), media = origin
+    media = tmp_path / "media"
+    # 1 s fragments, a 2 s playlist (AGENT_HLS_*): a fragment stays twice the playlist length, not for ever
+    host = spawn_agent("origin", "us-east-1", media="nginx",
+                       extra_env={"SM_MEDIA_ROOT": str(media), "AGENT_HLS_FRAGMENT_S": "1",
+                                  "AGENT_HLS_PLAYLIST_S": "2"})[1]
+    wait_for_nodes(api, 1)
     publisher = procs(PUBLISH + [f"rtmp://{host}/live/hlsgc"])
     wait_until(lambda: live(api, "hlsgc"), 10, what="the stream live")
     stream_dir = media / "hls" / "live" / "hlsgc"
     first = wait_until(lambda: playlist_segments(stream_dir / "index.m3u8"), 15, what="a live playlist")[0]
-    # 2 s fragments, a 10 s playlist: a fragment stays twice the playlist length (20 s), not for ever
     wait_until(lambda: first not in playlist_segments(stream_dir / "index.m3u8"), 30, what="the playlist moving on")
     wait_until(lambda: not first.exists(), 40, what="the first fragment deleted")
     current = playlist_segments(stream_dir / "index.m3u8")
     assert current and all(segment.exists() for segment in current)  # what players may fetch is there
+    assert "#EXT-X-TARGETDURATION:1" in (stream_dir / "index.m3u8").read_text()  # the configured fragments
     publisher.signal(signal.SIGINT)
     wait_until(lambda: not live(api, "hlsgc"), 10, what="the stream ended")
     wait_until(lambda: not stream_dir.exists(), 60, what="the ended stream's HLS directory removed")
+
+
+def test_the_hls_lengths_reach_nginx_in_the_units_it_takes_and_a_playlist_shorter_than_a_fragment_is_refused(
+        tmp_path):
+    from node_agent.config import AgentSettings
+    from node_agent.media import NginxConfig
+    from streammanager.config import ConfigError
+
+    base = {"AGENT_ROLE": "origin", "AGENT_REGION": "us-east-1"}
+    settings = AgentSettings.from_env({**base, "AGENT_HLS_FRAGMENT_S": "1.5", "AGENT_HLS_PLAYLIST_S": "6"})
+    text = NginxConfig(work_dir=tmp_path, host="127.0.1.77", rtmp_port=1935, stat_port=18123,
+                       hook_url="http://127.0.1.77:9000/hooks/nginx", media_root=tmp_path / "media",
+                       hls_fragment_s=settings.hls_fragment_s, hls_playlist_s=settings.hls_playlist_s).render()
+    assert "hls_fragment 1500ms;" in text and "hls_playlist_length 6000ms;" in text  # nginx takes no "1.5s"
+    with pytest.raises(ConfigError, match="AGENT_HLS_PLAYLIST_S"):
+        AgentSettings.from_env({**base, "AGENT_HLS_FRAGMENT_S": "4", "AGENT_HLS_PLAYLIST_S": "2"})
 
 
 def test_an_origin_stopped_mid_session_ends_it_with_its_vod_then_stream_closed(api, origin, receiver, procs, zk,
