@@ -34,6 +34,7 @@ TERMINATE_RETRY_MS = 10_000  # how often a failing destroy is retried
 # An in-service node whose registration is gone is taken for dead (destroyed, replaced) only after this
 # long: a ZooKeeper outage longer than the session timeout expires every agent's session at once, and
 # the agents register again on new ones a second or two after it; the controller destroyed them all.
+# The default of SM_ABSENCE_GRACE_S.
 ABSENCE_GRACE_MS = 15_000
 GONE_KEPT_MS = 60_000  # a gone instance without failure is listed this long, then forgotten
 DESTROY_FAILED = "destroy failed"  # reason prefix the controller writes after a failed attempt
@@ -109,20 +110,21 @@ class Plan:
 
 def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, InstanceRecord],
          nodes: Mapping[str, NodeRecord], last_evaluated: Mapping[str, int] | None = None,
-         unreadable: Collection[str] = (), absent_since: Mapping[str, int] | None = None) -> Plan:
+         unreadable: Collection[str] = (), absent_since: Mapping[str, int] | None = None,
+         absence_grace_ms: int = ABSENCE_GRACE_MS) -> Plan:
     """Decide. ``last_evaluated`` (group -> ms) keeps each group's scaling decisions to its evaluation
     interval; lifecycle changes (registration, death, drain end, timeouts) are decided every call.
     ``unreadable``: ids of nodes that are registered but whose record does not decode (another version's
     agent during an upgrade): alive, not dead. ``absent_since`` (id -> ms): since when an in-service
     or draining instance's node has been missing from the registry, as the caller saw it; one missing for less than
-    ``ABSENCE_GRACE_MS`` (or not in it: just missed) is waited for."""
+    ``absence_grace_ms`` (or not in it: just missed) is waited for."""
     result = Plan()
     groups_by_name = {g.name: g for g in groups}
     current: dict[str, InstanceRecord] = {}
     for record in instances.values():
         absent_ms = now_ms - (absent_since or {}).get(record.id, now_ms)
         moved = _lifecycle(now_ms, record, groups_by_name.get(record.group), nodes.get(record.id), result,
-                           record.id in unreadable, absent_ms)
+                           record.id in unreadable, absent_ms, absence_grace_ms)
         if moved.state == FAILED and moved is not record and not moved.provider_id:
             moved = record.moved(GONE, now_ms, moved.reason, failure=moved.failure)
             result.moves[-1] = Move(moved)
@@ -154,7 +156,8 @@ def plan(now_ms: int, groups: Iterable[NodeGroup], instances: Mapping[str, Insta
 
 # -- lifecycle ---------------------------------------------------------------------------------------
 def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: NodeRecord | None,
-               result: Plan, unreadable: bool = False, absent_ms: int = 0) -> InstanceRecord:
+               result: Plan, unreadable: bool = False, absent_ms: int = 0,
+               grace_ms: int = ABSENCE_GRACE_MS) -> InstanceRecord:
     """Advance one instance through its lifecycle; returns the record as it will be. ``unreadable``: its
     node is registered, but its record does not decode (``node`` is None). ``absent_ms``: how long its
     node has been missing from the registry."""
@@ -200,7 +203,7 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
         return record
     if record.state == INSERVICE:
         if node is None:
-            if absent_ms < ABSENCE_GRACE_MS:
+            if absent_ms < grace_ms:
                 return record  # it may be registering again on a new session
             return move(FAILED, f"its registration vanished {absent_ms / 1000:.0f} s ago (node died)",
                         failure="node died")
@@ -212,7 +215,7 @@ def _lifecycle(now: int, record: InstanceRecord, group: NodeGroup | None, node: 
             # a draining node still has its publishers or viewers (it ends when empty): one whose session a
             # ZooKeeper outage expired is registering again on a new one, like an in-service node, and was
             # destroyed with its live streams in the step that found it missing
-            if absent_ms < ABSENCE_GRACE_MS and now < record.drain_deadline_ms:
+            if absent_ms < grace_ms and now < record.drain_deadline_ms:
                 return record
             return move(TERMINATING, "drained: its node left")
         if node.used == 0 and node.state == STATE_DRAINING:

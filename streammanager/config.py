@@ -233,6 +233,10 @@ CONTROLLER_OPTIONS: tuple[Option, ...] = (
            "own evaluationIntervalS", positive(float)),
     Option("sweep_interval_s", "SM_CONTROLLER_SWEEP_S", 30.0,
            "how often the leader lists the providers' instances to adopt or remove strays", positive(float)),
+    Option("absence_grace_s", "SM_ABSENCE_GRACE_S", 15.0,
+           "an in-service node missing from the registry is replaced (a draining one terminated) only after "
+           "this long: a ZooKeeper outage past the session timeout expires every agent's session, and they "
+           "register again a few seconds after it", positive(float)),
     Option("metrics_bind", "SM_CONTROLLER_METRICS_BIND", "off",
            "address of the controller's Prometheus /metrics (host:port, or off)", bind_or_off),
     Option("node_package", "SM_NODE_PACKAGE", "streammanager",
@@ -285,6 +289,7 @@ class ControllerSettings:
     controller_id: str | None = None
     tick_s: float = 0.5
     sweep_interval_s: float = 30.0
+    absence_grace_s: float = 15.0
     metrics_bind: str = "off"
     node_package: str = "streammanager"
     local_state_dir: str = "var/local-cloud"

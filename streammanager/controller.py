@@ -366,7 +366,7 @@ class Controller:
     def _track_absent(self, now: int, records: Mapping[str, InstanceRecord], nodes: Mapping[str, object],
                       unreadable: Iterable[str]) -> None:
         """Since when each in-service instance's node has been missing from the registry: it is taken for
-        dead only after ``autoscaler.ABSENCE_GRACE_MS`` (its agent may be registering on a new session)."""
+        dead only after ``absence_grace_s`` (its agent may be registering on a new session)."""
         unreadable = set(unreadable)
         # draining too: a draining node still serves (it ends when empty), and its agent registers again
         # after an outage like an in-service one's
@@ -376,7 +376,7 @@ class Controller:
             self._absent_since[instance_id] = now
             log.warning("node %s left the registry: %s if it does not register again within %.0f s", instance_id,
                         "replaced" if records[instance_id].state == INSERVICE else "terminated",
-                        autoscaler.ABSENCE_GRACE_MS / 1000)
+                        self.settings.absence_grace_s)
         for instance_id in self._absent_since.keys() - missing:
             since = self._absent_since.pop(instance_id)
             if instance_id in nodes:
@@ -393,7 +393,8 @@ class Controller:
         records, unreadable = self.instances.records(), self.view.unreadable()
         self._track_absent(now, records, nodes, unreadable)
         decided = autoscaler.plan(now, groups.values(), records, nodes, self._last_evaluated,
-                                  unreadable=unreadable, absent_since=self._absent_since)
+                                  unreadable=unreadable, absent_since=self._absent_since,
+                                  absence_grace_ms=round(self.settings.absence_grace_s * 1000))
         self._last_evaluated.update(decided.evaluated)
         calls += self._carry_out(now, decided, groups)
         self._actions.wait(calls, ACTION_WAIT_S)

@@ -227,6 +227,14 @@ def test_an_inservice_node_missing_from_the_registry_for_less_than_the_grace_is_
     assert not result.moves and not result.destroys
 
 
+def test_the_absence_grace_is_the_operators_setting():
+    records, _ = serving(3)
+    absent = {"n1": NOW - 3000}  # missing for 3 s
+    assert not plan(NOW, [group(min=1)], records, {}, absent_since=absent).moves  # the default grace: waited for
+    result = plan(NOW, [group(min=1)], records, {}, absent_since=absent, absence_grace_ms=3000)
+    assert moved(result, "n1").record.state == FAILED and destroyed(result) == ["n1"]
+
+
 def test_a_request_the_provider_never_confirmed_is_given_up_and_counted_as_a_failure():
     records = {"r1": instance("r1", REQUESTED, since=NOW - REQUEST_TIMEOUT_MS, created=NOW - REQUEST_TIMEOUT_MS,
                               provider_id="")}

@@ -156,12 +156,12 @@ def test_a_group_scales_out_under_load_and_back_in_when_viewers_leave(api, zk, z
 
 def test_a_dead_node_is_replaced(api, zk, zk_root, start_controller, controller_settings):
     assert admin(api, "post", GROUP, json=group_doc(edge=(1, 2, 1))).status_code == 201
-    start_controller()
+    start_controller(absence_grace_s=2)
     first = wait_until(lambda: in_service_nodes(api), 30, what="the first edge")[0]
     provider = build_providers(controller_settings)["local"]
     instance = next(i for i in provider.list_instances("test-cluster") if i.name == first["id"])
     os.killpg(instance.extra["pid"], signal.SIGKILL)  # the machine dies
-    # its session expires (4 s), then the controller waits ABSENCE_GRACE_MS for it to register again
+    # its session expires (4 s), then the controller waits SM_ABSENCE_GRACE_S for it to register again
     replaced = wait_until(lambda: [n for n in in_service_nodes(api) if n["id"] != first["id"]], 60,
                           what="a replacement edge")
     assert len(replaced) == 1
