@@ -115,5 +115,9 @@ def run_demo(args: argparse.Namespace) -> int:
         return 1
     finally:
         print("stopping the demo cluster...", flush=True)
-        cluster.stop()
-        print("stopped; nothing is left running.", flush=True)
+        left = cluster.stop()
+        if left:
+            print(f"streammanager demo: stopped, but these instances could not be destroyed: {', '.join(left)} "
+                  f"(their pids are in {args.work_dir}/local-cloud)", file=sys.stderr)
+        else:
+            print("stopped; nothing is left running.", flush=True)
