@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_event_on_signals()
     threading.Thread(target=_exit_if_stop_hangs, args=(stop,), name="stop-watchdog", daemon=True).start()
     # serve hooks before nginx starts: its first hook may come at once
-    serving = threading.Thread(target=server.serve_forever, name="agent-http", daemon=True)
+    # its stop (shutdown) waits for the loop to look again: a stop took half a second, the default
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="agent-http",
+                               daemon=True)
     serving.start()
     try:
         started = agent.start(stop=stop)
