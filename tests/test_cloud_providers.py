@@ -362,7 +362,7 @@ class FakeInstanceMetadata:
         self.issued: list[dict] = []
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, carried the session token)
         self._server = make_server("127.0.0.1", 0, self.wsgi, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:

@@ -68,7 +68,7 @@ def endpoint(request, tmp_path):
         context.load_cert_chain(cert_file, key_file)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         verify = str(cert_file)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"{request.param}://127.0.0.1:{server.server_address[1]}/hook", verify, settings
     server.shutdown()

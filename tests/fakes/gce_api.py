@@ -146,7 +146,8 @@ class FakeComputeApi:
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> FakeComputeApi:
         self._server = make_server(host, port, self.wsgi, threaded=True, request_handler=_QuietHandler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-gce", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-gce", daemon=True)
         self._thread.start()
         return self
 
