@@ -164,12 +164,13 @@ class SessionTracker:
         file = _recording_of(self._layout, key, path)
         if file is None:
             log.warning("ignoring a recording that is not one of %s in the media root: %r", key, path[:200])
-            return
         with self._lock:
             matches = [s for s in self._sessions.values() if s.key == key and s.clientid == clientid
                        and not s.recording_known.is_set()]
         if matches:
             session = min(matches, key=lambda s: s.start_ms)
+            # refused (None): no other record_done is coming for this publisher; the end looks for the
+            # stream's own newest recording at once instead of waiting RECORDING_WAIT_S for it
             session.recording = file
             session.recording_known.set()
 
@@ -313,7 +314,7 @@ class SessionTracker:
             if self._stopping.is_set():
                 return
             waited += 0.1
-        if not session.recording_known.is_set():
+        if session.recording is None:  # no record_done, or a refused one
             session.recording = _newest_recording(layout, session)
         recording = session.recording
         if recording is not None and recording.exists() and recording.stat().st_size > 0:
@@ -360,7 +361,9 @@ def _written_since(path: Path, since_s: float) -> bool:
 
 
 def _newest_recording(layout: MediaLayout, session: _Session) -> Path | None:
-    """Without a record_done hook: the newest recording of the stream written during the session."""
+    """Without a record_done hook: the newest recording of the stream written during the session (its own:
+    ``show-*.flv`` also matches stream show-other's)."""
+    own = re.compile(re.escape(session.key.name) + r"-[0-9]+\.flv")
     candidates = [p for p in layout.record_dir(session.key.scope).glob(f"{session.key.name}-*.flv")
-                  if _written_since(p, session.start_ms / 1000.0)]
+                  if own.fullmatch(p.name) and _written_since(p, session.start_ms / 1000.0)]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)

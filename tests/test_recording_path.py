@@ -32,8 +32,9 @@ def _events(zk, paths: ZkPaths, channel: str) -> list[CallbackEvent]:
     return [CallbackEvent.from_json(zk.get(f"{parent}/{child}")[0]) for child in sorted(zk.get_children(parent))]
 
 
-def _session(zk, zk_root, tmp_path, recording_path):
-    """Run one session of live/show whose record_done names ``recording_path``; its events."""
+def _session(zk, zk_root, tmp_path, recording_path, during=lambda layout: None):
+    """Run one session of live/show whose record_done names ``recording_path`` (``during`` runs while it is
+    live); its events."""
     paths = ZkPaths(zk_root)
     layout = MediaLayout((tmp_path / "media").resolve())
     layout.prepare(("live",))
@@ -42,6 +43,7 @@ def _session(zk, zk_root, tmp_path, recording_path):
     key = StreamKey("live", "show")
     try:
         tracker.opened(key, "session-1", "7", now_ms())
+        during(layout)
         tracker.recorded(key, "7", recording_path(layout))
         tracker.ended("session-1")
         return wait_until(lambda: [e for e in _events(zk, paths, "live/show")]
@@ -71,3 +73,17 @@ def test_the_streams_own_recording_becomes_its_vod(zk, zk_root, tmp_path):
     vod = [e for e in events if e.stream_type == "HLS-VOD"]
     assert len(vod) == 1 and vod[0].index_file.endswith("/sessions/live/show/session-1/vod/index.m3u8")
     assert not own.exists()  # turned into the VOD
+
+
+def test_a_refused_record_done_falls_back_to_the_streams_own_recording_never_a_like_named_streams(
+        zk, zk_root, tmp_path):
+    def record_both(layout):  # live/show and live/show-other both recorded during the session
+        _flv(layout.record_dir("live") / "show-1700000001.flv")
+        _flv(layout.record_dir("live") / "show-other-1700000002.flv")  # the newest
+
+    events = _session(zk, zk_root, tmp_path, lambda layout: "/nowhere/show-1.flv", during=record_both)
+    vod = [e for e in events if e.stream_type == "HLS-VOD"]
+    assert len(vod) == 1 and vod[0].index_file.endswith("/sessions/live/show/session-1/vod/index.m3u8")
+    record = tmp_path / "media" / "record" / "live"
+    assert (record / "show-other-1700000002.flv").exists()  # ``show-*.flv`` matched it: it was taken
+    assert not (record / "show-1700000001.flv").exists()  # the stream's own became the VOD
