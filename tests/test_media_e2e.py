@@ -38,6 +38,14 @@ def watch(procs, edge_host: str, name: str, seconds: int = 30):
                   "-t", str(seconds), "-f", "null", "-"])
 
 
+def hang_up(player) -> None:
+    """Close a player that nginx holds without video (its stream has no publisher): ffmpeg sits in a
+    read that its first SIGTERM does not interrupt (only a second signal does), so a stop waited out
+    its 10 s before the SIGKILL. Its connection closes all the same, as when a viewer closes its player."""
+    player.popen.kill()
+    player.popen.wait()
+
+
 def relays_of(agent_pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(agent_pid), "ffmpeg"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -100,7 +108,7 @@ def test_a_viewer_in_another_region_plays_the_stream_through_the_edge_its_lookup
     publisher.signal(signal.SIGINT)
     wait_until(lambda: api.get(f"{P}/event/live/cam1/stats").status_code == 404, 3, what="stream gone within 3 s")
     assert time.monotonic() - stopped < 3
-    viewer.stop()
+    hang_up(viewer)  # held by the edge, without video now
     wait_until(lambda: not relays_of(edge_proc.pid), 20, what="the edge's relay to exit")
     edge_doc = api.get(f"{P}/admin/node/{media_cluster['eu_edge'][3]}?accessToken=s3cret-token").get_json()
     wait_until(lambda: api.get(f"{P}/admin/node/{media_cluster['eu_edge'][3]}?accessToken=s3cret-token"
@@ -211,6 +219,7 @@ def test_an_origin_failover_resumes_the_edge_viewer_without_reconnecting(api, sp
     procs(PUBLISH + [f"rtmp://{new[1]}/live/fo"])
     wait_until(lambda: frames() >= before + 60, 20, what="the same viewer receiving video again")
     assert viewer.popen.poll() is None  # never reconnected: the same process kept playing
+    viewer.stop()  # while video comes: once its publisher is stopped, the edge holds it (see hang_up)
 
 
 def _accepts(host: str, port: int = 1935) -> bool:
