@@ -314,14 +314,14 @@ def test_an_origin_agent_stopped_and_continued_keeps_its_publisher_and_registers
     """SIGSTOP (a frozen container or VM) longer than the stall timeout: on SIGCONT the stall watchdog
     used to see the report loop "stalled" and exit, and its nginx with every publisher went with it."""
     proc, host, _, node_id = spawn_agent("origin", "us-east-1", media="nginx",
-                                         extra_env={"AGENT_STALL_TIMEOUT_S": "3", "AGENT_ZK_TIMEOUT_S": "4"})
+                                         extra_env={"AGENT_STALL_TIMEOUT_S": "3", "AGENT_ZK_TIMEOUT_S": "2"})
     wait_for_nodes(api, 1)
     publisher = publish_live(api, procs, host, "frozen")
     proc.signal(signal.SIGSTOP)
     try:
         wait_until(lambda: api.get(f"{P}/event/live/frozen/stats").status_code == 404, 15,
                    what="the stopped agent's session expired")
-        time.sleep(2)  # stopped well past its stall timeout (3 s)
+        time.sleep(2)  # stopped 4 s at least: past its stall timeout (3 s) and the watchdog's pause (PAUSE_S)
     finally:
         proc.signal(signal.SIGCONT)
     wait_until(lambda: api.get(f"{P}/event/live/frozen/stats").status_code == 200 or proc.popen.poll() is not None,
@@ -335,7 +335,7 @@ def test_an_edge_drops_the_viewers_of_a_stream_that_stays_live_nowhere(api, spaw
     # nginx holds an edge's players until a relay publishes: after the publisher stopped for good they
     # waited on a frozen picture for ever, counted against the edge's capacity
     _, origin_host, _, _ = spawn_agent("origin", "us-east-1", media="nginx")
-    _, edge_host, _, edge_id = spawn_agent("edge", "us-east-1", media="nginx", extra_env={"AGENT_VIEWER_WAIT_S": "4"})
+    _, edge_host, _, edge_id = spawn_agent("edge", "us-east-1", media="nginx", extra_env={"AGENT_VIEWER_WAIT_S": "1"})
     wait_for_nodes(api, 2)
     publisher = publish_live(api, procs, origin_host, "ended")
     viewer = watch(procs, edge_host, "ended", seconds=600)
