@@ -110,6 +110,7 @@ LISTEN_BACKLOG = 128  # werkzeug's own
 STOP_DEADLINE_S = 20.0
 PAUSE_S = 3.0  # the stall watchdog (a 1 s loop) did not run for this long: the process was stopped, not stalled
 HOOK_SOCKET_TIMEOUT_S = 10.0
+FENCE_CLOSE_WAIT_S = 2.0  # a stalled agent gives the close of its session this long before it exits
 
 
 class HookRequestHandler(WSGIRequestHandler):
@@ -142,8 +143,11 @@ def _fence_if_stalled(agent: Agent, stop: threading.Event, exit=os._exit) -> Non
         if stalled_s > limit_s:
             log.critical("the report loop has not run for %.0f s: closing the session and exiting", stalled_s,
                          extra={"node_id": agent.settings.node_id})
-            threading.Thread(target=agent.client.stop, daemon=True).start()
-            time.sleep(2.0)
+            # in a thread: a stop stuck on ZooKeeper must not keep the agent from exiting; but one that
+            # is done (the usual case) is not waited out to the end of its allowance
+            closing = threading.Thread(target=agent.client.stop, daemon=True)
+            closing.start()
+            closing.join(FENCE_CLOSE_WAIT_S)
             exit(70)
             return
 
