@@ -113,12 +113,13 @@ class _AcceptErrors:
 
 
 class ApiProtocol(ASGIProtocol):
-    """gunicorn's connection, with four changes: the errors gunicorn answers itself (before the app sees
+    """gunicorn's connection, with five changes: the errors gunicorn answers itself (before the app sees
     a request: a request line over 4 KB, headers over its limits, bytes that are not HTTP) come in the
     API's documented shape, ``{"errorMessage", "timestamp"}`` as JSON, not text/plain (gunicorn's status
     stays: 414, 431, 400, 501 are the precise ones); a connection's first request must come within
-    ``FIRST_REQUEST_TIMEOUT_S``; no request is taken for a WebSocket handshake; and a client that
-    half-closes after its request gets the answer. These override
+    ``FIRST_REQUEST_TIMEOUT_S``; no request is taken for a WebSocket handshake; a client that
+    half-closes after its request gets the answer; and a client that leaves before its answer, or in the
+    middle of its request body, leaves no connection behind. These override
     gunicorn 27's connection class (private methods): ``tests/test_serve.py`` checks each."""
 
     _peer_done = False  # the client half-closed: it sends no more requests
@@ -140,12 +141,29 @@ class ApiProtocol(ASGIProtocol):
         # With a request taken, the transport stays open for the answers, and the connection closes after
         # the last request the client sent (the ones it pipelined before the EOF are served first: ending
         # the connection after the first answer dropped them). Without one, it closes as before.
+        # A request whose body has not all arrived never will: closed as before, and the app reading
+        # the body is told the client left (it waited for the body's 10 s timeout, then answered no one).
         ready = getattr(self, "_request_ready", None)
+        receiver = getattr(self, "_body_receiver", None)
+        if receiver is not None and getattr(receiver, "_complete", True) is False:
+            return None
         if ready is not None and (ready.is_set() or getattr(self, "_current_request", None) is not None
                                   or getattr(self, "_finishing_calls", None)):
             self._peer_done = True
             return True
         return None
+
+    def _close_transport(self):
+        # gunicorn's calls write_eof() and close() in one try: when write_eof() fails (shutdown() raises
+        # ENOTCONN once the client reset the connection, as it does when it closed its socket before the
+        # answer came), close() was never called. Kept open after the client's EOF (eof_received), such a
+        # connection was never closed: a client that gave up on its request leaked a descriptor of the
+        # worker, and a stop waited out the graceful timeout (10 s) for it.
+        transport = getattr(self, "transport", None)
+        was_open = transport is not None and not getattr(self, "_closed", True)
+        super()._close_transport()
+        if was_open and not transport.is_closing():
+            transport.close()
 
     def _will_close(self, request, response_requires_close):
         # after a half-close, the answer to the last request the client sent ends the connection

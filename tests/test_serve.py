@@ -614,6 +614,42 @@ def test_slow_request_bodies_hold_none_of_the_flask_threads(procs, tmp_path, zoo
             conn.close()
 
 
+def _sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            continue
+    return count
+
+
+def test_a_client_that_leaves_before_its_answer_or_mid_body_leaves_no_connection_behind(procs, tmp_path, zookeeper,
+                                                                                       zk_root):
+    # Kept open after the client's EOF (to answer a half-close), a connection whose client had closed its
+    # socket was never closed: the answer drew a reset, gunicorn's close failed on it, and every client
+    # that gave up on its request (a timeout) leaked a descriptor of the worker. A body cut short by the
+    # EOF was waited for until the body timeout, then answered to no one, and leaked the same way.
+    port = free_port()
+    proc = procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts", zookeeper.hosts,
+                  "--zk-root", zk_root, "--log-format", "text", "--workers", "1", "--registry-feed", "off",
+                  "--access-token", "t"], log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    worker = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[0])
+    before = _sockets(worker)
+    requests_ = [b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+                 for path in (b"/healthz", b"/metrics", f"{P}/event/live/none?action=subscribe".encode())]
+    requests_.append(f"POST {P}/admin/nodegroup?accessToken=t HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                     "\r\nContent-Length: 1000\r\n\r\n{".encode())  # the body's first byte only
+    for request in requests_ * 3:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(request)  # and gone at once, before the answer
+    wait_until(lambda: _sockets(worker) <= before, 5, what="the worker to close every connection its clients left")
+    proc.signal(signal.SIGTERM)
+    assert proc.popen.wait(15) == 0, proc.log()
+    assert "Waiting for" not in proc.log() and "Traceback" not in proc.log()  # no connection left for the stop
+
+
 def test_a_chunked_request_body_reaches_the_flask_routes(procs, tmp_path, zookeeper, zk_root):
     port = _api(procs, tmp_path, zookeeper, zk_root, "--access-token", "t")
     doc = b'{"name": "x"}'
