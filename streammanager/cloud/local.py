@@ -232,7 +232,7 @@ class LocalNodeDriver(NodeDriver):
     def _reap(self) -> None:
         for pid, proc in list(self._children.items()):
             if proc.poll() is not None:
-                del self._children[pid]
+                self._children.pop(pid, None)  # calls run in several threads (the controller's actions)
 
     def _free_address(self) -> str:
         used = set()
