@@ -184,6 +184,19 @@ class ApiProtocol(ASGIProtocol):
             return True
         return None
 
+    def _feed_callback_parser(self, data):
+        # After the client's EOF, the only bytes fed are the requests it pipelined before it (gunicorn
+        # feeds them again once the request before them is answered). One whose body the EOF cut short
+        # was waited for until the body's 10 s timeout and answered 408 to no one, the connection held
+        # all along (eof_received closes at once only a body under way when the EOF is read): closed here.
+        if not super()._feed_callback_parser(data):
+            return False
+        receiver = getattr(self, "_body_receiver", None)
+        if self._peer_done and receiver is not None and getattr(receiver, "_complete", True) is False:
+            self._close_transport()
+            return False
+        return True
+
     def _close_transport(self):
         # gunicorn's calls write_eof() and close() in one try: when write_eof() fails (shutdown() raises
         # ENOTCONN once the client reset the connection, as it does when it closed its socket before the
