@@ -166,7 +166,7 @@ class SessionTracker:
             log.warning("ignoring a recording that is not one of %s in the media root: %r", key, path[:200])
         with self._lock:
             matches = [s for s in self._sessions.values() if s.key == key and s.clientid == clientid
-                       and not s.recording_known.is_set()]
+                       and (not s.recording_known.is_set() or s.recording is None)]  # or only a refused one
         if matches:
             session = min(matches, key=lambda s: s.start_ms)
             # refused (None): no other record_done is coming for this publisher; the end looks for the

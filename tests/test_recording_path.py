@@ -33,8 +33,8 @@ def _events(zk, paths: ZkPaths, channel: str) -> list[CallbackEvent]:
 
 
 def _session(zk, zk_root, tmp_path, recording_path, during=lambda layout: None):
-    """Run one session of live/show whose record_done names ``recording_path`` (``during`` runs while it is
-    live); its events."""
+    """Run one session of live/show whose record_done names ``recording_path`` (or several, in order;
+    ``during`` runs while it is live); its events."""
     paths = ZkPaths(zk_root)
     layout = MediaLayout((tmp_path / "media").resolve())
     layout.prepare(("live",))
@@ -44,7 +44,9 @@ def _session(zk, zk_root, tmp_path, recording_path, during=lambda layout: None):
     try:
         tracker.opened(key, "session-1", "7", now_ms())
         during(layout)
-        tracker.recorded(key, "7", recording_path(layout))
+        named = recording_path(layout)
+        for path in [named] if isinstance(named, str) else named:  # one record_done each
+            tracker.recorded(key, "7", path)
         tracker.ended("session-1")
         return wait_until(lambda: [e for e in _events(zk, paths, "live/show")]
                           if any(e.event_type == "stream-closed" for e in _events(zk, paths, "live/show")) else None,
@@ -87,3 +89,10 @@ def test_a_refused_record_done_falls_back_to_the_streams_own_recording_never_a_l
     record = tmp_path / "media" / "record" / "live"
     assert (record / "show-other-1700000002.flv").exists()  # ``show-*.flv`` matched it: it was taken
     assert not (record / "show-1700000001.flv").exists()  # the stream's own became the VOD
+
+
+def test_a_valid_record_done_after_a_refused_one_is_still_taken(zk, zk_root, tmp_path):
+    own = _flv(tmp_path / "media" / "record" / "live" / "show-1700000003.flv")
+    events = _session(zk, zk_root, tmp_path, lambda layout: ["/nowhere/show-1.flv", str(own)])
+    assert [e.stream_type for e in events if e.stream_type == "HLS-VOD"] == ["HLS-VOD"]
+    assert not own.exists()  # written before the session began: only its record_done names it
