@@ -38,6 +38,9 @@ GIL_SWITCH_INTERVAL_S = 0.001
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+FRESH_CONNECTION_GRACE_S = 0.25  # a stop waits this long for a request on a connection that has sent none
+
+
 class ApiWorker(ASGIWorker):
     """gunicorn's ASGI worker, but a stop does not wait for idle keep-alive connections.
 
@@ -105,10 +108,20 @@ class ApiWorker(ASGIWorker):
         if task is not None and task.cancelling():
             task.uncancel()  # the cancel only ended the heartbeat's sleep: the stop's own waits go on
         idle = [p for p in list(self._protocols) if _idle(p)]
-        for protocol in idle:
+        # A connection that has served nothing yet was just opened for a request, which is on its way:
+        # closed at once with the others, that request was reset (a lost request at every reload or
+        # rolling restart). It gets FRESH_CONNECTION_GRACE_S to begin one; the kept-alive ones close now.
+        fresh = [p for p in idle if getattr(p, "req_count", 2) <= 1]
+        kept_alive = [p for p in idle if p not in fresh]
+        for protocol in kept_alive:
             protocol.transport.close()
+        if fresh:
+            await asyncio.sleep(FRESH_CONNECTION_GRACE_S)
+            fresh = [p for p in fresh if _idle(p)]
+            for protocol in fresh:
+                protocol.transport.close()
         if idle:
-            self.log.info("closed %d idle keep-alive connections", len(idle))
+            self.log.info("closed %d idle keep-alive connections", len(kept_alive) + len(fresh))
         await super()._shutdown()
 
 

@@ -332,6 +332,30 @@ def test_a_stop_closes_idle_keep_alive_connections_at_once_and_finishes_a_reques
     assert "idle keep-alive connections" in log and "Forcing close" not in log and "Traceback" not in log
 
 
+def test_a_stop_answers_the_request_of_a_connection_opened_just_before_it(procs, tmp_path, zookeeper, zk_root):
+    """A connection that has sent nothing yet was opened for a request on its way: closed with the idle
+    keep-alive ones, that request was reset (a lost request at each reload or rolling restart)."""
+    port = free_port()
+    proc = procs([str(BIN / "streammanager"), "serve", "--bind", f"127.0.0.1:{port}", "--zk-hosts",
+                  zookeeper.hosts, "--zk-root", zk_root, "--workers", "1", "--log-format", "text"],
+                 log_path=tmp_path / "api.log")
+    wait_until(lambda: _up(port), 30, what="the API")
+    kept_alive = socket.create_connection(("127.0.0.1", port), timeout=10)
+    kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert kept_alive.recv(65536).startswith(b"HTTP/1.1 200")
+    fresh = socket.create_connection(("127.0.0.1", port), timeout=10)
+    threading.Event().wait(0.3)  # accepted by the worker, waiting for its first request
+    proc.signal(signal.SIGTERM)
+    assert kept_alive.recv(65536) == b""  # the stop has begun: the kept-alive connection is closed
+    fresh.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    try:
+        answer = fresh.recv(65536)
+    except ConnectionResetError:
+        answer = b"reset"
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert proc.popen.wait(8) == 0, proc.log()
+
+
 def test_the_registry_feed_watches_the_zookeeper_given_on_the_command_line(procs, spawn_agent, tmp_path,
                                                                            zookeeper, zk_root):
     # the environment names another ZooKeeper and root: the options must win for the feed too
