@@ -93,6 +93,7 @@ class _Subscriber:
         self.sock = sock
         self.lock = threading.Lock()  # one writer at a time; the snapshot goes out before any batch
         self.alive = True
+        self.hung = False  # it stopped reading (a send timed out), rather than closed its end (it exited)
 
     def send(self, data: bytes) -> bool:
         if not self.alive:
@@ -100,8 +101,9 @@ class _Subscriber:
         try:
             self.sock.sendall(data)
             return True
-        except OSError:
+        except OSError as exc:
             self.alive = False
+            self.hung = isinstance(exc, TimeoutError)
             self.sock.close()
             return False
 
@@ -262,8 +264,12 @@ class RegistryFeed:
                 subscribers = list(self._subscribers)
             for sub in subscribers:
                 with sub.lock:
-                    if not sub.send(out):
+                    if sub.send(out):
+                        continue
+                    if sub.hung:
                         log.warning("a worker stopped reading the registry feed: dropped (it watches by itself)")
+                    else:  # every worker's exit (a reload, a restart) was logged as a hung worker
+                        log.info("a worker left the registry feed")
 
 
 class FeedLost(Exception):

@@ -394,3 +394,22 @@ def test_the_direct_watch_after_the_feed_went_reads_no_change_into_records_that_
     wait_until(lambda: view.source == "zookeeper", 5, what="the fall-back to direct watching")
     wait_until(lambda: view._cache is not None and view._cache.initialized, 5, what="the direct watch's first read")
     assert view.changes - before <= writes() - written  # only what the agents wrote meanwhile
+
+
+def test_a_worker_that_exits_is_logged_as_gone_not_as_a_worker_that_stopped_reading(
+        feed_and_view, make_node, socket_dir, caplog):
+    """Every worker's exit (each reload, each restart) was logged as a warning that it stopped reading."""
+    import logging
+
+    make_node("origin", "us-east-1")
+    feed, view = feed_and_view()
+    caplog.set_level(logging.INFO, logger="streammanager.feed")
+    leaving = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leaving.connect(os.path.join(socket_dir, "registry.sock"))
+    wait_until(lambda: leaving.recv(65536), 5, what="the snapshot")
+    leaving.close()  # as a worker's exit closes it
+    make_node("edge", "us-east-1")  # a change: sent to every subscriber
+    wait_until(lambda: any("left the registry feed" in r.getMessage() for r in caplog.records), 10,
+               what="the worker that left, in the log")
+    assert not any("stopped reading" in r.getMessage() for r in caplog.records)
+    assert view.source == "feed"  # the other worker is still fed
