@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 from streammanager import logs
 from streammanager.process import stop_event_on_signals
@@ -71,8 +73,9 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
             f"  URL=$(curl -s '{api}/event/live/demo?action=broadcast&region={first}' | {pick})",
             "  ffmpeg -re -f lavfi -i testsrc=size=640x360:rate=30 -f lavfi -i sine -c:v libx264 -preset veryfast "
             "-tune zerolatency -pix_fmt yuv420p -g 30 -c:a aac -f flv \"$URL?key=demo-key\"",
-            "  (OBS: Settings > Stream > Custom; Server: the rtmpUrl without /demo; Stream Key: demo;",
-            "   Output > Keyframe Interval 1 s: a viewer's first frame waits for the next keyframe)",
+            "  (OBS: Settings > Stream > Custom; Server: the rtmpUrl without /demo; Stream Key: demo?key=demo-key,",
+            "   where your application's key goes; Output > Keyframe Interval 1 s: a viewer's first frame waits",
+            "   for the next keyframe)",
             f"Play it in {second} from the edge the lookup names (another terminal):",
             f"  URL=$(curl -s '{api}/event/live/demo?action=subscribe&region={second}' | {pick})",
             "  ffplay -fflags nobuffer -fpsprobesize 0 \"$URL\"   # starts in well under a second",
@@ -91,8 +94,29 @@ def usage(cluster: LocalCluster, regions: list[str]) -> str:
     return "\n".join(lines)
 
 
+def keep_server_output(work_dir: Path) -> Path | None:
+    """The API server's, the controller's and ZooKeeper's output, which the terminal keeps
+    quiet about: written to ``cluster.log`` in the work directory, or they were lost (an error at start-up
+    said "see the log above", and there was none). None if the directory cannot be used (the cluster's
+    start says why)."""
+    path = work_dir / "cluster.log"
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="w")
+    except OSError:
+        return None
+    handler.setFormatter(logs.TextFormatter())
+    for name in ("cluster", "streammanager.zookeeper"):  # and ZooKeeper's
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the terminal shows the demo's own lines and warnings only
+    return path
+
+
 def run_demo(args: argparse.Namespace) -> int:
     logs.configure("WARNING", "text")
+    output = keep_server_output(args.work_dir)
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
     if not regions:
         print("streammanager demo: --regions is empty", file=sys.stderr)
@@ -111,13 +135,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 return 1
         return 0
     except (ClusterError, ZooKeeperError) as exc:
-        print(f"streammanager demo: {exc}", file=sys.stderr)
+        print(f"streammanager demo: {exc}" + (f" (the servers' output: {output})" if output else ""),
+              file=sys.stderr)
         return 1
     finally:
         print("stopping the demo cluster...", flush=True)
         left = cluster.stop()
         if left:
             print(f"streammanager demo: stopped, but these instances could not be destroyed: {', '.join(left)} "
-                  f"(their pids are in {args.work_dir}/local-cloud)", file=sys.stderr)
+                  f"(each one's pid is in {args.work_dir}/local-cloud/<id>.json)", file=sys.stderr)
         else:
             print("stopped; nothing is left running.", flush=True)

@@ -160,7 +160,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             dead = [c.name for c in self._children if not c.running]
             if dead:
-                raise ClusterError(f"{', '.join(dead)} exited during start-up; see the log above")
+                raise ClusterError(f"{', '.join(dead)} exited during start-up; see its output")
             # Every API worker has its own view and its own listening socket, and each new connection
             # may reach any of them: ready means ten answers in a row (ten connections) see every node.
             try:

@@ -88,6 +88,11 @@ def test_the_demo_with_simulated_nodes_works_through_the_hooks_it_prints(procs, 
     assert subprocess.run(play, shell=True, capture_output=True, text=True, timeout=10).stdout.strip() == "OK"
     wait_until(lambda: requests.get(stats, timeout=2).json().get("currentSubscribers") == 1, 3,
                what="the viewer in the stats")
+    # the servers' output, which the terminal keeps quiet about, is kept (it was dropped: an error at
+    # start-up said "see the log above", and there was nothing above)
+    kept = (tmp_path / "demo" / "cluster.log").read_text()
+    assert all(f"cluster.{name}:" in kept for name in ("api", "controller")) and "zookeeper serving" in kept
+    assert "cluster.api:" not in out
 
     stop_demo(proc, children)
     # and again, in the same directory (a second `make demo`): the last run's registry held the node
