@@ -168,8 +168,9 @@ class LocalNodeDriver(NodeDriver):
         except FileNotFoundError:
             return False
         pid = int(facts["pid"])
-        if self._alive(pid, facts["id"]):
-            self._stop(pid, facts["id"])
+        if self._alive(pid, facts["id"]) and not self._stop(pid, facts["id"]):
+            # its facts stay: the instance is still there, and a later destroy tries again
+            raise ProviderError(f"local instance {facts['id']} (pid {pid}) survived SIGKILL")
         path.unlink(missing_ok=True)
         log.info("local instance %s destroyed", facts["id"], extra={"node_id": facts["id"]})
         return True
@@ -216,18 +217,20 @@ class LocalNodeDriver(NodeDriver):
         except (FileNotFoundError, ProcessLookupError, IndexError):
             return False
 
-    def _stop(self, pid: int, name: str) -> None:
+    def _stop(self, pid: int, name: str) -> bool:
+        """SIGTERM, then SIGKILL: whether the process is gone."""
         for sig, wait_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:
-                return
+                return True
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
                 if not self._alive(pid, name):
-                    return
+                    return True
                 time.sleep(0.05)
         log.error("local instance %s (pid %d) survived SIGKILL", name, pid)
+        return False
 
     def _reap(self) -> None:
         for pid, proc in list(self._children.items()):
