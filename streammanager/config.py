@@ -46,7 +46,12 @@ def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
-        shown = ("unset" if opt.default is None else "(hidden)") if opt.secret else opt.default
+        if opt.secret:
+            shown = "unset" if opt.default is None else "(hidden)"
+        elif isinstance(opt.default, bool):  # as it is written: on or off (the README's words)
+            shown = "on" if opt.default else "off"
+        else:
+            shown = "unset" if opt.default is None else opt.default
         parser.add_argument(
             opt.flag, dest=opt.field, default=None, choices=opt.choices,
             help=f"{opt.help} [env {opt.env}, default {shown!s}]",
@@ -225,7 +230,7 @@ CONTROLLER_OPTIONS: tuple[Option, ...] = (
     zk_auth_option("SM_ZK_AUTH"),
     Option("cluster_id", "SM_CLUSTER_ID", "streammanager",
            "this cluster's id, put on every instance as a tag/label; the controller touches no instance "
-           "without it (lowercase letters, digits, '-')"),
+           "without it (lowercase letters, digits, '-' and '_', at most 63 characters)"),
     Option("controller_id", "SM_CONTROLLER_ID", None, "this controller's name in the election "
            "(default: host name and pid)"),
     Option("tick_s", "SM_CONTROLLER_TICK_S", 0.5,
