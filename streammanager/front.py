@@ -112,7 +112,7 @@ class ApiFront:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # close the ZooKeeper session now: this worker's reservations go at once, not at its timeout
+                # close the ZooKeeper session now, not at its timeout (its reservations stay until they expire)
                 await asyncio.get_running_loop().run_in_executor(None, self.svc.close)
                 self._pool.shutdown(wait=False)
                 await send({"type": "lifespan.shutdown.complete"})

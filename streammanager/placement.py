@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import deque
 from functools import partial
 from typing import Mapping, NamedTuple
@@ -230,7 +231,11 @@ class Placement:
         try:
             for _ in range(3):
                 try:
-                    self._client.create_async(path, mine.to_json(), ephemeral=True, makepath=True
+                    # persistent, not ephemeral: a reload (SIGHUP) replaces every worker, and their
+                    # sessions took their reservations with them (a stream looked up again before its
+                    # encoder came got another origin); one expires, and goes (expire_reservations,
+                    # sweep_expired) or is replaced by the next lookup
+                    self._client.create_async(path, mine.to_json(), makepath=True
                                               ).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
                     with self._own_lock:
                         self._own_reservations[path] = mine.expires_ms
@@ -296,9 +301,60 @@ class Placement:
         return removed
 
 
+    def sweep_expired(self, now: int | None = None) -> int:
+        """Delete every reservation expired ``ORPHAN_GRACE_MS`` ago, whoever made it: its worker has
+        gone (a reload, a restart, a crash) before it expired, and nobody looked the stream up again.
+        Returns how many went."""
+        now = now if now is not None else now_ms()
+        if not self._client.connected:
+            return 0
+        timeout = (KazooException, self._client.handler.timeout_exception)
+        removed = 0
+        try:
+            scopes = self._client.get_children_async(self._paths.reservations).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+        except NoNodeError:
+            return 0
+        except timeout as exc:
+            log.warning("could not list the reservations: %s", exc or type(exc).__name__)
+            return 0
+        for scope in scopes:
+            parent = f"{self._paths.reservations}/{scope}"
+            try:
+                names = self._client.get_children_async(parent).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+                reads = [(f"{parent}/{n}", self._client.get_async(f"{parent}/{n}")) for n in names]
+                for path, read in reads:
+                    try:
+                        data, stat = read.get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+                        expires_ms = Reservation.from_json(data).expires_ms
+                    except NoNodeError:
+                        continue
+                    except RecordError:  # unreadable: as old as its last write says
+                        expires_ms = stat.mtime + self._reservation_ttl_ms
+                    if expires_ms <= now - ORPHAN_GRACE_MS:
+                        try:
+                            self._client.delete_async(path, version=stat.version).get(
+                                timeout=RESERVATION_WRITE_TIMEOUT_S)
+                            removed += 1
+                        except (NoNodeError, BadVersionError):
+                            pass
+                self._client.delete_async(parent).get(timeout=RESERVATION_WRITE_TIMEOUT_S)
+            except (NoNodeError, NotEmptyError):
+                pass  # gone already, or still holds reservations
+            except timeout as exc:
+                log.warning("could not sweep the reservations of %s: %s", scope, exc or type(exc).__name__)
+        if removed:
+            log.info("removed %d expired reservations of workers that have gone", removed)
+        return removed
+
+
+ORPHAN_GRACE_MS = 5_000  # a reservation's own worker expires it within a second or two
+ORPHAN_SWEEP_S = 60.0  # each worker sweeps everyone's expired reservations this often (plus up to as much)
+
+
 class Housekeeper(threading.Thread):
     """Expires this process's reservations in the background, and runs the ``also`` tasks (the lookup
-    metrics' flush) at the same pace."""
+    metrics' flush) at the same pace; about once a minute, sweeps the expired reservations of workers
+    that have gone (:meth:`Placement.sweep_expired`)."""
 
     def __init__(self, placement: Placement, interval_s: float = 1.0, also: tuple = ()):
         super().__init__(name="sm-housekeeper", daemon=True)
@@ -308,12 +364,20 @@ class Housekeeper(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        # spread out: every worker of every server sweeps, not all at once
+        next_sweep = time.monotonic() + ORPHAN_SWEEP_S * random.uniform(0.1, 1.0)
         while not self._stop_event.wait(self._interval_s):
             for task in self._tasks:
                 try:
                     task()
                 except Exception:
                     log.exception("housekeeping failed")
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + ORPHAN_SWEEP_S * random.uniform(1.0, 2.0)
+                try:
+                    self._placement.sweep_expired()
+                except Exception:
+                    log.exception("sweeping expired reservations failed")
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -4,7 +4,7 @@ Layout (root configurable, default ``/streammanager``)::
 
     <root>/v1/nodes/<node_id>                ephemeral node record (NodeRecord)
     <root>/v1/streams/<scope>/<stream>       ephemeral stream ownership (StreamRecord), origin's session
-    <root>/v1/reservations/<scope>/<stream>  ephemeral broadcast reservation (Reservation)
+    <root>/v1/reservations/<scope>/<stream>  broadcast reservation (Reservation; persistent, until it expires)
 
 The view caches node records only (a one-level watch cache over ``nodes``, see zkcache.py) and derives
 the stream index from them in memory: per-stream znodes exist for ownership, never for lookups (see

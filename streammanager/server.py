@@ -47,7 +47,7 @@ class ApiWorker(ASGIWorker):
     gunicorn's worker waits up to ``graceful_timeout`` (10 s) for every open connection to close, idle
     ones included: one client that keeps a connection open (a load balancer, an SDK's pool) made every
     stop take 10 s, longer than some supervisors wait before SIGKILL (Docker's default is 10 s), and a
-    killed server leaves its ZooKeeper session (this worker's reservations) to time out. Here the
+    killed server leaves its ZooKeeper session to time out. Here the
     connections waiting for their next request are closed as the stop begins, as uvicorn does; requests
     in progress are finished as before, their connections closed after the answer.
     """

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from streammanager.models import StreamKey
+from streammanager.models import Reservation, StreamKey
 from streammanager.registry import now_ms
 from tests.conftest import asgi_get, wait_for_nodes, wait_until
 
@@ -731,14 +731,40 @@ def test_reservations_due_while_zookeeper_is_away_are_expired_once_it_is_back(ap
     reservations = f"{zk_root}/v1/reservations"
     placement = api.application.extensions["sm"].placement
     client = placement._client
-    client.stop()  # cut off: the session and its reservations go
+    client.stop()  # cut off; it comes back on a new session
     try:
         assert placement.expire_reservations(now=now_ms() + 3_600_000) == 0  # at once, and kept for later
     finally:
         client.start(timeout=10)
-    wait_until(lambda: zk.get_children(f"{reservations}/away") == [], 5, what="the session's reservation gone")
-    placement.expire_reservations(now=now_ms() + 3_600_000)
+    assert zk.get_children(f"{reservations}/away") == ["s1"]  # not the session's: it stays until it expires
+    assert placement.expire_reservations(now=now_ms() + 3_600_000) == 1
     assert "away" not in zk.get_children(reservations)
+
+
+def test_a_reservation_outlives_the_worker_that_wrote_it(make_app, make_node, zk, zk_root):
+    """A reload (SIGHUP) replaces every worker: a reservation was ephemeral, and went with its worker's
+    session, so the stream looked up again before its encoder came got another origin."""
+    for _ in range(4):
+        make_node("origin", "us-east-1")
+    first, second = make_app().test_client(), make_app().test_client()
+    for worker in (first, second):
+        wait_for_nodes(worker, 4)
+    names = [f"reload{i}" for i in range(8)]
+    answered = {n: first.get(f"{P}/event/live/{n}?action=broadcast").get_json()["serverAddress"] for n in names}
+    assert len(set(answered.values())) > 1  # spread over the origins
+    first.application.extensions["sm"].client.stop()  # the old worker exits: its session ends
+    again = {n: second.get(f"{P}/event/live/{n}?action=broadcast").get_json()["serverAddress"] for n in names}
+    assert again == answered
+
+
+def test_the_expired_reservations_of_a_worker_that_has_gone_are_swept_by_another(api, cluster, zk, zk_root):
+    reservations = f"{zk_root}/v1/reservations"
+    placement = api.application.extensions["sm"].placement
+    gone = Reservation(cluster["us_origin"].id, now_ms() - 60_000)  # written by a worker that has gone
+    zk.create(f"{reservations}/old-app/s1", gone.to_json(), makepath=True)
+    assert api.get(f"{P}/event/live/fresh?action=broadcast").status_code == 200  # this worker's own, unexpired
+    assert placement.sweep_expired() == 1
+    assert zk.get_children(reservations) == ["live"]  # the emptied scope went too; the unexpired one stays
 
 
 def test_a_node_whose_record_nears_the_zookeeper_limit_takes_no_new_stream(make_node, zk, zk_root):
