@@ -306,9 +306,10 @@ def _pre_request(worker, req) -> None:
 
 
 class ApiServer(BaseApplication):
-    def __init__(self, settings: ServerSettings, metrics_dir: str):
+    def __init__(self, settings: ServerSettings, metrics_dir: str, view_wait_s: float = 5.0):
         self.settings = settings
         self.metrics_dir = metrics_dir
+        self.view_wait_s = view_wait_s
         super().__init__()
 
     def load_config(self) -> None:
@@ -352,7 +353,7 @@ class ApiServer(BaseApplication):
         logs.configure(self.settings.log_level, self.settings.log_format)
         # A worker listens once its view is loaded, or after VIEW_WAIT_S without ZooKeeper: then it answers
         # /healthz and lookups with 503 until the view loads (a load balancer sees why), not silence.
-        app = create_app(self.settings, init_timeout_s=VIEW_WAIT_S)
+        app = create_app(self.settings, init_timeout_s=self.view_wait_s)
         # The registry view holds millions of long-lived objects; without this, each full collection
         # walks them all and stalls every request for tens of milliseconds.
         # Collect young objects far less often: every registry update allocates hundreds of objects,
@@ -447,6 +448,7 @@ def serve(settings: ServerSettings) -> int:
 
     master = os.getpid()
     feed_dir = feed = None
+    view_wait_s = VIEW_WAIT_S
     # Until gunicorn installs its own handlers, SIGTERM and Ctrl-C unwind this frame: a server stopped
     # while it waits for its feed stops the feed and removes its directories
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -456,8 +458,11 @@ def serve(settings: ServerSettings) -> int:
             feed_dir = tempfile.mkdtemp(prefix="sm-feed-")  # private (0700): only this user's workers read it
             feed = FeedKeeper(settings, feed_dir)
             settings = dataclasses.replace(settings, feed_socket=feed.socket_path)
-            feed.start()
-        ApiServer(settings, metrics_dir).run()
+            if not feed.start():
+                # the master has waited FEED_START_S for ZooKeeper already (the feed's own connection):
+                # a server started before ZooKeeper was silent for both waits, about 10 s
+                view_wait_s = VIEW_WAIT_AFTER_NO_FEED_S
+        ApiServer(settings, metrics_dir, view_wait_s).run()
     except Interrupted as stopped:
         return 128 + stopped.signum
     finally:
@@ -474,6 +479,7 @@ def serve(settings: ServerSettings) -> int:
 
 FEED_START_S = 5.0  # the feed is up in well under a second when ZooKeeper answers
 VIEW_WAIT_S = 5.0
+VIEW_WAIT_AFTER_NO_FEED_S = 1.0  # the first workers' wait when the feed did not come up within FEED_START_S
 FEED_SETTINGS = ("zk_hosts", "zk_root", "zk_timeout_s", "zk_auth", "log_level", "log_format")
 
 
@@ -538,9 +544,9 @@ class FeedKeeper:
         feed.start()
         return feed
 
-    def start(self) -> None:
-        """Start the feed and wait until it listens, so that workers booting now use it. If it is not
-        up in time, workers that find no socket watch ZooKeeper themselves until it is."""
+    def start(self) -> bool:
+        """Start the feed and wait until it listens, so that workers booting now use it: whether it does.
+        If it is not up in time, workers that find no socket watch ZooKeeper themselves until it is."""
         with self._lock:
             self._feed = self._launch()
         feed = self._feed
@@ -552,6 +558,7 @@ class FeedKeeper:
                         FEED_START_S)
         self._thread = threading.Thread(target=self._keep, name="feed-keeper", daemon=True)
         self._thread.start()
+        return os.path.exists(self.socket_path)
 
     def _keep(self) -> None:
         # This thread starts every later feed (forked by the process's spawner thread, which outlives it:
