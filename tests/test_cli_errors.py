@@ -97,3 +97,13 @@ def test_an_agent_whose_hook_port_is_taken_names_the_option(zookeeper, zk_root, 
                      {"AGENT_ZK_HOSTS": zookeeper.hosts, "AGENT_ZK_ROOT": zk_root})
     assert result.returncode == 1, result.stderr
     assert f"127.0.0.1:{port}" in result.stderr and "AGENT_HTTP_PORT" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("argv", [["streammanager", "serve", "--help"], ["streammanager", "controller", "--help"],
+                                  ["node-agent", "--help"]])
+def test_help_shows_defaults_as_the_readme_writes_them(argv):
+    # it printed Python's True and None ("default True", "default None") where the README says on and unset
+    out = " ".join(run(argv).stdout.split())  # argparse wraps lines
+    assert "default True" not in out and "default False" not in out and "default None" not in out, out
+    if argv[1] == "serve":
+        assert "SM_REGISTRY_FEED, default on" in out
