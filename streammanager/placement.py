@@ -300,7 +300,6 @@ class Placement:
                 log.warning("could not remove the emptied reservation scope %s: %s", scope, exc or type(exc).__name__)
         return removed
 
-
     def sweep_expired(self, now: int | None = None) -> int:
         """Delete every reservation expired ``ORPHAN_GRACE_MS`` ago, whoever made it: its worker has
         gone (a reload, a restart, a crash) before it expired, and nobody looked the stream up again.
